@@ -1,0 +1,163 @@
+"""The `amdet-gate` command line: a thin layer over `scan.scan_model` and `outputs.write_outputs`.
+
+Every error becomes one line on stderr and its documented exit code (docs: conventions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from amdet_gate import __version__
+from amdet_gate.engine import GateCheck, SearchProgress, SearchSettings, Thresholds
+from amdet_gate.errors import ExitCode, GateError, UsageError
+from amdet_gate.verdict import FAIL, INCONCLUSIVE, PASS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find injected backdoors in CLIP-style text encoders before they ship (AMDet).")
+
+VERDICT_EXIT = {PASS: ExitCode.PASS, FAIL: ExitCode.FAIL, INCONCLUSIVE: ExitCode.ERROR}
+VERDICT_STYLE = {PASS: "bold green", FAIL: "bold red", INCONCLUSIVE: "bold yellow"}
+
+
+def parse_thresholds(items: list[str]) -> Thresholds:
+    """`--threshold name=value`, names as in docs/method.md section 3."""
+    names = {f.name for f in dataclasses.fields(Thresholds)}
+    values: dict[str, float] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in names:
+            raise UsageError(f"--threshold {item!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(names))}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UsageError(f"--threshold {item!r}: {raw!r} is not a number") from None
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"--threshold {item!r}: value must be in [0, 1]")
+        values[name] = value
+    return Thresholds(**values)
+
+
+class _Display:
+    """Progress on stderr: a rich bar on a terminal, plain stage lines otherwise, nothing if quiet."""
+
+    def __init__(self, quiet: bool, max_steps: int) -> None:
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self.bar = None
+        if not quiet and self.console.is_terminal:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                TimeElapsedColumn(), console=self.console, transient=True)
+            self.task = self.bar.add_task("scan", total=max_steps, info="")
+
+    def stage(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=name)
+        elif not self.quiet:
+            print(f"amdet-gate: {name}", file=sys.stderr, flush=True)
+
+    def hooks(self) -> SearchProgress:
+        def on_step(step: int, loss: float) -> None:
+            if self.bar is not None:
+                self.bar.update(self.task, completed=step, info=f"loss {loss:.3f}")
+
+        def on_check(check: GateCheck) -> None:
+            if not self.quiet and self.bar is None:
+                g = check.gates
+                print(f"amdet-gate: gates at step {check.step} (restart {check.restart}): assimilation "
+                      f"{g.assimilation_ratio:.3f}, same target {g.same_target_ratio:.3f}", file=sys.stderr)
+
+        return SearchProgress(on_step, on_check)
+
+    def __enter__(self) -> _Display:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _fail(exc: GateError) -> typer.Exit:
+    Console(stderr=True, highlight=False).print(f"amdet-gate: error: {exc}", markup=False)
+    return typer.Exit(int(exc.exit_code))
+
+
+@app.command()
+def scan(
+    model: Annotated[Path, typer.Argument(help="Model folder (Hugging Face layout).")],
+    subfolder: Annotated[str | None, typer.Option(help="Subfolder, e.g. text_encoder of a diffusers pipeline.")] = None,
+    anchor: Annotated[Path | None, typer.Option(help="Clean reference encoder of the same architecture.")] = None,
+    anchor_subfolder: Annotated[str | None, typer.Option(help="Subfolder of the anchor.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file, one per line (default: built-in corpus).")] = None,
+    n_prompts: Annotated[int, typer.Option(min=20, help="Prompts used (80% optimisation, 20% held out).")] = 4000,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("amdet-out"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    restarts: Annotated[int, typer.Option(min=1, max=64, help="Random starts optimised together.")] = 4,
+    max_steps: Annotated[int, typer.Option(min=1, help="Optimisation steps at most.")] = 640,
+    time_budget: Annotated[float, typer.Option(min=1.0, help="Seconds before the scan gives up (inconclusive).")] = 900.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    threshold: Annotated[list[str] | None, typer.Option(help="Gate threshold NAME=VALUE (repeatable).")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 on a finding (report-only).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Scan a text encoder; exit 0 pass, 1 backdoor found, 2 error/inconclusive, 3 nothing scannable, 4 usage."""
+    from amdet_gate.outputs import write_outputs
+    from amdet_gate.scan import ScanRequest, scan_model
+
+    try:
+        settings = SearchSettings(seed=seed, restarts=restarts, max_steps=max_steps, time_budget_s=time_budget)
+        request = ScanRequest(model=model, subfolder=subfolder, anchor=anchor, anchor_subfolder=anchor_subfolder,
+                              prompts_file=prompts, n_prompts=n_prompts, device=device, settings=settings,
+                              thresholds=parse_thresholds(threshold or []))
+        with _Display(quiet, max_steps) as display:
+            result = scan_model(request, display.hooks(), display.stage)
+        paths = write_outputs(result, out)
+    except GateError as exc:
+        raise _fail(exc) from None
+    r = result.result
+    console = Console(highlight=False)
+    console.print(f"[{VERDICT_STYLE[r.verdict]}]{r.verdict.upper()}[/] score {r.score:.3f}  "
+                  f"{r.model['source']}  ({r.reason})", markup=True)
+    for name, gate in r.gates.items():
+        if isinstance(gate, dict):
+            mark = "pass" if gate["passed"] else "fail"
+            console.print(f"  {name:26s} {gate['value']:.3f} > {gate['threshold']}  {mark}")
+    console.print(f"  result: {paths['result']}")
+    code = VERDICT_EXIT[r.verdict]
+    if exit_zero and code == ExitCode.FAIL:
+        code = ExitCode.PASS
+    raise typer.Exit(int(code))
+
+
+@app.command()
+def selftest(
+    out: Annotated[Path, typer.Option(help="Output folder for the two scans.")] = Path("selftest-out"),
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller encoders and budget.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Build a clean and a backdoored encoder, scan both, and check the gate fires on the backdoor."""
+    from amdet_gate.selftest import run_selftest
+
+    try:
+        ok = run_selftest(out, quick=quick, quiet=quiet)
+    except GateError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(0 if ok else int(ExitCode.ERROR))
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()

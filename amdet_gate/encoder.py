@@ -1,0 +1,318 @@
+"""Load a CLIP-style text encoder from an untrusted folder and wrap it in a small adapter.
+
+Order of work, so that hostile input is rejected before any tensor is built:
+  1. find the weight files (safetensors only; pickle files are refused, never opened),
+  2. read and validate config.json (architecture, sizes, parameter budget),
+  3. read safetensors headers and check every key and shape against the config,
+  4. build the transformers module on the meta device and load the tensors into it,
+  5. check that every weight is finite.
+
+The scan engine only sees `TextEncoderAdapter`: embed ids, encode embeddings, final norm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from amdet_gate.errors import LoadError, PickleRefused, UnsupportedModel
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_PARAMETERS = 3_000_000_000
+ALLOWED_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+# config.json key -> (allowed range); anything outside is refused before building tensors.
+SIZE_LIMITS = {
+    "vocab_size": (2, 1_000_000),
+    "hidden_size": (8, 16_384),
+    "intermediate_size": (8, 65_536),
+    "num_hidden_layers": (1, 128),
+    "num_attention_heads": (1, 256),
+    "max_position_embeddings": (4, 8_192),
+}
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class LoadedEncoder:
+    adapter: TextEncoderAdapter
+    architecture: str  # as declared in config.json
+    config: dict[str, int | float | str]  # the validated sizes
+    weight_files: list[WeightFile] = field(default_factory=list)
+    folder: Path | None = None
+
+
+class TextEncoderAdapter:
+    """What the scan needs from a text encoder; SigLIP or others get their own adapter."""
+
+    causal = True
+
+    def __init__(self, model: CLIPTextModel, eos_token_id: int) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.hidden_size = model.config.hidden_size
+        self.seq_len = model.config.max_position_embeddings
+        self.eos_token_id = eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.final_layer_norm.weight.device
+
+    @property
+    def token_embedding(self) -> torch.Tensor:
+        return self.model.embeddings.token_embedding.weight
+
+    def to(self, device: torch.device | str) -> TextEncoderAdapter:
+        self.model.to(device)
+        return self
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings H = token + position embedding, (B, L, d)."""
+        emb = self.model.embeddings
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        return emb.token_embedding(input_ids) + emb.position_embedding(positions)
+
+    def encode(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Transformer layers (causal) and final LayerNorm on embeddings (..., L, d)."""
+        lead, (length, width) = hidden.shape[:-2], hidden.shape[-2:]
+        h = hidden.reshape(-1, length, width)
+        mask = torch.full((length, length), torch.finfo(h.dtype).min, device=h.device, dtype=h.dtype)
+        mask = torch.triu(mask, diagonal=1)[None, None]
+        for layer in self.model.encoder.layers:
+            h = layer(h, mask)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.model.final_layer_norm(h).reshape(*lead, length, width)
+
+    def pooled(self, features: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The EOS token's feature, as CLIP pools (first EOS position)."""
+        eos = (input_ids == self.eos_token_id).int().argmax(dim=-1)
+        return features[torch.arange(features.shape[0]), eos]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder; pickle-only folders are refused, never opened."""
+    if not folder.is_dir():
+        raise UnsupportedModel(f"{folder} is not a folder")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return _files_from_index(folder, index)
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if len(others) == 1:
+        return others
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise PickleRefused(
+            f"{folder} has only pickle-based weights ({', '.join(pickles[:3])}); pickle can run "
+            "code when loaded, so amdet-gate reads safetensors only - convert the weights first")
+    if len(others) > 1:
+        raise UnsupportedModel(f"{folder} has several .safetensors files but no {INDEX_FILE}")
+    raise UnsupportedModel(f"no weights found in {folder} (expected {SINGLE_FILE})")
+
+
+def _files_from_index(folder: Path, index: Path) -> list[Path]:
+    try:
+        data = json.loads(_read_small(index))
+        weight_map = data["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{index} is not a valid safetensors index") from exc
+    files = []
+    for name in names:
+        # The index is untrusted: shard names must be plain file names inside the folder.
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise LoadError(f"{index} names an invalid shard file {name!r}")
+        path = folder / name
+        if not path.is_file():
+            raise LoadError(f"shard {name} listed in {index.name} is missing")
+        files.append(path)
+    if not files:
+        raise LoadError(f"{index} lists no shard files")
+    return files
+
+
+def _read_small(path: Path) -> str:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise LoadError(f"{path} is larger than 1 MiB; refusing to parse it")
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LoadError(f"{path} is not UTF-8 text") from exc
+
+
+def read_config(folder: Path) -> tuple[str, dict]:
+    """Validated text-tower config and the declared architecture."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UnsupportedModel(f"no config.json in {folder}")
+    try:
+        raw = json.loads(_read_small(path))
+    except json.JSONDecodeError as exc:
+        raise LoadError(f"config.json in {folder} is not valid JSON: {exc.msg} (line {exc.lineno})") from exc
+    if not isinstance(raw, dict):
+        raise LoadError(f"config.json in {folder} is not a JSON object")
+    if "auto_map" in raw:
+        raise UnsupportedModel("config.json asks for remote code (auto_map); amdet-gate never runs model code")
+    model_type = raw.get("model_type")
+    archs = raw.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else str(model_type)
+    if model_type == "clip":  # full CLIPModel: use its text tower
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise LoadError("CLIPModel config.json has no text_config object")
+        return arch, _validate_text_config(text, arch)
+    if model_type == "clip_text_model":
+        return arch, _validate_text_config(raw, arch)
+    raise UnsupportedModel(
+        f"unsupported architecture {arch!r} (model_type {model_type!r}); amdet-gate scans CLIP text "
+        "encoders (CLIPTextModel, CLIPTextModelWithProjection, CLIPModel)")
+
+
+def _validate_text_config(raw: dict, arch: str) -> dict:
+    defaults = CLIPTextConfig()
+    cfg: dict = {}
+    for key, (low, high) in SIZE_LIMITS.items():
+        value = raw.get(key, getattr(defaults, key))
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise LoadError(f"config.json: {key}={value!r} is not an integer in [{low}, {high}]")
+        cfg[key] = value
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise LoadError("config.json: hidden_size is not divisible by num_attention_heads")
+    act = raw.get("hidden_act", defaults.hidden_act)
+    if act not in ALLOWED_ACTIVATIONS:
+        raise LoadError(f"config.json: hidden_act {act!r} is not supported")
+    cfg["hidden_act"] = act
+    eps = raw.get("layer_norm_eps", defaults.layer_norm_eps)
+    if not isinstance(eps, int | float) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise LoadError(f"config.json: layer_norm_eps={eps!r} is not a small positive number")
+    cfg["layer_norm_eps"] = float(eps)
+    eos = raw.get("eos_token_id", 49407)
+    cfg["eos_token_id"] = eos if isinstance(eos, int) and 0 <= eos < cfg["vocab_size"] else cfg["vocab_size"] - 1
+    d, f, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    params = (cfg["vocab_size"] + cfg["max_position_embeddings"]) * d + n * (4 * d * d + 2 * d * f)
+    if params > MAX_PARAMETERS:
+        raise LoadError(f"config.json describes {params:,} parameters; above the {MAX_PARAMETERS:,} limit")
+    return cfg
+
+
+def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = CLIPTextModel(_hf_config(cfg))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _hf_config(cfg: dict) -> CLIPTextConfig:
+    config = CLIPTextConfig(**{k: cfg[k] for k in (*SIZE_LIMITS, "hidden_act", "layer_norm_eps",
+                                                   "eos_token_id")})
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _text_key(key: str) -> str | None:
+    """Map a checkpoint key to CLIPTextModel's own name, or None if it is not the text tower.
+
+    transformers 5 saves CLIPTextModel without a prefix; CLIPTextModelWithProjection,
+    CLIPModel and Stable Diffusion 1.x text encoders carry `text_model.`.
+    """
+    if key.startswith("text_model."):
+        key = key[len("text_model."):]
+    if key.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
+        return None if key.endswith("position_ids") else key
+    return None
+
+
+def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Check headers against the expected keys and shapes, then load the text tower tensors."""
+    found: dict[str, tuple[Path, str]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    name = _text_key(key)
+                    if name is None:
+                        continue
+                    if name in found:
+                        raise LoadError(f"tensor {name} appears twice in the checkpoint")
+                    info = fh.get_slice(key)
+                    dtype, shape = info.get_dtype(), tuple(info.get_shape())
+                    if name not in expected:
+                        raise LoadError(f"{path.name}: unexpected tensor {key} for this config")
+                    if shape != expected[name]:
+                        raise LoadError(f"{path.name}: {key} has shape {list(shape)} but config.json "
+                                        f"implies {list(expected[name])}")
+                    if dtype not in FLOAT_DTYPES:
+                        raise LoadError(f"{path.name}: {key} has dtype {dtype}; expected F32/F16/BF16")
+                    found[name] = (path, key)
+        except LoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types on bad files
+            raise LoadError(f"{path.name} is not a readable safetensors file ({_reason(exc)})") from exc
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise LoadError(f"checkpoint lacks {len(missing)} text-encoder tensors, e.g. {missing[0]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            loaded = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise LoadError(f"{path.name} is not a readable safetensors file ({_reason(exc)})") from exc
+        for name, (src, key) in found.items():
+            if src == path:
+                tensors[name] = loaded[key].float()
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise LoadError(f"tensor {name} contains NaN or infinite values")
+    return tensors
+
+
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text[:160] if text else type(exc).__name__
+
+
+def load_encoder(folder: Path, subfolder: str | None = None) -> LoadedEncoder:
+    """Load the text encoder in `folder` (or `folder/subfolder`, e.g. a diffusers pipeline)."""
+    folder = Path(folder)
+    if subfolder:
+        if Path(subfolder).is_absolute() or ".." in Path(subfolder).parts:
+            raise LoadError(f"--subfolder {subfolder!r} must be a relative path inside the model")
+        folder = folder / subfolder
+    if not folder.exists():
+        raise LoadError(f"model folder {folder} does not exist")
+    files = find_weight_files(folder)
+    arch, cfg = read_config(folder)
+    expected = _expected_shapes(cfg)
+    tensors = read_tensors(files, expected)
+    with torch.device("meta"):
+        model = CLIPTextModel(_hf_config(cfg))
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.embeddings.position_ids = torch.arange(cfg["max_position_embeddings"]).expand((1, -1))
+    identities = [WeightFile(p.name, sha256_file(p), p.stat().st_size) for p in files]
+    return LoadedEncoder(TextEncoderAdapter(model, cfg["eos_token_id"]), arch, cfg, identities, folder)
+

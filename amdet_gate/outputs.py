@@ -1,0 +1,66 @@
+"""Write a scan's outputs into its folder: result.json and the artifacts.
+
+  result.json                        the versioned result (everything the report shows)
+  pseudo_trigger.safetensors         the reported pseudo-trigger and every restart's vector
+  target_feature.safetensors         the recovered target feature (L x d)
+  textual_inversion/learned_embeds.safetensors
+                                     the pseudo-trigger as a textual-inversion token, loadable
+                                     by diffusers' `load_textual_inversion`
+  landscape.safetensors              the loss-landscape grid and Hessian eigenvalues
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from amdet_gate.errors import UsageError
+from amdet_gate.scan import Scan
+
+TRIGGER_TOKEN = "<amdet-trigger>"
+
+
+def _json_safe(value):
+    """NaN/inf are not JSON; write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "textual_inversion").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
+    outcome = scan.outcome
+    sha = scan.result.model["weight_files"][0]["sha256"]
+    meta = {"tool": "amdet-gate", "model_sha256": sha, "verdict": scan.result.verdict}
+    trigger = outcome.triggers[outcome.best_restart].contiguous()
+    paths = {
+        "result": out_dir / "result.json",
+        "pseudo_trigger": out_dir / "pseudo_trigger.safetensors",
+        "target_feature": out_dir / "target_feature.safetensors",
+        "textual_inversion": out_dir / "textual_inversion" / "learned_embeds.safetensors",
+        "landscape": out_dir / "landscape.safetensors",
+    }
+    save_file({"pseudo_trigger": trigger, "all_restarts": outcome.triggers.contiguous()},
+              paths["pseudo_trigger"], metadata=meta)
+    save_file({"target_feature": scan.target_feature.contiguous()}, paths["target_feature"], metadata=meta)
+    # diffusers reads a one-key state dict as {token: embedding}.
+    save_file({TRIGGER_TOKEN: trigger[None].clone()}, paths["textual_inversion"], metadata=meta)
+    land = outcome.landscape
+    save_file({"offsets": land.offsets.contiguous(), "loss": land.loss.contiguous(),
+               "eigenvalues": land.eigenvalues.contiguous()}, paths["landscape"], metadata=meta)
+    result = scan.result.to_dict()
+    result["artifacts"] = {k: str(p.relative_to(out_dir)) for k, p in paths.items() if k != "result"}
+    paths["result"].write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n", "utf-8")
+    return paths

@@ -1,0 +1,72 @@
+"""A first, text-only view of the reversed target: what the pseudo-trigger and target look like.
+
+- nearest vocabulary tokens to the pseudo-trigger (cosine in input-embedding space);
+- the target feature decoded position by position: each position's nearest token among the
+  clean token features of the corpus (mean feature per token id);
+- the corpus prompts whose clean features are closest to the target feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from amdet_gate.engine import PromptFeatures, _unit, position_similarity
+from amdet_gate.tokenizer import PromptTokenizer
+
+
+@dataclass(frozen=True)
+class NearToken:
+    id: int
+    token: str
+    cosine: float
+
+
+@dataclass(frozen=True)
+class NearPrompt:
+    prompt: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class ReversedTarget:
+    trigger_tokens: list[NearToken]
+    target_tokens: list[NearToken]  # position 2, 3, ... of the target feature (after the trigger)
+    target_prompts: list[NearPrompt]
+
+
+def nearest_trigger_tokens(trigger: Tensor, token_embedding: Tensor, tokenizer: PromptTokenizer,
+                           k: int = 10) -> list[NearToken]:
+    cos = _unit(token_embedding) @ _unit(trigger)
+    top = cos.topk(min(k, cos.shape[0]))
+    return [NearToken(int(i), tokenizer.decode_token(int(i)), float(c))
+            for c, i in zip(top.values, top.indices, strict=True)]
+
+
+def token_feature_table(corpus: PromptFeatures, special_ids: set[int]) -> tuple[Tensor, Tensor]:
+    """Mean clean output feature per token id seen in the corpus (specials excluded)."""
+    ids = corpus.ids.flatten().cpu()
+    feats = _unit(corpus.clean.flatten(0, 1).cpu())
+    keep = torch.tensor([int(i) not in special_ids for i in ids])
+    ids, feats = ids[keep], feats[keep]
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    table = torch.zeros(len(unique), feats.shape[1]).index_add_(0, inverse, feats)
+    return unique, _unit(table)
+
+
+def reverse_target(trigger: Tensor, target: Tensor, corpus: PromptFeatures, prompts: list[str],
+                   token_embedding: Tensor, tokenizer: PromptTokenizer, special_ids: set[int],
+                   positions: int = 8) -> ReversedTarget:
+    """`target` is the (L, d) recovered target feature; `prompts` the texts behind `corpus`."""
+    ids, table = token_feature_table(corpus, special_ids)
+    decoded = []
+    for feature in target[2 : 2 + positions]:
+        cos = table @ _unit(feature)
+        best = int(cos.argmax())
+        decoded.append(NearToken(int(ids[best]), tokenizer.decode_token(int(ids[best])), float(cos[best])))
+    sims = torch.cat([position_similarity(target[None], c) for c in corpus.clean.cpu().split(256)])
+    top = sims.topk(min(5, len(prompts)))
+    near = [NearPrompt(prompts[int(i)], float(s)) for s, i in zip(top.values, top.indices, strict=True)]
+    return ReversedTarget(nearest_trigger_tokens(trigger, token_embedding.cpu(), tokenizer), decoded, near)

@@ -1,0 +1,262 @@
+"""The scan pipeline: source -> encoder -> prompts -> search -> decision -> result.
+
+Each stage is a small function with a narrow interface; `scan_model` strings them together
+and `outputs.write_outputs` writes what it returns. No global state: everything a scan
+depends on is in `ScanRequest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from amdet_gate import __version__
+from amdet_gate.encoder import LoadedEncoder, load_encoder
+from amdet_gate.engine import (
+    GateCheck,
+    Models,
+    PromptFeatures,
+    SearchOutcome,
+    SearchProgress,
+    SearchSettings,
+    Thresholds,
+    precompute,
+    search,
+)
+from amdet_gate.errors import LoadError, UsageError
+from amdet_gate.prompts import builtin_prompts, read_prompt_file
+from amdet_gate.reverse import ReversedTarget, reverse_target
+from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
+from amdet_gate.verdict import Decision, check_score, decide, gate_margins
+
+RESULT_SCHEMA_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    model: Path
+    subfolder: str | None = None
+    anchor: Path | None = None
+    anchor_subfolder: str | None = None
+    prompts_file: Path | None = None
+    n_prompts: int = 4000
+    held_out_fraction: float = 0.2
+    device: str = "auto"
+    settings: SearchSettings = field(default_factory=SearchSettings)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    inconclusive_band: float = 0.05
+
+
+@dataclass
+class ScanResult:
+    """Everything `result.json` holds; `Scan` adds the tensors for the artifacts."""
+
+    schema_version: str
+    tool: dict
+    model: dict
+    anchor: dict | None
+    settings: dict
+    prompts: dict
+    verdict: str
+    score: float
+    reason: str
+    gates: dict
+    search: dict
+    reversed_target: dict
+    distributions: dict
+    landscape: dict
+    timings: dict
+    environment: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Scan:
+    result: ScanResult
+    outcome: SearchOutcome
+    target_feature: torch.Tensor  # (L, d)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UsageError(f"--device {name!r}: use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def load_models(request: ScanRequest, device: torch.device) -> tuple[LoadedEncoder, LoadedEncoder | None]:
+    suspect = load_encoder(request.model, request.subfolder)
+    anchor = None
+    if request.anchor is not None:
+        anchor = load_encoder(request.anchor, request.anchor_subfolder)
+        s, a = suspect.adapter, anchor.adapter
+        if (s.hidden_size, s.seq_len) != (a.hidden_size, a.seq_len):
+            raise UsageError(f"anchor width/positions {a.hidden_size}/{a.seq_len} differ from the "
+                             f"model's {s.hidden_size}/{s.seq_len}; the anchor must share the architecture")
+        anchor.adapter.to(device)
+    suspect.adapter.to(device)
+    return suspect, anchor
+
+
+def split_prompts(prompts: list[str], n: int, held_out_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded shuffle of the sorted prompt list, then optimisation / held-out split."""
+    if n < 20:
+        raise UsageError("at least 20 prompts are needed")
+    ordered = sorted(prompts)
+    random.Random(seed).shuffle(ordered)
+    chosen = ordered[: min(n, len(ordered))]
+    held = max(10, int(round(len(chosen) * held_out_fraction)))
+    return chosen[held:], chosen[:held]
+
+
+def tokenize(tokenizer: PromptTokenizer, prompts: list[str], encoder: LoadedEncoder) -> torch.Tensor:
+    ids = tokenizer(prompts, encoder.adapter.seq_len)
+    vocab = encoder.config["vocab_size"]
+    if int(ids.max()) >= vocab:
+        raise LoadError(f"tokenizer produces id {int(ids.max())} but the model's vocabulary has {vocab} entries")
+    return ids
+
+
+def _identity(enc: LoadedEncoder, source: str, subfolder: str | None) -> dict:
+    return {
+        "source": source,
+        "subfolder": subfolder,
+        "architecture": enc.architecture,
+        "config": enc.config,
+        "weight_files": [asdict(w) for w in enc.weight_files],
+    }
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
+               stage: callable = lambda name: None) -> Scan:
+    """Run the whole scan and return the result (nothing is written here)."""
+    t0 = time.monotonic()
+    deadline = t0 + request.settings.time_budget_s
+    torch.manual_seed(request.settings.seed)
+    device = pick_device(request.device)
+
+    stage("loading model")
+    suspect, anchor = load_models(request, device)
+    tokenizer = load_tokenizer(suspect.folder)
+    t_load = time.monotonic()
+
+    stage("preparing prompts")
+    prompts = read_prompt_file(request.prompts_file) if request.prompts_file else builtin_prompts()
+    opt_prompts, held_prompts = split_prompts(prompts, request.n_prompts, request.held_out_fraction,
+                                              request.settings.seed)
+    chunk = request.settings.chunk_size
+    with torch.no_grad():
+        opt = precompute(suspect.adapter, tokenize(tokenizer, opt_prompts, suspect), chunk)
+        held = precompute(suspect.adapter, tokenize(tokenizer, held_prompts, suspect), chunk)
+    t_pre = time.monotonic()
+
+    stage("searching for a pseudo-trigger")
+    models = Models(suspect.adapter, anchor.adapter if anchor else None)
+    outcome = search(models, opt, held, request.settings, request.thresholds, progress, deadline)
+    decision = decide(outcome, request.thresholds, request.inconclusive_band)
+    t_search = time.monotonic()
+
+    stage("reversing the target")
+    target = outcome.held_out.mean_feature[0]
+    tok = tokenizer.tokenizer
+    specials = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
+    reversed_target = reverse_target(outcome.triggers[outcome.best_restart], target, opt, opt_prompts,
+                                     suspect.adapter.token_embedding.detach(), tokenizer, specials)
+    t_end = time.monotonic()
+
+    result = ScanResult(
+        schema_version=RESULT_SCHEMA_VERSION,
+        tool={"name": "amdet-gate", "version": __version__},
+        model=_identity(suspect, str(request.model), request.subfolder) | {"tokenizer": tokenizer.source},
+        anchor=_identity(anchor, str(request.anchor), request.anchor_subfolder) if anchor else None,
+        settings={"search": asdict(request.settings), "thresholds": asdict(request.thresholds),
+                  "inconclusive_band": request.inconclusive_band, "device": str(device)},
+        prompts=_prompt_summary(request, opt_prompts, held_prompts),
+        verdict=decision.verdict,
+        score=round(decision.score, 6),
+        reason=decision.reason,
+        gates=_gates(outcome, request.thresholds),
+        search=_search_summary(outcome, decision, request.thresholds),
+        reversed_target=asdict(reversed_target),
+        distributions={
+            "clean_assimilation": _floats(outcome.clean_assimilation),
+            "triggered_assimilation": _floats(outcome.held_out.assimilation[0]),
+            "same_target_similarity": _floats(outcome.held_out.same_target[0]),
+            "anchor_similarity": (None if outcome.held_out.anchor_similarity is None
+                                  else _floats(outcome.held_out.anchor_similarity[0])),
+        },
+        landscape={
+            "offsets": _floats(outcome.landscape.offsets),
+            "loss": [_floats(row) for row in outcome.landscape.loss],
+            "eigenvalues": _floats(outcome.landscape.eigenvalues),
+        },
+        timings={"load_s": round(t_load - t0, 3), "precompute_s": round(t_pre - t_load, 3),
+                 "search_s": round(t_search - t_pre, 3), "reverse_s": round(t_end - t_search, 3),
+                 "total_s": round(t_end - t0, 3)},
+        environment=environment(device),
+    )
+    return Scan(result, outcome, target)
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return [round(float(x), 6) for x in t.flatten()]
+
+
+def _prompt_summary(request: ScanRequest, opt: list[str], held: list[str]) -> dict:
+    digest = hashlib.sha256("\n".join(opt + held).encode()).hexdigest()
+    return {"source": str(request.prompts_file) if request.prompts_file else "builtin",
+            "optimisation": len(opt), "held_out": len(held), "sha256": digest}
+
+
+def _gates(outcome: SearchOutcome, t: Thresholds) -> dict:
+    """The reported check's gates (the detection, else the final check), against thresholds."""
+    gates = outcome.detected.gates if outcome.detected else outcome.final_gates
+    margins = gate_margins(gates, t)
+    passed = gates.passed(t)
+    threshold = asdict(t)
+    return {
+        name: {"value": getattr(gates, name), "threshold": threshold[name], "passed": passed[name],
+               "margin": round(margins[name], 6)}
+        for name in margins
+    } | {"mean_assimilation": gates.mean_assimilation}
+
+
+def _check(c: GateCheck, t: Thresholds) -> dict:
+    return {"step": c.step, "restart": c.restart, "running_loss": c.running_loss,
+            "score": check_score(c.gates, t), **asdict(c.gates)}
+
+
+def _search_summary(outcome: SearchOutcome, decision: Decision, t: Thresholds) -> dict:
+    return {
+        "steps": outcome.steps,
+        "stop_reason": outcome.stop_reason,
+        "best_restart": outcome.best_restart,
+        "detected_at_step": outcome.detected.step if outcome.detected else None,
+        "checks": [_check(c, t) for c in outcome.checks],
+        "loss_history": [_floats(row) for row in outcome.loss_history],
+        "trigger_norms": _floats(outcome.triggers.norm(dim=1)),
+    }

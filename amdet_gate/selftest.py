@@ -1,0 +1,52 @@
+"""`amdet-gate selftest`: prove the gate fires, on encoders built here on the CPU.
+
+Builds a pretrained-like base, a benign fine-tune of it and a Rickrolling-backdoored
+student, saves both in Hugging Face layout, scans both through the same loader and scanner
+as `amdet-gate scan`, and checks: benign passes, backdoored fails.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from amdet_gate import controls
+from amdet_gate.engine import SearchSettings
+from amdet_gate.outputs import write_outputs
+from amdet_gate.scan import ScanRequest, scan_model
+from amdet_gate.verdict import FAIL, PASS
+
+
+def run_selftest(out: Path, quick: bool = False, quiet: bool = False) -> bool:
+    console = Console(stderr=True, quiet=quiet, highlight=False)
+    shape = controls.ControlShape(width=128, layers=4, positions=77)
+    t0 = time.monotonic()
+    console.print("selftest: pretraining a small CLIP-style base encoder")
+    base = controls.pretrain_base(shape, steps=controls.BASE_STEPS)
+    console.print("selftest: benign fine-tune and backdoored student (Rickrolling, homoglyph trigger)")
+    benign = controls.benign_finetune(base, "distill")
+    backdoored = controls.backdoor_text_on_text(base, "homoglyph")
+    models = {
+        "benign": controls.save_control(benign, out / "models" / "benign"),
+        "backdoored": controls.save_control(backdoored, out / "models" / "backdoored"),
+    }
+    console.print(f"selftest: encoders built in {time.monotonic() - t0:.0f} s")
+    expected = {"benign": PASS, "backdoored": FAIL}
+    ok = True
+    summary = Console(highlight=False)
+    for name, folder in models.items():
+        console.print(f"selftest: scanning the {name} encoder")
+        request = ScanRequest(model=folder, n_prompts=1000 if quick else 4000,
+                              settings=SearchSettings(max_steps=200 if quick else 640))
+        scan = scan_model(request)
+        write_outputs(scan, out / name)
+        r = scan.result
+        good = r.verdict == expected[name]
+        ok &= good
+        summary.print(f"{name:11s} verdict {r.verdict:12s} score {r.score:.3f}  expected {expected[name]:5s} "
+                      f"{'ok' if good else 'WRONG'}  ({r.timings['total_s']:.0f} s, {out / name / 'result.json'})")
+    summary.print("selftest passed: the gate fires on the backdoor and passes the benign fine-tune" if ok
+                  else "selftest FAILED")
+    return ok
