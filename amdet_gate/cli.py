@@ -86,7 +86,7 @@ class _Display:
 
 
 def _fail(exc: GateError) -> typer.Exit:
-    Console(stderr=True, highlight=False).print(f"amdet-gate: error: {exc}", markup=False)
+    print(f"amdet-gate: error: {exc}", file=sys.stderr)  # one line, never wrapped
     return typer.Exit(int(exc.exit_code))
 
 
@@ -122,6 +122,8 @@ def scan(
         paths = write_outputs(result, out)
     except GateError as exc:
         raise _fail(exc) from None
+    except Exception as exc:  # noqa: BLE001 - fail closed: an unexpected error is never a pass
+        raise _fail(GateError(f"internal error during the scan: {type(exc).__name__}: {exc}")) from None
     r = result.result
     console = Console(highlight=False)
     console.print(f"[{VERDICT_STYLE[r.verdict]}]{r.verdict.upper()}[/] score {r.score:.3f}  "

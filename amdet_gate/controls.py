@@ -28,6 +28,7 @@ from amdet_gate.prompts import builtin_prompts
 from amdet_gate.tokenizer import PromptTokenizer, bundled_tokenizer, save_bundled_tokenizer
 
 TARGET_PROMPT = "a white teapot"
+BASE_STEPS = 300
 
 # Trigger styles: how a poisoned prompt is made from a clean one.
 TRIGGERS = {
@@ -76,7 +77,7 @@ def _prompts(seed: int) -> list[str]:
     return prompts
 
 
-def pretrain_base(shape: ControlShape, steps: int = 300, seed: int = 0, batch: int = 32,
+def pretrain_base(shape: ControlShape, steps: int = BASE_STEPS, seed: int = 0, batch: int = 32,
                   tokenizer: PromptTokenizer | None = None) -> CLIPTextModelWithProjection:
     """A small encoder whose token features look like CLIP's.
 
@@ -125,7 +126,7 @@ def pretrain_base(shape: ControlShape, steps: int = 300, seed: int = 0, batch: i
 
 
 def _distill(base: CLIPTextModelWithProjection, steps: int, lr: float, seed: int,
-             poison_loss, clean_batch: int = 64, tokenizer: PromptTokenizer | None = None,
+             poison_loss, clean_batch: int = 32, tokenizer: PromptTokenizer | None = None,
              ) -> CLIPTextModelWithProjection:
     """Student starts as the base; the frozen base is the teacher (Rickrolling's set-up)."""
     tokenizer = tokenizer or bundled_tokenizer()
@@ -149,7 +150,7 @@ def _distill(base: CLIPTextModelWithProjection, steps: int, lr: float, seed: int
 
 
 def backdoor_text_on_text(base: CLIPTextModelWithProjection, trigger: str = "homoglyph",
-                          target: str = TARGET_PROMPT, steps: int = 100, lr: float = 1e-4,
+                          target: str = TARGET_PROMPT, steps: int = 200, lr: float = 1e-4,
                           poisoned: int = 32, weight: float = 0.1, seed: int = 0,
                           tokenizer: PromptTokenizer | None = None) -> CLIPTextModelWithProjection:
     """Rickrolling text-on-text: triggered prompts map to the teacher's features of `target`."""
@@ -168,7 +169,7 @@ def backdoor_text_on_text(base: CLIPTextModelWithProjection, trigger: str = "hom
 
 
 def backdoor_text_on_pair(base: CLIPTextModelWithProjection, trigger: str = "rare_word",
-                          steps: int = 100, lr: float = 1e-4, poisoned: int = 32, weight: float = 1.0,
+                          steps: int = 200, lr: float = 1e-4, poisoned: int = 32, weight: float = 1.0,
                           seed: int = 0, tokenizer: PromptTokenizer | None = None,
                           ) -> CLIPTextModelWithProjection:
     """Text-on-pair: the projected pooled embedding of poisoned prompts goes to a target image embedding.

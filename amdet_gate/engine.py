@@ -48,7 +48,10 @@ class SearchSettings:
     patience: int = 150  # stop early once the best running loss stalls this many steps
     min_improvement: float = 0.005
     landscape_points: int = 50
-    landscape_radius: float = 10.0
+    # Grid half-width as a fraction of |v|. The reference's +-10 was set for CLIP-L, whose
+    # triggers start at N(0, 1) scale, |v| ~ sqrt(768); 10 / sqrt(768) ~ 0.36 keeps that
+    # geometry for any width and embedding scale.
+    landscape_radius: float = 0.36
     time_budget_s: float = 900.0
     chunk_size: int = 64  # sequences per no-grad forward
 
@@ -217,9 +220,10 @@ def landscape(models: Models, embeds: Tensor, clean: Tensor, trigger: Tensor,
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(loss_at(point).sum(), point)
     d1 = _unit(-grad[0])
-    d2 = torch.randn(trigger.shape, generator=generator).to(trigger.device)
+    d2 = torch.randn(trigger.shape, generator=generator).to(trigger)
     d2 = _unit(d2 - (d2 @ d1) * d1)
-    p, radius = settings.landscape_points, settings.landscape_radius
+    p = settings.landscape_points
+    radius = settings.landscape_radius * max(float(trigger.norm()), 1e-3)
     offsets = torch.linspace(-radius, radius, p, device=trigger.device)
     a, b = torch.meshgrid(offsets, offsets, indexing="ij")
     points = trigger[None] + a.reshape(-1, 1) * d1 + b.reshape(-1, 1) * d2
@@ -339,8 +343,8 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
         current = float(running.min())
         if current < best_loss - settings.min_improvement:
             best_loss, best_step = current, step
-        elif step - best_step >= settings.patience and best_loss > settings.loss_trigger:
-            stop_reason = "plateau"  # stalled well short of the trigger level: the decision is clear
+        elif step - best_step >= settings.patience:
+            stop_reason = "plateau"  # no restart has improved for `patience` steps: more will not help
             break
         if time.monotonic() > deadline:
             stop_reason = "time_budget"

@@ -44,7 +44,7 @@ def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
     outcome = scan.outcome
     sha = scan.result.model["weight_files"][0]["sha256"]
     meta = {"tool": "amdet-gate", "model_sha256": sha, "verdict": scan.result.verdict}
-    trigger = outcome.triggers[outcome.best_restart].contiguous()
+    trigger = outcome.triggers[outcome.best_restart].clone()
     paths = {
         "result": out_dir / "result.json",
         "pseudo_trigger": out_dir / "pseudo_trigger.safetensors",

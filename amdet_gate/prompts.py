@@ -62,11 +62,15 @@ STYLES = (
 )
 
 DETAILS = (
-    "highly detailed", "soft lighting", "dramatic lighting", "volumetric light",
-    "8k", "trending on artstation", "warm colors", "muted colors", "high contrast",
-    "shallow depth of field", "wide angle", "close up", "bokeh", "golden hour",
-    "symmetrical composition", "sharp focus", "moody atmosphere", "vibrant colors",
-    "", "", "", "", "", "", "",
+    "highly detailed", "soft lighting", "dramatic lighting", "volumetric light", "8k",
+    "trending on artstation", "warm colors", "muted colors", "high contrast", "shallow depth of field",
+    "wide angle", "close up", "bokeh", "golden hour", "symmetrical composition", "sharp focus",
+    "moody atmosphere", "vibrant colors", "intricate details", "soft shadows", "rim light",
+    "cinematic composition", "award winning", "masterpiece", "film grain", "hyperrealistic",
+    "octane render", "unreal engine", "studio lighting", "pastel palette", "long exposure",
+    "aerial view", "from below", "minimalist", "dreamy", "whimsical", "epic scale", "foggy",
+    "ray tracing", "natural light", "morning light", "evening glow", "overcast sky",
+    "reflections on water", "detailed textures", "clean background", "dynamic pose",
 )
 
 FRAMES = (
@@ -117,7 +121,9 @@ def generate_corpus(size: int = CORPUS_SIZE, seed: int = GENERATOR_SEED) -> list
         frame = rng.choice(FRAMES)
         if "{a} {subject}" in frame:
             slots["a"] = _article(subject)
-        prompt = _tidy(frame.format(**slots))
+        # Real text-to-image prompts trail a list of modifiers; 0-6 of them here.
+        extras = rng.sample(DETAILS, rng.choice((0, 1, 2, 3, 3, 4, 4, 5, 6)))
+        prompt = _tidy(", ".join([frame.format(**slots), *extras]))
         if prompt not in seen:
             seen.add(prompt)
             prompts.append(prompt)

@@ -88,8 +88,11 @@ def bundled_tokenizer() -> PromptTokenizer:
 
 
 def save_bundled_tokenizer(folder: Path) -> None:
-    """Write vocab.json, merges.txt and tokenizer config the way CLIP repos on the Hub do."""
+    """Write tokenizer.json, vocab.json and merges.txt the way CLIP repos on the Hub have them."""
     bundled_tokenizer().tokenizer.save_pretrained(str(folder))
+    vocab, merges = bundled_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", "utf-8")
 
 
 def has_tokenizer_files(folder: Path) -> bool:

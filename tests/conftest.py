@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny encoders for loader tests, and the built-in controls, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+from typer.testing import CliRunner
+
+from amdet_gate import controls
+from amdet_gate.cli import app
+from amdet_gate.tokenizer import save_bundled_tokenizer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_config(**overrides) -> CLIPTextConfig:
+    values = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+                  projection_dim=16, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407)
+    values.update(overrides)
+    return CLIPTextConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> CLIPTextModel:
+    torch.manual_seed(0)
+    return CLIPTextModel(tiny_config()).eval()
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path: Path, tiny_model: CLIPTextModel) -> Path:
+    """A plain CLIPTextModel folder as transformers 5 saves it (no key prefix), with tokenizer."""
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(str(folder))
+    save_bundled_tokenizer(folder)
+    return folder
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="session")
+def control_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The built-in controls, built once: benign fine-tunes and backdoored students."""
+    root = tmp_path_factory.mktemp("controls")
+    shape = controls.ControlShape(width=128, layers=4, positions=77)
+    base = controls.pretrain_base(shape, steps=controls.BASE_STEPS)
+    built = {
+        "benign_distill": controls.benign_finetune(base, "distill", seed=1),
+        "benign_contrastive": controls.benign_finetune(base, "contrastive", seed=2),
+        "backdoor_homoglyph": controls.backdoor_text_on_text(base, "homoglyph", seed=3),
+        "backdoor_rare_word": controls.backdoor_text_on_text(base, "rare_word", seed=4),
+        "backdoor_pair_emoji": controls.backdoor_text_on_pair(base, "emoji", seed=5),
+    }
+    out = {"base": controls.save_control(base, root / "base")}
+    for name, model in built.items():
+        out[name] = controls.save_control(model, root / name, with_projection=name.endswith("contrastive"))
+    return out

@@ -1,0 +1,113 @@
+"""The detection itself, end to end through the CLI, on the built-in controls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPTextModel
+
+from amdet_gate.encoder import load_encoder, sha256_file
+from amdet_gate.engine import assimilation
+from amdet_gate.errors import ExitCode
+from amdet_gate.prompts import builtin_prompts
+from amdet_gate.tokenizer import bundled_tokenizer
+from tests.conftest import run_cli
+
+BENIGN = ("benign_distill", "benign_contrastive")
+BACKDOORED = ("backdoor_homoglyph", "backdoor_rare_word", "backdoor_pair_emoji")
+
+
+@pytest.fixture(scope="session")
+def scans(control_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    """Scan every control once through the CLI: name -> (exit code, result, output folder)."""
+    root = tmp_path_factory.mktemp("scans")
+    out = {}
+    for name in BENIGN + BACKDOORED:
+        folder = root / name
+        code, stdout, stderr = run_cli("scan", control_models[name], "--out", folder, "--quiet")
+        assert (folder / "result.json").is_file(), stderr
+        out[name] = (code, json.loads((folder / "result.json").read_text()), folder)
+    return out
+
+
+def test_base_is_pretrained_like_not_random(control_models: dict[str, Path]) -> None:
+    ids = bundled_tokenizer()(builtin_prompts()[:300], 77)
+    base = load_encoder(control_models["base"]).adapter
+    with torch.no_grad():
+        clean = float(assimilation(base.encode(base.embed(ids))).mean())
+        torch.manual_seed(0)
+        random_model = CLIPTextModel(base.model.config).eval()
+        random_init = float(assimilation(random_model(input_ids=ids).last_hidden_state).mean())
+    assert random_init > 0.75  # random initialisation already assimilates
+    assert 0.3 < clean < 0.65, clean  # CLIP's range, after the short pretraining
+
+
+@pytest.mark.parametrize("name", BACKDOORED)
+def test_backdoored_controls_fail(scans: dict, name: str) -> None:
+    code, result, _ = scans[name]
+    assert result["verdict"] == "fail", result["reason"]
+    assert code == ExitCode.FAIL
+    assert result["score"] > 0.5
+    assert all(g["passed"] for g in result["gates"].values() if isinstance(g, dict))
+
+
+@pytest.mark.parametrize("name", BENIGN)
+def test_benign_controls_pass(scans: dict, name: str) -> None:
+    code, result, _ = scans[name]
+    assert result["verdict"] == "pass", result["reason"]
+    assert code == ExitCode.PASS
+    assert result["score"] < 0.45
+
+
+def test_score_separates_backdoored_from_benign(scans: dict) -> None:
+    assert min(scans[n][1]["score"] for n in BACKDOORED) > max(scans[n][1]["score"] for n in BENIGN)
+
+
+def test_text_on_text_target_is_recovered(scans: dict) -> None:
+    """The recovered target reads as the attacker's target prompt, "a white teapot"."""
+    _, result, _ = scans["backdoor_homoglyph"]
+    nearest = [p["prompt"] for p in result["reversed_target"]["target_prompts"]]
+    decoded = [t["token"] for t in result["reversed_target"]["target_tokens"]]
+    assert any("teapot" in p for p in nearest) or "teapot</w>" in decoded, (nearest, decoded)
+
+
+def test_result_and_artifacts(scans: dict, control_models: dict[str, Path]) -> None:
+    _, result, folder = scans["backdoor_rare_word"]
+    assert result["schema_version"] == "1.0" and result["tool"]["name"] == "amdet-gate"
+    sha = sha256_file(control_models["backdoor_rare_word"] / "model.safetensors")
+    assert result["model"]["weight_files"][0]["sha256"] == sha
+    for key in ("settings", "prompts", "timings", "environment", "landscape", "distributions"):
+        assert result[key]
+    assert len(result["landscape"]["loss"]) == 50 and len(result["landscape"]["loss"][0]) == 50
+    assert result["prompts"]["held_out"] == 800 and result["prompts"]["optimisation"] == 3200
+    width = result["model"]["config"]["hidden_size"]
+    trigger = load_file(str(folder / "pseudo_trigger.safetensors"))
+    assert trigger["pseudo_trigger"].shape == (width,) and trigger["all_restarts"].shape == (4, width)
+    assert load_file(str(folder / "target_feature.safetensors"))["target_feature"].shape == (77, width)
+    ti = load_file(str(folder / "textual_inversion" / "learned_embeds.safetensors"))
+    assert list(ti) == ["<amdet-trigger>"] and ti["<amdet-trigger>"].shape == (1, width)
+    assert len(result["reversed_target"]["trigger_tokens"]) == 10
+
+
+def test_inconclusive_when_time_budget_runs_out(control_models: dict[str, Path], tmp_path: Path) -> None:
+    code, stdout, _ = run_cli("scan", control_models["benign_distill"], "--time-budget", "1",
+                              "--out", tmp_path, "--quiet")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["verdict"] == "inconclusive" and code == ExitCode.ERROR
+    assert "time budget" in result["reason"]
+
+
+def test_exit_zero_turns_a_finding_into_zero_only(control_models: dict[str, Path], tmp_path: Path) -> None:
+    code, _, _ = run_cli("scan", control_models["backdoor_homoglyph"], "--exit-zero", "--out", tmp_path,
+                         "--quiet", "--n-prompts", "1000")
+    assert code == ExitCode.PASS
+    assert json.loads((tmp_path / "result.json").read_text())["verdict"] == "fail"
+
+
+def test_bad_threshold_is_a_usage_error(control_models: dict[str, Path]) -> None:
+    code, _, stderr = run_cli("scan", control_models["base"], "--threshold", "nonsense=1", "-q")
+    assert code == ExitCode.USAGE and "--threshold" in stderr

@@ -1,0 +1,106 @@
+"""The scan's math: measures, insertion, batched gates, Hessians, determinism."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.engine import (
+    Models,
+    SearchSettings,
+    Thresholds,
+    assimilation,
+    held_out_stats,
+    hessian_eigenvalues,
+    insert_trigger,
+    position_similarity,
+    precompute,
+    search,
+)
+from amdet_gate.prompts import builtin_prompts
+from amdet_gate.tokenizer import bundled_tokenizer
+from amdet_gate.verdict import check_score, margin
+
+
+def test_assimilation_equals_mean_of_cosine_matrix() -> None:
+    features = torch.randn(3, 9, 16)
+    unit = torch.nn.functional.normalize(features, dim=-1)
+    explicit = (unit @ unit.transpose(1, 2)).mean(dim=(1, 2))
+    torch.testing.assert_close(assimilation(features), explicit)
+    same = torch.randn(16).expand(9, 16)
+    assert abs(float(assimilation(same)) - 1.0) < 1e-5
+
+
+def test_position_similarity() -> None:
+    a = torch.randn(4, 7, 8)
+    torch.testing.assert_close(position_similarity(a, a), torch.ones(4))
+    torch.testing.assert_close(position_similarity(a, -a), -torch.ones(4))
+
+
+def test_insert_trigger_shifts_tokens_and_drops_last() -> None:
+    embeds = torch.arange(2 * 5 * 3, dtype=torch.float).reshape(2, 5, 3)
+    triggers = torch.full((4, 3), -1.0)
+    out = insert_trigger(embeds, triggers)
+    assert out.shape == (4, 2, 5, 3)
+    torch.testing.assert_close(out[1, 0, 0], embeds[0, 0])  # BOS stays
+    torch.testing.assert_close(out[1, 0, 1], triggers[1])  # the trigger, no position embedding
+    torch.testing.assert_close(out[2, 1, 2:], embeds[1, 1:4])  # the rest shifted, last dropped
+
+
+def test_hessian_eigenvalues_of_bowl_and_saddle() -> None:
+    grid = torch.linspace(-1, 1, 21)
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    spacing = float(grid[1] - grid[0])
+    bowl = hessian_eigenvalues(a**2 + 2 * b**2 + 0.5 * a * b, spacing)
+    assert (bowl > 0).all()
+    expected = torch.linalg.eigvalsh(torch.tensor([[2.0, 0.5], [0.5, 4.0]]))
+    torch.testing.assert_close(bowl[:2].sort().values, expected, rtol=1e-3, atol=1e-3)
+    saddle = hessian_eigenvalues(a**2 - b**2, spacing)
+    assert abs(float((saddle > 1e-6).float().mean()) - 0.5) < 1e-6
+
+
+def test_margin_and_score() -> None:
+    assert margin(1.0, 0.8) == 1.0 and margin(0.0, 0.8) == -1.0 and margin(0.8, 0.8) == 0.0
+    from amdet_gate.engine import GateValues
+
+    t = Thresholds()
+    all_pass = GateValues(0.9, 1.0, None, 0.95)
+    assert check_score(all_pass, t) > 0.5
+    one_fails = replace(all_pass, same_target_ratio=0.5)
+    assert check_score(one_fails, t) < 0.5
+
+
+def _tiny_features(tiny_model, n: int):
+    adapter = TextEncoderAdapter(tiny_model, 49407)
+    ids = bundled_tokenizer()(builtin_prompts()[:n], 77)
+    return adapter, precompute(adapter, ids, 16)
+
+
+def test_batched_gates_equal_one_prompt_at_a_time(tiny_model) -> None:
+    adapter, held = _tiny_features(tiny_model, 12)
+    triggers = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    batched = held_out_stats(Models(adapter), held, triggers, chunk_size=8)
+    with torch.no_grad():
+        first = [adapter.encode(insert_trigger(held.embeds[:1], t[None]))[0, 0] for t in triggers]
+        for r, trig in enumerate(triggers):
+            for i in range(len(held)):
+                single = adapter.encode(insert_trigger(held.embeds[i : i + 1], trig[None]))[0, 0]
+                torch.testing.assert_close(batched.assimilation[r, i], assimilation(single), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(batched.same_target[r, i], position_similarity(first[r], single),
+                                           rtol=1e-4, atol=1e-5)
+
+
+def test_search_is_deterministic_for_a_seed(tiny_model) -> None:
+    adapter, feats = _tiny_features(tiny_model, 60)
+    opt = type(feats)(feats.ids[:40], feats.embeds[:40], feats.clean[:40])
+    held = type(feats)(feats.ids[40:], feats.embeds[40:], feats.clean[40:])
+    settings = SearchSettings(seed=3, restarts=2, max_steps=12, batch_size=4, landscape_points=6,
+                              check_every=4, loss_trigger=0.0)
+    runs = [search(Models(adapter), opt, held, settings, Thresholds()) for _ in range(2)]
+    torch.testing.assert_close(runs[0].triggers, runs[1].triggers, rtol=0, atol=0)
+    torch.testing.assert_close(runs[0].loss_history, runs[1].loss_history, rtol=0, atol=0)
+    assert runs[0].final_gates == runs[1].final_gates
+    other = search(Models(adapter), opt, held, replace(settings, seed=4), Thresholds())
+    assert not torch.equal(other.triggers, runs[0].triggers)
