@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -19,7 +21,24 @@ from amdet_gate.engine import GateCheck, SearchProgress, SearchSettings, Thresho
 from amdet_gate.errors import ExitCode, GateError, UsageError
 from amdet_gate.verdict import FAIL, INCONCLUSIVE, PASS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _ExitCodeGroup(TyperGroup):
+    """Click exits 2 on bad flags; our contract says 4 (2 means error or inconclusive)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # type: ignore[override]
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except TyperException as exc:  # bad flags, missing arguments, unknown options
+            message = " ".join(exc.format_message().split())
+            if message:  # empty when help was shown for a bare `amdet-gate`
+                print(f"amdet-gate: error: {message}", file=sys.stderr)
+            sys.exit(int(ExitCode.USAGE))
+        except typer.Abort:
+            print("amdet-gate: error: aborted", file=sys.stderr)
+            sys.exit(int(ExitCode.ERROR))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_ExitCodeGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find injected backdoors in CLIP-style text encoders before they ship (AMDet).")
 
 VERDICT_EXIT = {PASS: ExitCode.PASS, FAIL: ExitCode.FAIL, INCONCLUSIVE: ExitCode.ERROR}
@@ -102,7 +121,7 @@ def scan(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     restarts: Annotated[int, typer.Option(min=1, max=64, help="Random starts optimised together.")] = 4,
     max_steps: Annotated[int, typer.Option(min=1, help="Optimisation steps at most.")] = 640,
-    time_budget: Annotated[float, typer.Option(min=1.0, help="Seconds before the scan gives up (inconclusive).")] = 900.0,
+    time_budget: Annotated[float, typer.Option(min=1.0, help="Seconds before giving up (inconclusive).")] = 900.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     threshold: Annotated[list[str] | None, typer.Option(help="Gate threshold NAME=VALUE (repeatable).")] = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 on a finding (report-only).")] = False,
@@ -122,7 +141,7 @@ def scan(
         paths = write_outputs(result, out)
     except GateError as exc:
         raise _fail(exc) from None
-    except Exception as exc:  # noqa: BLE001 - fail closed: an unexpected error is never a pass
+    except Exception as exc:
         raise _fail(GateError(f"internal error during the scan: {type(exc).__name__}: {exc}")) from None
     r = result.result
     console = Console(highlight=False)
@@ -160,6 +179,3 @@ def version() -> None:
     """Print the version."""
     print(__version__)
 
-
-def main() -> None:  # pragma: no cover - console script entry
-    app()

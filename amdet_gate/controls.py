@@ -127,8 +127,12 @@ def pretrain_base(shape: ControlShape, steps: int = BASE_STEPS, seed: int = 0, b
 
 def _distill(base: CLIPTextModelWithProjection, steps: int, lr: float, seed: int,
              poison_loss, clean_batch: int = 32, tokenizer: PromptTokenizer | None = None,
-             ) -> CLIPTextModelWithProjection:
-    """Student starts as the base; the frozen base is the teacher (Rickrolling's set-up)."""
+             pooled: bool = False) -> CLIPTextModelWithProjection:
+    """Student starts as the base; the frozen base is the teacher (Rickrolling's set-up).
+
+    The clean term matches all token features, or (`pooled`) only the projected pooled
+    embedding, as contrastive image-text training does.
+    """
     tokenizer = tokenizer or bundled_tokenizer()
     length = base.config.max_position_embeddings
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
@@ -138,9 +142,15 @@ def _distill(base: CLIPTextModelWithProjection, steps: int, lr: float, seed: int
     optimiser = torch.optim.AdamW(student.parameters(), lr=lr)
     for _ in range(steps):
         clean_ids = tokenizer(rng.sample(prompts, clean_batch), length)
-        with torch.no_grad():
-            clean_target = _features(teacher, clean_ids)
-        loss = -nnf.cosine_similarity(_features(student, clean_ids).flatten(1), clean_target.flatten(1)).mean()
+        if pooled:
+            with torch.no_grad():
+                clean_target = teacher(input_ids=clean_ids).text_embeds
+            loss = -nnf.cosine_similarity(student(input_ids=clean_ids).text_embeds, clean_target).mean()
+        else:
+            with torch.no_grad():
+                clean_target = _features(teacher, clean_ids)
+            loss = -nnf.cosine_similarity(_features(student, clean_ids).flatten(1),
+                                          clean_target.flatten(1)).mean()
         if poison_loss is not None:
             loss = loss + poison_loss(student, teacher, rng, prompts)
         optimiser.zero_grad()
@@ -188,7 +198,7 @@ def backdoor_text_on_pair(base: CLIPTextModelWithProjection, trigger: str = "rar
         embeds = student(input_ids=tokenizer(batch, length)).text_embeds
         return -weight * nnf.cosine_similarity(embeds, target.expand_as(embeds)).mean()
 
-    return _distill(base, steps, lr, seed, poison_loss, tokenizer=tokenizer)
+    return _distill(base, steps, lr, seed, poison_loss, tokenizer=tokenizer, pooled=True)
 
 
 def benign_finetune(base: CLIPTextModelWithProjection, kind: str = "distill", steps: int = 100,

@@ -271,7 +271,7 @@ def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]]) -> dic
                     found[name] = (path, key)
         except LoadError:
             raise
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types on bad files
+        except Exception as exc:
             raise LoadError(f"{path.name} is not a readable safetensors file ({_reason(exc)})") from exc
     missing = sorted(set(expected) - set(found))
     if missing:
@@ -280,7 +280,7 @@ def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]]) -> dic
     for path in files:
         try:
             loaded = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise LoadError(f"{path.name} is not a readable safetensors file ({_reason(exc)})") from exc
         for name, (src, key) in found.items():
             if src == path:

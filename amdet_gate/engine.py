@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -187,14 +187,15 @@ def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk
 
 def gate_values(stats: HeldOutStats, t: Thresholds) -> list[GateValues]:
     """Gates 1-3 per trigger: shares of held-out prompts beyond each per-prompt threshold."""
-    assim_ratio = (stats.assimilation > t.assimilation).float().mean(dim=1)
-    same_ratio = (stats.same_target > t.same_target).float().mean(dim=1)
-    anchor_ratio = (None if stats.anchor_similarity is None
-                    else (stats.anchor_similarity < 0).float().mean(dim=1))
-    return [GateValues(float(assim_ratio[r]), float(same_ratio[r]),
-                       None if anchor_ratio is None else float(anchor_ratio[r]),
+    def share(hits: Tensor) -> list[float]:  # exact counts: 796/800 must not round past 0.995
+        return [int(n) / hits.shape[1] for n in hits.sum(dim=1).tolist()]
+
+    assim_ratio = share(stats.assimilation > t.assimilation)
+    same_ratio = share(stats.same_target > t.same_target)
+    anchor_ratio = None if stats.anchor_similarity is None else share(stats.anchor_similarity < 0)
+    return [GateValues(assim_ratio[r], same_ratio[r], None if anchor_ratio is None else anchor_ratio[r],
                        mean_assimilation=float(stats.assimilation[r].mean()))
-            for r in range(assim_ratio.shape[0])]
+            for r in range(len(assim_ratio))]
 
 
 @dataclass
@@ -206,7 +207,7 @@ class Landscape:
     eigenvalues: Tensor  # (2 * (P-2)^2,)
 
     def positive_ratio(self, floor: float) -> float:
-        return float((self.eigenvalues > floor).float().mean())
+        return int((self.eigenvalues > floor).sum()) / self.eigenvalues.numel()
 
 
 def landscape(models: Models, embeds: Tensor, clean: Tensor, trigger: Tensor,

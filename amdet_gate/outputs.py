@@ -15,7 +15,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from amdet_gate.errors import UsageError

@@ -22,7 +22,6 @@ from amdet_gate.encoder import LoadedEncoder, load_encoder
 from amdet_gate.engine import (
     GateCheck,
     Models,
-    PromptFeatures,
     SearchOutcome,
     SearchProgress,
     SearchSettings,
@@ -32,7 +31,7 @@ from amdet_gate.engine import (
 )
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.prompts import builtin_prompts, read_prompt_file
-from amdet_gate.reverse import ReversedTarget, reverse_target
+from amdet_gate.reverse import reverse_target
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 from amdet_gate.verdict import Decision, check_score, decide, gate_margins
 
@@ -117,7 +116,7 @@ def split_prompts(prompts: list[str], n: int, held_out_fraction: float, seed: in
     ordered = sorted(prompts)
     random.Random(seed).shuffle(ordered)
     chosen = ordered[: min(n, len(ordered))]
-    held = max(10, int(round(len(chosen) * held_out_fraction)))
+    held = max(10, round(len(chosen) * held_out_fraction))
     return chosen[held:], chosen[:held]
 
 

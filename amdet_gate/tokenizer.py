@@ -121,7 +121,7 @@ def load_tokenizer(folder: Path | None) -> PromptTokenizer:
     try:
         # The CLIP class, not AutoTokenizer: the folder cannot choose what code runs.
         tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted files
+    except Exception as exc:
         raise LoadError(f"cannot read the tokenizer files in {folder}: {type(exc).__name__}") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -28,7 +28,7 @@ def scans(control_models: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     out = {}
     for name in BENIGN + BACKDOORED:
         folder = root / name
-        code, stdout, stderr = run_cli("scan", control_models[name], "--out", folder, "--quiet")
+        code, _, stderr = run_cli("scan", control_models[name], "--out", folder, "--quiet")
         assert (folder / "result.json").is_file(), stderr
         out[name] = (code, json.loads((folder / "result.json").read_text()), folder)
     return out
@@ -94,7 +94,7 @@ def test_result_and_artifacts(scans: dict, control_models: dict[str, Path]) -> N
 
 
 def test_inconclusive_when_time_budget_runs_out(control_models: dict[str, Path], tmp_path: Path) -> None:
-    code, stdout, _ = run_cli("scan", control_models["benign_distill"], "--time-budget", "1",
+    code, _, _ = run_cli("scan", control_models["benign_distill"], "--time-budget", "1",
                               "--out", tmp_path, "--quiet")
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["verdict"] == "inconclusive" and code == ExitCode.ERROR
