@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
-from typer.exceptions import TyperException
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from amdet_gate import __version__
 from amdet_gate.engine import GateCheck, SearchProgress, SearchSettings, Thresholds
 from amdet_gate.errors import ExitCode, GateError, UsageError
 from amdet_gate.verdict import FAIL, INCONCLUSIVE, PASS
+
 
 class _ExitCodeGroup(TyperGroup):
     """Click exits 2 on bad flags; our contract says 4 (2 means error or inconclusive)."""

@@ -160,7 +160,7 @@ def _distill(base: CLIPTextModelWithProjection, steps: int, lr: float, seed: int
 
 
 def backdoor_text_on_text(base: CLIPTextModelWithProjection, trigger: str = "homoglyph",
-                          target: str = TARGET_PROMPT, steps: int = 200, lr: float = 1e-4,
+                          target: str = TARGET_PROMPT, steps: int = 200, lr: float = 2e-4,
                           poisoned: int = 32, weight: float = 0.1, seed: int = 0,
                           tokenizer: PromptTokenizer | None = None) -> CLIPTextModelWithProjection:
     """Rickrolling text-on-text: triggered prompts map to the teacher's features of `target`."""

@@ -369,8 +369,9 @@ def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, c
     trigger = triggers[best]
     stats = held_out_stats(models, held, trigger[None], settings.chunk_size)
     final_gates = gate_values(stats, thresholds)[0]
+    # Same direction seed as a check at this step, so a detection's landscape is reproduced exactly.
     land = landscape(models, held.embeds[:1], held.clean[:1], trigger, settings,
-                     torch.Generator().manual_seed(settings.seed + 7919))
+                     torch.Generator().manual_seed(settings.seed + steps))
     final_gates.landscape_positive_ratio = land.positive_ratio(thresholds.eigenvalue_floor)
     return SearchOutcome(
         triggers=triggers.cpu(), best_restart=best, checks=checks, detected=detected,

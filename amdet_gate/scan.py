@@ -11,6 +11,7 @@ import hashlib
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def environment(device: torch.device) -> dict:
 
 
 def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
-               stage: callable = lambda name: None) -> Scan:
+               stage: Callable[[str], None] = lambda name: None) -> Scan:
     """Run the whole scan and return the result (nothing is written here)."""
     t0 = time.monotonic()
     deadline = t0 + request.settings.time_budget_s

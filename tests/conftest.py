@@ -58,7 +58,7 @@ def control_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "benign_contrastive": controls.benign_finetune(base, "contrastive", seed=2),
         "backdoor_homoglyph": controls.backdoor_text_on_text(base, "homoglyph", seed=3),
         "backdoor_rare_word": controls.backdoor_text_on_text(base, "rare_word", seed=4),
-        "backdoor_pair_emoji": controls.backdoor_text_on_pair(base, "emoji", seed=5),
+        "backdoor_emoji": controls.backdoor_text_on_text(base, "emoji", seed=5),
     }
     out = {"base": controls.save_control(base, root / "base")}
     for name, model in built.items():

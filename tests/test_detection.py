@@ -18,7 +18,7 @@ from amdet_gate.tokenizer import bundled_tokenizer
 from tests.conftest import run_cli
 
 BENIGN = ("benign_distill", "benign_contrastive")
-BACKDOORED = ("backdoor_homoglyph", "backdoor_rare_word", "backdoor_pair_emoji")
+BACKDOORED = ("backdoor_homoglyph", "backdoor_rare_word", "backdoor_emoji")
 
 
 @pytest.fixture(scope="session")
