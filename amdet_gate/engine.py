@@ -54,6 +54,7 @@ class SearchSettings:
     landscape_radius: float = 0.36
     time_budget_s: float = 900.0
     chunk_size: int = 64  # sequences per no-grad forward
+    screen_prompts: int = 100  # held-out prompts a check runs before dropping triggers that cannot pass
 
 
 # --- measures ---------------------------------------------------------------------------
@@ -119,6 +120,9 @@ class PromptFeatures:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    def subset(self, start: int, stop: int) -> PromptFeatures:
+        return PromptFeatures(self.ids[start:stop], self.embeds[start:stop], self.clean[start:stop])
+
 
 @torch.no_grad()
 def precompute(encoder: TextEncoderAdapter, ids: Tensor, chunk_size: int) -> PromptFeatures:
@@ -158,20 +162,24 @@ class HeldOutStats:
     same_target: Tensor
     anchor_similarity: Tensor | None
     mean_feature: Tensor  # (R, L, d): the recovered target feature
+    first: Tensor  # (R, 1, L, d): the first prompt's output, the "same target" reference
 
 
 @torch.no_grad()
-def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk_size: int) -> HeldOutStats:
-    """Gates 1-3 inputs for every trigger at once, in chunks of prompts."""
+def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk_size: int,
+                   first: Tensor | None = None) -> HeldOutStats:
+    """Gates 1-3 inputs for every trigger at once, in chunks of prompts.
+
+    `first` is the reference output for the same-target gate; by default the first prompt's.
+    """
     per_chunk = max(1, chunk_size // triggers.shape[0])
     assim, same, anchor_sim = [], [], []
-    first: Tensor | None = None
     feature_sum = torch.zeros(triggers.shape[0], *held.embeds.shape[1:], device=triggers.device)
     for embeds in held.embeds.split(per_chunk):
         inserted = insert_trigger(embeds, triggers)
         triggered = models.suspect.encode(inserted)
         if first is None:
-            first = triggered[:, :1]  # the first held-out prompt's output per trigger
+            first = triggered[:, :1]
         assim.append(assimilation(triggered))
         same.append(position_similarity(first, triggered))
         feature_sum += triggered.sum(dim=1)
@@ -182,20 +190,62 @@ def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk
         same_target=torch.cat(same, dim=1),
         anchor_similarity=torch.cat(anchor_sim, dim=1) if anchor_sim else None,
         mean_feature=feature_sum / len(held),
+        first=first,
     )
+
+
+def _hits(stats: HeldOutStats, t: Thresholds) -> dict[str, Tensor]:
+    """Per-prompt hits of gates 1-3, (R, N) booleans."""
+    hits = {"assimilation_ratio": stats.assimilation > t.assimilation,
+            "same_target_ratio": stats.same_target > t.same_target}
+    if stats.anchor_similarity is not None:
+        hits["anchor_difference_ratio"] = stats.anchor_similarity < 0
+    return hits
+
+
+def _values(hit_counts: dict[str, list[int]], total: int, mean_assimilation: list[float]) -> list[GateValues]:
+    # Exact counts, not float32 means: 796/800 must not round past 0.995.
+    anchor = hit_counts.get("anchor_difference_ratio")
+    return [GateValues(hit_counts["assimilation_ratio"][r] / total, hit_counts["same_target_ratio"][r] / total,
+                       None if anchor is None else anchor[r] / total, mean_assimilation=mean_assimilation[r])
+            for r in range(len(mean_assimilation))]
 
 
 def gate_values(stats: HeldOutStats, t: Thresholds) -> list[GateValues]:
     """Gates 1-3 per trigger: shares of held-out prompts beyond each per-prompt threshold."""
-    def share(hits: Tensor) -> list[float]:  # exact counts: 796/800 must not round past 0.995
-        return [int(n) / hits.shape[1] for n in hits.sum(dim=1).tolist()]
+    counts = {name: hits.sum(dim=1).tolist() for name, hits in _hits(stats, t).items()}
+    return _values(counts, stats.assimilation.shape[1], stats.assimilation.mean(dim=1).tolist())
 
-    assim_ratio = share(stats.assimilation > t.assimilation)
-    same_ratio = share(stats.same_target > t.same_target)
-    anchor_ratio = None if stats.anchor_similarity is None else share(stats.anchor_similarity < 0)
-    return [GateValues(assim_ratio[r], same_ratio[r], None if anchor_ratio is None else anchor_ratio[r],
-                       mean_assimilation=float(stats.assimilation[r].mean()))
-            for r in range(len(assim_ratio))]
+
+def screened_gate_values(models: Models, held: PromptFeatures, triggers: Tensor, t: Thresholds,
+                         chunk_size: int, screen: int) -> list[GateValues]:
+    """Gates 1-3, stopping early for triggers that can no longer pass.
+
+    A gate passes when hits / N exceed its threshold, so (1 - threshold) * N misses among the
+    first `screen` prompts already fail it, whatever the rest hold. Such triggers are not run
+    on the rest; their values are upper bounds (every remaining prompt counted as a hit).
+    This is exact for the decision and saves most of the cost of checks that fail.
+    """
+    total = len(held)
+    if screen >= total:
+        return gate_values(held_out_stats(models, held, triggers, chunk_size), t)
+    head = held_out_stats(models, held.subset(0, screen), triggers, chunk_size)
+    head_hits = _hits(head, t)
+    limits = {"assimilation_ratio": t.assimilation_ratio, "same_target_ratio": t.same_target_ratio,
+              "anchor_difference_ratio": t.anchor_difference_ratio}
+    hopeless = torch.zeros(triggers.shape[0], dtype=torch.bool)
+    for name, hits in head_hits.items():
+        hopeless |= ((~hits).sum(dim=1) >= (1 - limits[name]) * total).cpu()
+    counts = {name: (hits.sum(dim=1) + (total - screen)).tolist() for name, hits in head_hits.items()}
+    mean_assim = head.assimilation.mean(dim=1).tolist()
+    alive = (~hopeless).nonzero().flatten().tolist()
+    if alive:
+        tail = held_out_stats(models, held.subset(screen, total), triggers[alive], chunk_size, head.first[alive])
+        for i, r in enumerate(alive):
+            for name, hits in _hits(tail, t).items():
+                counts[name][r] = int(head_hits[name][r].sum()) + int(hits[i].sum())
+            mean_assim[r] = (head.assimilation[r].sum() + tail.assimilation[i].sum()).item() / total
+    return _values(counts, total, mean_assim)
 
 
 @dataclass
@@ -323,8 +373,9 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
             due = (running < settings.loss_trigger) & (running < last_checked_loss - settings.min_improvement)
             if due.any():
                 candidates = due.nonzero().flatten().tolist()
-                stats = held_out_stats(models, held, triggers.detach()[candidates], settings.chunk_size)
-                for r, gates in zip(candidates, gate_values(stats, thresholds), strict=True):
+                values = screened_gate_values(models, held, triggers.detach()[candidates], thresholds,
+                                              settings.chunk_size, settings.screen_prompts)
+                for r, gates in zip(candidates, values, strict=True):
                     last_checked_loss[r] = running[r]
                     check = GateCheck(step, r, float(running[r]), gates)
                     if all(gates.passed(thresholds).values()):  # gate 4 only when 1-3 pass: it is costly
@@ -378,7 +429,7 @@ def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, c
         final_gates=final_gates, landscape=land,
         held_out=HeldOutStats(stats.assimilation.cpu(), stats.same_target.cpu(),
                               None if stats.anchor_similarity is None else stats.anchor_similarity.cpu(),
-                              stats.mean_feature.cpu()),
+                              stats.mean_feature.cpu(), stats.first.cpu()),
         clean_assimilation=assimilation(held.clean).cpu(),
         loss_history=loss_history, steps=steps, stop_reason=stop_reason, seconds=seconds,
     )

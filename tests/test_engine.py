@@ -12,11 +12,13 @@ from amdet_gate.engine import (
     SearchSettings,
     Thresholds,
     assimilation,
+    gate_values,
     held_out_stats,
     hessian_eigenvalues,
     insert_trigger,
     position_similarity,
     precompute,
+    screened_gate_values,
     search,
 )
 from amdet_gate.prompts import builtin_prompts
@@ -104,3 +106,20 @@ def test_search_is_deterministic_for_a_seed(tiny_model) -> None:
     assert runs[0].final_gates == runs[1].final_gates
     other = search(Models(adapter), opt, held, replace(settings, seed=4), Thresholds())
     assert not torch.equal(other.triggers, runs[0].triggers)
+
+
+def test_screened_gates_decide_exactly_like_full_gates(tiny_model) -> None:
+    adapter, held = _tiny_features(tiny_model, 40)
+    triggers = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    loose = Thresholds(assimilation=0.0, same_target=-1.0, assimilation_ratio=0.5, same_target_ratio=0.5)
+    mixed = Thresholds(assimilation=0.0, same_target=0.6, assimilation_ratio=0.5, same_target_ratio=0.88)
+    for t in (Thresholds(), loose, mixed):
+        full = gate_values(held_out_stats(Models(adapter), held, triggers, 16), t)
+        screened = screened_gate_values(Models(adapter), held, triggers, t, 16, screen=10)
+        for f, s in zip(full, screened, strict=True):
+            assert f.passed(t) == s.passed(t)
+            assert s.assimilation_ratio >= f.assimilation_ratio and s.same_target_ratio >= f.same_target_ratio
+            if all(f.passed(t).values()):  # survivors are computed in full
+                assert (s.assimilation_ratio, s.same_target_ratio) == (f.assimilation_ratio, f.same_target_ratio)
+        if t is mixed:  # the case must hold both outcomes to test anything
+            assert len({all(f.passed(t).values()) for f in full}) == 2
