@@ -14,6 +14,7 @@ from amdet_gate.encoder import load_encoder, sha256_file
 from amdet_gate.engine import assimilation
 from amdet_gate.errors import ExitCode
 from amdet_gate.prompts import builtin_prompts
+from amdet_gate.reverse import nearest_trigger_tokens
 from amdet_gate.tokenizer import bundled_tokenizer
 from tests.conftest import run_cli
 
@@ -67,12 +68,13 @@ def test_score_separates_backdoored_from_benign(scans: dict) -> None:
     assert min(scans[n][1]["score"] for n in BACKDOORED) > max(scans[n][1]["score"] for n in BENIGN)
 
 
-def test_text_on_text_target_is_recovered(scans: dict) -> None:
-    """The recovered target reads as the attacker's target prompt, "a white teapot"."""
-    _, result, _ = scans["backdoor_homoglyph"]
-    nearest = [p["prompt"] for p in result["reversed_target"]["target_prompts"]]
-    decoded = [t["token"] for t in result["reversed_target"]["target_tokens"]]
-    assert any("teapot" in p for p in nearest) or "teapot</w>" in decoded, (nearest, decoded)
+def test_nearest_trigger_tokens_name_the_token_a_trigger_equals(control_models: dict[str, Path]) -> None:
+    tokenizer = bundled_tokenizer()
+    adapter = load_encoder(control_models["backdoor_homoglyph"]).adapter
+    teapot = tokenizer.tokenizer.convert_tokens_to_ids("teapot</w>")
+    near = nearest_trigger_tokens(adapter.token_embedding[teapot], adapter.token_embedding, tokenizer, k=3)
+    assert near[0].token == "teapot</w>" and abs(near[0].cosine - 1.0) < 1e-5
+    assert near[1].cosine < near[0].cosine
 
 
 def test_result_and_artifacts(scans: dict, control_models: dict[str, Path]) -> None:
