@@ -45,7 +45,8 @@ class SearchSettings:
     loss_trigger: float = -0.76  # run the gates once the running loss is below this
     check_every: int = 10
     running_window: int = 10
-    patience: int = 150  # stop early once the best running loss stalls this many steps
+    patience: int = 100  # stop once no restart's smoothed loss has improved for this many steps
+    plateau_window: int = 50  # steps averaged for that test
     min_improvement: float = 0.005
     landscape_points: int = 50
     # Grid half-width as a fraction of |v|. The reference's +-10 was set for CLIP-L, whose
@@ -392,7 +393,9 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
                 stop_reason = "detected"
                 break
 
-        current = float(running.min())
+        # Convergence is judged on a longer mean than the gate trigger: mini-batch noise
+        # alone would otherwise keep producing new bests.
+        current = float(torch.stack(history[-settings.plateau_window :]).mean(dim=0).min())
         if current < best_loss - settings.min_improvement:
             best_loss, best_step = current, step
         elif step - best_step >= settings.patience:
