@@ -144,6 +144,7 @@ class GateValues:
     anchor_difference_ratio: float | None  # None without an anchor
     landscape_positive_ratio: float | None = None  # None when not computed
     mean_assimilation: float = 0.0
+    screened_on: int | None = None  # prompts behind the values when a check stopped early, else None
 
     def passed(self, t: Thresholds) -> dict[str, bool]:
         out = {"assimilation_ratio": self.assimilation_ratio > t.assimilation_ratio,
@@ -224,7 +225,7 @@ def screened_gate_values(models: Models, held: PromptFeatures, triggers: Tensor,
 
     A gate passes when hits / N exceed its threshold, so (1 - threshold) * N misses among the
     first `screen` prompts already fail it, whatever the rest hold. Such triggers are not run
-    on the rest; their values are upper bounds (every remaining prompt counted as a hit).
+    on the rest; their values are the shares among the screened prompts (`screened_on`).
     This is exact for the decision and saves most of the cost of checks that fail.
     """
     total = len(held)
@@ -237,16 +238,21 @@ def screened_gate_values(models: Models, held: PromptFeatures, triggers: Tensor,
     hopeless = torch.zeros(triggers.shape[0], dtype=torch.bool)
     for name, hits in head_hits.items():
         hopeless |= ((~hits).sum(dim=1) >= (1 - limits[name]) * total).cpu()
-    counts = {name: (hits.sum(dim=1) + (total - screen)).tolist() for name, hits in head_hits.items()}
-    mean_assim = head.assimilation.mean(dim=1).tolist()
+    values = _values({name: hits.sum(dim=1).tolist() for name, hits in head_hits.items()}, screen,
+                     head.assimilation.mean(dim=1).tolist())
+    for v in values:
+        v.screened_on = screen
     alive = (~hopeless).nonzero().flatten().tolist()
     if alive:
         tail = held_out_stats(models, held.subset(screen, total), triggers[alive], chunk_size, head.first[alive])
-        for i, r in enumerate(alive):
-            for name, hits in _hits(tail, t).items():
-                counts[name][r] = int(head_hits[name][r].sum()) + int(hits[i].sum())
-            mean_assim[r] = (head.assimilation[r].sum() + tail.assimilation[i].sum()).item() / total
-    return _values(counts, total, mean_assim)
+        both = HeldOutStats(torch.cat([head.assimilation[alive], tail.assimilation], dim=1),
+                            torch.cat([head.same_target[alive], tail.same_target], dim=1),
+                            None if tail.anchor_similarity is None else
+                            torch.cat([head.anchor_similarity[alive], tail.anchor_similarity], dim=1),
+                            tail.mean_feature, tail.first)
+        for r, full in zip(alive, gate_values(both, t), strict=True):
+            values[r] = full
+    return values
 
 
 @dataclass

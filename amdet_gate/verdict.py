@@ -46,7 +46,9 @@ class Decision:
 
 
 def decide(outcome: SearchOutcome, t: Thresholds, inconclusive_band: float) -> Decision:
-    scores = [check_score(c.gates, t) for c in outcome.checks] + [check_score(outcome.final_gates, t)]
+    # Checks cut short by screening only say "cannot pass"; the score comes from full ones.
+    full = [c.gates for c in outcome.checks if c.gates.screened_on is None] + [outcome.final_gates]
+    scores = [check_score(g, t) for g in full]
     if outcome.stop_reason == "non_finite" or any(math.isnan(s) for s in scores):
         return Decision(INCONCLUSIVE, 0.5, "non-finite values during the scan; the model cannot be judged")
     score = max(scores)
