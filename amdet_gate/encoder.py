@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from amdet_gate.errors import LoadError, PickleRefused, UnsupportedModel
@@ -277,14 +276,14 @@ def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]]) -> dic
     if missing:
         raise LoadError(f"checkpoint lacks {len(missing)} text-encoder tensors, e.g. {missing[0]}")
     tensors: dict[str, torch.Tensor] = {}
-    for path in files:
+    for path in files:  # only the text tower's tensors are read (a CLIPModel also has a vision tower)
+        wanted = {name: key for name, (src, key) in found.items() if src == path}
         try:
-            loaded = load_file(str(path))
-        except Exception as exc:
+            with safe_open(str(path), framework="pt") as fh:
+                for name, key in wanted.items():
+                    tensors[name] = fh.get_tensor(key).float()
+        except Exception as exc:  # any failure to read untrusted bytes is a load error
             raise LoadError(f"{path.name} is not a readable safetensors file ({_reason(exc)})") from exc
-        for name, (src, key) in found.items():
-            if src == path:
-                tensors[name] = loaded[key].float()
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise LoadError(f"tensor {name} contains NaN or infinite values")
