@@ -20,7 +20,8 @@ from amdet_gate.tokenizer import PromptTokenizer
 @dataclass(frozen=True)
 class NearToken:
     id: int
-    token: str
+    token: str  # as in the vocabulary (byte-level BPE form)
+    text: str  # decoded to text
     cosine: float
 
 
@@ -41,7 +42,7 @@ def nearest_trigger_tokens(trigger: Tensor, token_embedding: Tensor, tokenizer: 
                            k: int = 10) -> list[NearToken]:
     cos = _unit(token_embedding) @ _unit(trigger)
     top = cos.topk(min(k, cos.shape[0]))
-    return [NearToken(int(i), tokenizer.decode_token(int(i)), float(c))
+    return [NearToken(int(i), tokenizer.decode_token(int(i)), tokenizer.decode_text(int(i)), float(c))
             for c, i in zip(top.values, top.indices, strict=True)]
 
 
@@ -65,7 +66,9 @@ def reverse_target(trigger: Tensor, target: Tensor, corpus: PromptFeatures, prom
     for feature in target[2 : 2 + positions]:
         cos = table @ _unit(feature)
         best = int(cos.argmax())
-        decoded.append(NearToken(int(ids[best]), tokenizer.decode_token(int(ids[best])), float(cos[best])))
+        token_id = int(ids[best])
+        decoded.append(NearToken(token_id, tokenizer.decode_token(token_id), tokenizer.decode_text(token_id),
+                                 float(cos[best])))
     sims = torch.cat([position_similarity(target[None], c) for c in corpus.clean.cpu().split(256)])
     top = sims.topk(min(5, len(prompts)))
     near = [NearPrompt(prompts[int(i)], float(s)) for s, i in zip(top.values, top.indices, strict=True)]

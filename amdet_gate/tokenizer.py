@@ -79,6 +79,9 @@ class PromptTokenizer:
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.convert_ids_to_tokens(int(token_id))
 
+    def decode_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)]).strip()
+
 
 def bundled_tokenizer() -> PromptTokenizer:
     vocab, merges = bundled_vocab_and_merges()

@@ -68,6 +68,13 @@ def test_score_separates_backdoored_from_benign(scans: dict) -> None:
     assert min(scans[n][1]["score"] for n in BACKDOORED) > max(scans[n][1]["score"] for n in BENIGN)
 
 
+def test_homoglyph_trigger_is_recovered(scans: dict) -> None:
+    """The pseudo-trigger's nearest vocabulary token is the attacker's Cyrillic o (U+043E)."""
+    _, result, _ = scans["backdoor_homoglyph"]
+    nearest = [t["text"] for t in result["reversed_target"]["trigger_tokens"][:3]]
+    assert "\u043e" in nearest, nearest
+
+
 def test_nearest_trigger_tokens_name_the_token_a_trigger_equals(control_models: dict[str, Path]) -> None:
     tokenizer = bundled_tokenizer()
     adapter = load_encoder(control_models["backdoor_homoglyph"]).adapter
