@@ -152,6 +152,8 @@ def scan(
         if isinstance(gate, dict):
             mark = "pass" if gate["passed"] else "fail"
             console.print(f"  {name:26s} {gate['value']:.3f} > {gate['threshold']}  {mark}")
+    tokens = ", ".join(repr(t["text"]) for t in r.reversed_target["trigger_tokens"][:5])
+    console.print(f"  pseudo-trigger nearest tokens: {tokens}", markup=False)
     console.print(f"  result: {paths['result']}")
     code = VERDICT_EXIT[r.verdict]
     if exit_zero and code == ExitCode.FAIL:
