@@ -145,7 +145,7 @@ def scan(
     except Exception as exc:
         raise _fail(GateError(f"internal error during the scan: {type(exc).__name__}: {exc}")) from None
     r = result.result
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"[{VERDICT_STYLE[r.verdict]}]{r.verdict.upper()}[/] score {r.score:.3f}  "
                   f"{r.model['source']}  ({r.reason})", markup=True)
     for name, gate in r.gates.items():

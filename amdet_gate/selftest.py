@@ -7,6 +7,7 @@ as `amdet-gate scan`, and checks: benign passes, backdoored fails.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -20,24 +21,27 @@ from amdet_gate.verdict import FAIL, PASS
 
 
 def run_selftest(out: Path, quick: bool = False, quiet: bool = False) -> bool:
-    console = Console(stderr=True, quiet=quiet, highlight=False)
+    def say(message: str) -> None:
+        if not quiet:
+            print(f"selftest: {message}", file=sys.stderr, flush=True)
+
     shape = controls.ControlShape(width=128, layers=4, positions=77)
     t0 = time.monotonic()
-    console.print("selftest: pretraining a small CLIP-style base encoder")
+    say("pretraining a small CLIP-style base encoder")
     base = controls.pretrain_base(shape, steps=controls.BASE_STEPS)
-    console.print("selftest: benign fine-tune and backdoored student (Rickrolling, homoglyph trigger)")
+    say("benign fine-tune and backdoored student (Rickrolling, homoglyph trigger)")
     benign = controls.benign_finetune(base, "distill")
     backdoored = controls.backdoor_text_on_text(base, "homoglyph")
     models = {
         "benign": controls.save_control(benign, out / "models" / "benign"),
         "backdoored": controls.save_control(backdoored, out / "models" / "backdoored"),
     }
-    console.print(f"selftest: encoders built in {time.monotonic() - t0:.0f} s")
+    say(f"encoders built in {time.monotonic() - t0:.0f} s")
     expected = {"benign": PASS, "backdoored": FAIL}
     ok = True
-    summary = Console(highlight=False)
+    summary = Console(highlight=False, soft_wrap=True)
     for name, folder in models.items():
-        console.print(f"selftest: scanning the {name} encoder")
+        say(f"scanning the {name} encoder")
         request = ScanRequest(model=folder, n_prompts=1000 if quick else 4000,
                               settings=SearchSettings(max_steps=200 if quick else 640))
         scan = scan_model(request)
