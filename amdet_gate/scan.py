@@ -74,6 +74,7 @@ class ScanResult:
     landscape: dict
     timings: dict
     environment: dict
+    policy: dict | None = None  # filled in by the caller that applies a policy
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,9 +130,18 @@ def tokenize(tokenizer: PromptTokenizer, prompts: list[str], encoder: LoadedEnco
     return ids
 
 
+def identity_sha256(enc: LoadedEncoder) -> str:
+    """The model's identity: its weight file's sha256, or for shards a sha256 over all of them."""
+    if len(enc.weight_files) == 1:
+        return enc.weight_files[0].sha256
+    lines = "".join(f"{w.name} {w.sha256}\n" for w in sorted(enc.weight_files, key=lambda w: w.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def _identity(enc: LoadedEncoder, source: str, subfolder: str | None) -> dict:
     return {
         "source": source,
+        "identity_sha256": identity_sha256(enc),
         "subfolder": subfolder,
         "architecture": enc.architecture,
         "config": enc.config,
