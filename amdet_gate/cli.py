@@ -6,6 +6,7 @@ Every error becomes one line on stderr and its documented exit code (docs: conve
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from datetime import date
@@ -122,6 +123,7 @@ def scan(
     prompts: Annotated[Path | None, typer.Option(help="Prompt file, one per line (default: built-in corpus).")] = None,
     n_prompts: Annotated[int | None, typer.Option(min=20, help="Prompts used (80% optimisation). [4000]")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("amdet-out"),
+    sarif: Annotated[Path | None, typer.Option(help="Also write the SARIF 2.1.0 log here.")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Random seed. [0]")] = None,
     restarts: Annotated[int | None, typer.Option(min=1, max=64, help="Random starts optimised together. [4]")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Optimisation steps at most. [640]")] = None,
@@ -132,8 +134,9 @@ def scan(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Scan a text encoder; exit 0 pass, 1 backdoor found, 2 error/inconclusive, 3 nothing scannable, 4 usage."""
-    from amdet_gate.outputs import write_outputs
+    from amdet_gate.outputs import write_json, write_outputs
     from amdet_gate.policy import apply_policy, load_policy
+    from amdet_gate.sarif import error_sarif, scan_sarif
     from amdet_gate.scan import ScanRequest, scan_model
 
     try:
@@ -154,7 +157,11 @@ def scan(
         code, note = apply_policy(r.verdict, r.model["identity_sha256"], pol)
         r.policy = {"source": pol.source, "sha256": pol.sha256, "exit_code": int(code), "note": note}
         paths = write_outputs(result, out)
+        if sarif is not None:
+            write_json(sarif, scan_sarif(json.loads(paths["result"].read_text("utf-8"))))
     except GateError as exc:
+        if sarif is not None and exc.rule_id is not None:  # CI still learns why nothing was scanned
+            write_json(sarif, error_sarif(exc.rule_id, str(exc), model))
         raise _fail(exc) from None
     except Exception as exc:
         raise _fail(GateError(f"internal error during the scan: {type(exc).__name__}: {exc}")) from None

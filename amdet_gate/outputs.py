@@ -7,6 +7,7 @@
                                      the pseudo-trigger as a textual-inversion token, loadable
                                      by diffusers' `load_textual_inversion`
   landscape.safetensors              the loss-landscape grid and Hessian eigenvalues
+  result.sarif                       SARIF 2.1.0 for code scanning
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from amdet_gate.errors import UsageError
+from amdet_gate.sarif import scan_sarif
 from amdet_gate.scan import Scan
 
 TRIGGER_TOKEN = "<amdet-trigger>"
@@ -62,4 +64,14 @@ def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
     result = scan.result.to_dict()
     result["artifacts"] = {k: str(p.relative_to(out_dir)) for k, p in paths.items() if k != "result"}
     paths["result"].write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n", "utf-8")
+    paths["sarif"] = out_dir / "result.sarif"
+    write_json(paths["sarif"], scan_sarif(_json_safe(result)))
     return paths
+
+
+def write_json(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n", "utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc

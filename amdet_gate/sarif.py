@@ -1,0 +1,127 @@
+"""SARIF 2.1.0 for GitHub code scanning: stable rules, our own fingerprints, suppressions.
+
+`scan_sarif` turns a scan's result.json data into a log; `error_sarif` reports a model that
+could not be scanned (pickle weights, unsupported architecture) so that CI still shows why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from amdet_gate import __version__
+
+SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
+INFO_URI = "https://arxiv.org/abs/2512.00343"
+TAGS = ["security", "ml-model", "backdoor", "external/cwe/cwe-506"]
+
+# id -> (name, short, full, severity, precision, level)
+RULES = {
+    "AMDET001": ("InjectedBackdoor", "Injected backdoor in text encoder",
+                 "A pseudo-trigger makes every prompt's token features collapse to one target and the "
+                 "collapse passes every AMDet verification gate: the encoder carries an injected backdoor.",
+                 "9.0", "high", "error"),
+    "AMDET002": ("NaturalBackdoorFeature", "Natural backdoor feature",
+                 "A pseudo-trigger collapses prompts to one target, but the loss landscape is rugged, as for "
+                 "a natural feature of the base model rather than an injected backdoor.",
+                 "2.0", "low", "note"),
+    "AMDET003": ("InconclusiveScan", "Backdoor scan inconclusive",
+                 "The scan could not decide: the score is near the threshold, the time budget ran out, or "
+                 "values were not finite. The model is not known to be clean.",
+                 "5.0", "medium", "warning"),
+    "AMDET100": ("UnpinnedRevision", "Model revision not pinned",
+                 "The policy requires a 40-hex commit sha, but the model was named by a branch or tag.",
+                 "4.0", "very-high", "error"),
+    "AMDET101": ("PickleWeightsRefused", "Pickle-based weights refused",
+                 "Only pickle-based weight files were found; pickle can run code when loaded, so they are "
+                 "never opened. Convert the weights to safetensors.",
+                 "7.0", "very-high", "error"),
+    "AMDET102": ("UnsupportedArchitecture", "Nothing scannable",
+                 "The model is not a supported CLIP-style text encoder or has no weights.",
+                 "3.0", "very-high", "warning"),
+}
+
+
+def _rules() -> list[dict]:
+    out = []
+    for rule_id, (name, short, full, severity, precision, level) in RULES.items():
+        out.append({
+            "id": rule_id, "name": name,
+            "shortDescription": {"text": short}, "fullDescription": {"text": full},
+            "defaultConfiguration": {"level": level},
+            "help": {"text": full, "markdown": f"**{short}** ({rule_id})\n\n{full}\n\nMethod: [AMDet]({INFO_URI})."},
+            "properties": {"security-severity": severity, "precision": precision, "tags": TAGS},
+        })
+    return out
+
+
+def _uri(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_uri()
+
+
+def _log(model: str, results: list[dict]) -> dict:
+    return {
+        "$schema": SCHEMA_URI,
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {"name": "amdet-gate", "semanticVersion": __version__, "version": __version__,
+                                "informationUri": INFO_URI, "rules": _rules()}},
+            "automationDetails": {"id": f"amdet/{model}/"},
+            "results": results,
+        }],
+    }
+
+
+def _result(rule_id: str, message: str, uri: str, identity: str, properties: dict,
+            suppression: str | None = None) -> dict:
+    fingerprint = hashlib.sha256(f"{rule_id}:{identity}".encode()).hexdigest()[:32]
+    result = {
+        "ruleId": rule_id, "ruleIndex": list(RULES).index(rule_id), "level": RULES[rule_id][5],
+        "message": {"text": message},
+        "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}}}],
+        "partialFingerprints": {"primaryLocationLineHash": f"{fingerprint}:1"},
+        "properties": properties,
+    }
+    if suppression:
+        result["suppressions"] = [{"kind": "external", "justification": suppression}]
+    return result
+
+
+def _model_name(source: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(source).name or "model")
+
+
+def scan_sarif(result: dict) -> dict:
+    """SARIF log for one scan (result.json data, with the `policy` block when a policy decided)."""
+    model = result["model"]
+    folder = Path(model["source"]) / (model["subfolder"] or "")
+    uri = _uri(folder / model["weight_files"][0]["name"])
+    identity = model["identity_sha256"]
+    gates = {k: v for k, v in result["gates"].items() if isinstance(v, dict)}
+    props = {"score": result["score"], "verdict": result["verdict"], "sha256": identity,
+             "gates": {k: v["value"] for k, v in gates.items()}}
+    note = (result.get("policy") or {}).get("note", "")
+    results = []
+    tokens = ", ".join(t["text"] for t in result["reversed_target"]["trigger_tokens"][:5])
+    if result["verdict"] == "fail":
+        message = (f"Injected backdoor in {model['source']} (score {result['score']:.3f}): every AMDet gate "
+                   f"passed. Pseudo-trigger's nearest tokens: {tokens}.")
+        results.append(_result("AMDET001", message, uri, identity, props,
+                               note if "allowed by" in note else None))
+    elif result["verdict"] == "inconclusive":
+        results.append(_result("AMDET003", f"Backdoor scan of {model['source']} inconclusive: {result['reason']}",
+                               uri, identity, props, note if "allowed by" in note else None))
+    elif {"assimilation_ratio", "same_target_ratio"} <= gates.keys() and all(
+            gates[k]["passed"] for k in gates if k != "landscape_positive_ratio") and \
+            not gates.get("landscape_positive_ratio", {"passed": True})["passed"]:
+        results.append(_result("AMDET002", f"Natural backdoor feature in {model['source']}: prompts collapse "
+                               "to one target, but the loss landscape is not a smooth bowl.", uri, identity, props))
+    return _log(_model_name(model["source"]), results)
+
+
+def error_sarif(rule_id: str, message: str, model: Path) -> dict:
+    """SARIF log for a model that could not be scanned at all."""
+    return _log(_model_name(str(model)), [_result(rule_id, message, _uri(model), str(model), {})])
