@@ -18,7 +18,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from amdet_gate.engine import Thresholds
+from amdet_gate.engine import SearchSettings, Thresholds
 from amdet_gate.errors import ExitCode, UsageError
 
 MAX_POLICY_BYTES = 1024 * 1024
@@ -49,10 +49,12 @@ class AllowEntry:
 
 @dataclass(frozen=True)
 class ScanDefaults:
-    seed: int = 0
-    restarts: int = 4
-    max_steps: int = 640
-    time_budget_s: float = 900.0
+    """The policy's `scan` section; search defaults come from the engine's own settings."""
+
+    seed: int = SearchSettings.seed
+    restarts: int = SearchSettings.restarts
+    max_steps: int = SearchSettings.max_steps
+    time_budget_s: float = SearchSettings.time_budget_s
     device: str = "auto"
     n_prompts: int = 4000
 
