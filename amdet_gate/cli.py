@@ -6,7 +6,6 @@ Every error becomes one line on stderr and its documented exit code (docs: conve
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from datetime import date
@@ -136,7 +135,7 @@ def scan(
     """Scan a text encoder; exit 0 pass, 1 backdoor found, 2 error/inconclusive, 3 nothing scannable, 4 usage."""
     from amdet_gate.outputs import write_json, write_outputs
     from amdet_gate.policy import apply_policy, load_policy
-    from amdet_gate.sarif import error_sarif, scan_sarif
+    from amdet_gate.sarif import error_sarif
     from amdet_gate.scan import ScanRequest, scan_model
 
     try:
@@ -156,9 +155,7 @@ def scan(
         r = result.result
         code, note = apply_policy(r.verdict, r.model["identity_sha256"], pol)
         r.policy = {"source": pol.source, "sha256": pol.sha256, "exit_code": int(code), "note": note}
-        paths = write_outputs(result, out)
-        if sarif is not None:
-            write_json(sarif, scan_sarif(json.loads(paths["result"].read_text("utf-8"))))
+        paths = write_outputs(result, out, sarif)
     except GateError as exc:
         if sarif is not None and exc.rule_id is not None:  # CI still learns why nothing was scanned
             write_json(sarif, error_sarif(exc.rule_id, str(exc), model))

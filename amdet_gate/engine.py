@@ -233,11 +233,9 @@ def screened_gate_values(models: Models, held: PromptFeatures, triggers: Tensor,
         return gate_values(held_out_stats(models, held, triggers, chunk_size), t)
     head = held_out_stats(models, held.subset(0, screen), triggers, chunk_size)
     head_hits = _hits(head, t)
-    limits = {"assimilation_ratio": t.assimilation_ratio, "same_target_ratio": t.same_target_ratio,
-              "anchor_difference_ratio": t.anchor_difference_ratio}
     hopeless = torch.zeros(triggers.shape[0], dtype=torch.bool)
-    for name, hits in head_hits.items():
-        hopeless |= ((~hits).sum(dim=1) >= (1 - limits[name]) * total).cpu()
+    for name, hits in head_hits.items():  # gate names are the Thresholds field names
+        hopeless |= ((~hits).sum(dim=1) >= (1 - getattr(t, name)) * total).cpu()
     values = _values({name: hits.sum(dim=1).tolist() for name, hits in head_hits.items()}, screen,
                      head.assimilation.mean(dim=1).tolist())
     for v in values:

@@ -36,15 +36,16 @@ def _json_safe(value):
     return value
 
 
-def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
+def write_outputs(scan: Scan, out_dir: Path, sarif_copy: Path | None = None) -> dict[str, Path]:
+    """Write everything into `out_dir`; `sarif_copy` is a second place for the SARIF log (CI's)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "textual_inversion").mkdir(exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
     outcome = scan.outcome
-    sha = scan.result.model["weight_files"][0]["sha256"]
-    meta = {"tool": "amdet-gate", "model_sha256": sha, "verdict": scan.result.verdict}
+    meta = {"tool": "amdet-gate", "model_sha256": scan.result.model["identity_sha256"],
+            "verdict": scan.result.verdict}
     trigger = outcome.triggers[outcome.best_restart].clone()
     paths = {
         "result": out_dir / "result.json",
@@ -52,6 +53,7 @@ def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
         "target_feature": out_dir / "target_feature.safetensors",
         "textual_inversion": out_dir / "textual_inversion" / "learned_embeds.safetensors",
         "landscape": out_dir / "landscape.safetensors",
+        "sarif": out_dir / "result.sarif",
     }
     save_file({"pseudo_trigger": trigger, "all_restarts": outcome.triggers.contiguous()},
               paths["pseudo_trigger"], metadata=meta)
@@ -61,11 +63,13 @@ def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
     land = outcome.landscape
     save_file({"offsets": land.offsets.contiguous(), "loss": land.loss.contiguous(),
                "eigenvalues": land.eigenvalues.contiguous()}, paths["landscape"], metadata=meta)
-    result = scan.result.to_dict()
+    result = _json_safe(scan.result.to_dict())
     result["artifacts"] = {k: str(p.relative_to(out_dir)) for k, p in paths.items() if k != "result"}
-    paths["result"].write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n", "utf-8")
-    paths["sarif"] = out_dir / "result.sarif"
-    write_json(paths["sarif"], scan_sarif(_json_safe(result)))
+    write_json(paths["result"], result)
+    sarif = scan_sarif(result)
+    for path in (paths["sarif"], sarif_copy):
+        if path is not None:
+            write_json(path, sarif)
     return paths
 
 
