@@ -5,12 +5,12 @@ Every error becomes one line on stderr and its documented exit code (docs: conve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import sys
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,9 +20,11 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from amdet_gate import __version__
-from amdet_gate.engine import GateCheck, SearchProgress, SearchSettings, Thresholds
+
+if TYPE_CHECKING:
+    from amdet_gate.engine import GateCheck, SearchProgress
 from amdet_gate.errors import ExitCode, GateError, UsageError
-from amdet_gate.verdict import FAIL, INCONCLUSIVE, PASS
+from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, SearchSettings, Thresholds
 
 
 class _ExitCodeGroup(TyperGroup):
@@ -48,7 +50,7 @@ app = typer.Typer(cls=_ExitCodeGroup, add_completion=False, no_args_is_help=True
 VERDICT_STYLE = {PASS: "bold green", FAIL: "bold red", INCONCLUSIVE: "bold yellow"}
 
 
-def parse_thresholds(items: list[str], base: Thresholds | None = None) -> Thresholds:
+def parse_thresholds(items: list[str]) -> dict[str, float]:
     """`--threshold name=value` on top of `base`, names as in docs/method.md section 3."""
     names = {f.name for f in dataclasses.fields(Thresholds)}
     values: dict[str, float] = {}
@@ -63,7 +65,7 @@ def parse_thresholds(items: list[str], base: Thresholds | None = None) -> Thresh
         if not 0.0 <= value <= 1.0:
             raise UsageError(f"--threshold {item!r}: value must be in [0, 1]")
         values[name] = value
-    return dataclasses.replace(base or Thresholds(), **values)
+    return values
 
 
 class _Display:
@@ -85,6 +87,8 @@ class _Display:
             print(f"amdet-gate: {name}", file=sys.stderr, flush=True)
 
     def hooks(self) -> SearchProgress:
+        from amdet_gate.engine import SearchProgress
+
         def on_step(step: int, loss: float) -> None:
             if self.bar is not None:
                 self.bar.update(self.task, completed=step, info=f"loss {loss:.3f}")
@@ -114,15 +118,30 @@ def _fail(exc: GateError) -> typer.Exit:
 
 @app.command()
 def scan(
-    model: Annotated[Path, typer.Argument(help="Model folder (Hugging Face layout).")],
+    model: Annotated[str, typer.Argument(help="Model folder (Hugging Face layout) or Hub id org/name.")],
+    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit sha (recorded as the sha).")] = None,
     subfolder: Annotated[str | None, typer.Option(help="Subfolder, e.g. text_encoder of a diffusers pipeline.")] = None,
-    anchor: Annotated[Path | None, typer.Option(help="Clean reference encoder of the same architecture.")] = None,
+    anchor: Annotated[str | None, typer.Option(help="Clean reference encoder (folder or Hub id), same "
+                                               "architecture.")] = None,
+    anchor_revision: Annotated[str | None, typer.Option(help="Revision of a Hub anchor.")] = None,
     anchor_subfolder: Annotated[str | None, typer.Option(help="Subfolder of the anchor.")] = None,
     policy: Annotated[Path | None, typer.Option(help="Policy YAML (default: as policies/default.yaml).")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt file, one per line (default: built-in corpus).")] = None,
     n_prompts: Annotated[int | None, typer.Option(min=20, help="Prompts used (80% optimisation). [4000]")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("amdet-out"),
     sarif: Annotated[Path | None, typer.Option(help="Also write the SARIF 2.1.0 log here.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write the HTML report here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Also write the Markdown summary here.")] = None,
+    render: Annotated[str, typer.Option(help="Reversed-target images: auto, diffusion, clip-vision, tokens "
+                                        "or none.")] = "auto",
+    pipeline: Annotated[str | None, typer.Option(help="Stable Diffusion pipeline folder for --render "
+                                                 "diffusion.")] = None,
+    vision: Annotated[Path | None, typer.Option(help="CLIP checkpoint with a vision tower for --render "
+                                                "clip-vision.")] = None,
+    lock: Annotated[Path | None, typer.Option(help="Record the scanned model in this lock file "
+                                              "(amdet.lock).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Verdict cache folder. [~/.cache/amdet-gate]")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Scan even if the verdict is cached.")] = False,
     seed: Annotated[int | None, typer.Option(min=0, help="Random seed. [0]")] = None,
     restarts: Annotated[int | None, typer.Option(min=1, max=64, help="Random starts optimised together. [4]")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Optimisation steps at most. [640]")] = None,
@@ -133,54 +152,54 @@ def scan(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Scan a text encoder; exit 0 pass, 1 backdoor found, 2 error/inconclusive, 3 nothing scannable, 4 usage."""
-    from amdet_gate.outputs import write_json, write_outputs
-    from amdet_gate.policy import apply_policy, load_policy
+    from amdet_gate.gate import GateOptions, run_gate
+    from amdet_gate.outputs import write_json
     from amdet_gate.sarif import error_sarif
-    from amdet_gate.scan import ScanRequest, scan_model
 
+    options = GateOptions(
+        model=model, revision=revision, subfolder=subfolder, anchor=anchor, anchor_revision=anchor_revision,
+        anchor_subfolder=anchor_subfolder, policy=policy, prompts=prompts, n_prompts=n_prompts, out=out,
+        sarif=sarif, html=html, markdown=markdown, seed=seed, restarts=restarts, max_steps=max_steps,
+        time_budget=time_budget, device=device, render=render, pipeline=pipeline, vision=vision, lock=lock,
+        use_cache=not no_cache, cache_dir=cache_dir)
     try:
-        # Precedence: flag > AMDET_* environment (merged by load_policy) > policy file > default.
-        pol = load_policy(policy, os.environ, date.today())
-        steps = max_steps if max_steps is not None else pol.scan.max_steps
-        settings = SearchSettings(seed=_first(seed, pol.scan.seed), restarts=_first(restarts, pol.scan.restarts),
-                                  max_steps=steps, time_budget_s=_first(time_budget, pol.scan.time_budget_s))
-        if anchor is None and pol.anchor:  # the policy's anchor: a local folder in this version
-            anchor, anchor_subfolder = Path(pol.anchor["id"]), pol.anchor.get("subfolder")
-        request = ScanRequest(model=model, subfolder=subfolder, anchor=anchor, anchor_subfolder=anchor_subfolder,
-                              prompts_file=prompts, n_prompts=_first(n_prompts, pol.scan.n_prompts),
-                              device=_first(device, pol.scan.device), settings=settings,
-                              thresholds=parse_thresholds(threshold or [], pol.thresholds))
-        with _Display(quiet, steps) as display:
-            result = scan_model(request, display.hooks(), display.stage)
-        r = result.result
-        code, note = apply_policy(r.verdict, r.model["identity_sha256"], pol)
-        r.policy = {"source": pol.source, "sha256": pol.sha256, "exit_code": int(code), "note": note}
-        paths = write_outputs(result, out, sarif)
+        options.thresholds = parse_thresholds(threshold or [])
+        with _Display(quiet, max_steps or SearchSettings.max_steps) as display:
+            outcome = run_gate(options, progress=display.hooks(), stage=display.stage)
     except GateError as exc:
-        if sarif is not None and exc.rule_id is not None:  # CI still learns why nothing was scanned
-            write_json(sarif, error_sarif(exc.rule_id, str(exc), model))
+        if exc.rule_id is not None:  # CI still learns why nothing was scanned
+            for path in (sarif, out / "result.sarif"):
+                if path is not None:
+                    with contextlib.suppress(GateError):
+                        write_json(path, error_sarif(exc.rule_id, str(exc), Path(model)))
         raise _fail(exc) from None
     except Exception as exc:
         raise _fail(GateError(f"internal error during the scan: {type(exc).__name__}: {exc}")) from None
-    console = Console(highlight=False, soft_wrap=True)
-    console.print(f"[{VERDICT_STYLE[r.verdict]}]{r.verdict.upper()}[/] score {r.score:.3f}  "
-                  f"{escape(r.model['source'])}  ({escape(r.reason)})")
-    for name, gate in r.gates.items():
-        if isinstance(gate, dict):
-            mark = "pass" if gate["passed"] else "fail"
-            console.print(f"  {name:26s} {gate['value']:.3f} > {gate['threshold']}  {mark}", markup=False)
-    tokens = ", ".join(repr(t["text"]) for t in r.reversed_target["trigger_tokens"][:5])
-    console.print(f"  pseudo-trigger nearest tokens: {tokens}", markup=False)
-    if note:
-        console.print(f"  policy: {note}", markup=False)
-    console.print(f"  result: {paths['result']}", markup=False)
+    _print_outcome(outcome)
+    code = outcome.exit_code
     if exit_zero and code == ExitCode.FAIL:
         code = ExitCode.PASS
     raise typer.Exit(int(code))
 
 
-def _first(flag, fallback):
-    return flag if flag is not None else fallback
+def _print_outcome(outcome) -> None:
+    r = outcome.result
+    console = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    for warning in outcome.warnings:
+        err.print(f"amdet-gate: warning: {warning}", markup=False)
+    cached = "  (verdict cache)" if outcome.cache_hit else ""
+    console.print(f"[{VERDICT_STYLE.get(r['verdict'], 'bold')}]{escape(r['verdict'].upper())}[/] score "
+                  f"{r['score']:.3f}  {escape(r['model']['source'])}  ({escape(r['reason'])}){cached}")
+    for name, gate in r["gates"].items():
+        if isinstance(gate, dict) and isinstance(gate.get("value"), int | float):
+            mark = "pass" if gate["passed"] else "fail"
+            console.print(f"  {name:26s} {gate['value']:.3f} > {gate['threshold']}  {mark}", markup=False)
+    tokens = ", ".join(repr(t["text"]) for t in r["reversed_target"]["trigger_tokens"][:5])
+    console.print(f"  pseudo-trigger nearest tokens: {tokens}", markup=False)
+    if outcome.note:
+        console.print(f"  policy: {outcome.note}", markup=False)
+    console.print(f"  report: {outcome.paths['html']}", markup=False)
 
 
 policy_app = typer.Typer(help="Validate or create a policy file.", no_args_is_help=True)
@@ -188,15 +207,21 @@ app.add_typer(policy_app, name="policy")
 
 
 @policy_app.command("validate")
-def policy_validate(file: Annotated[Path, typer.Argument(help="Policy YAML to check.")]) -> None:
-    """Exit 0 if FILE is a valid policy, else 4 with the line and key of the first problem."""
+def policy_validate(files: Annotated[list[Path], typer.Argument(help="Policy YAML files to check.")]) -> None:
+    """Exit 0 if every FILE is a valid policy, else 4 with the line and key of the first problem."""
     from amdet_gate.policy import load_policy
 
-    try:
-        pol = load_policy(file, {}, date.today())
-    except GateError as exc:
-        raise _fail(exc) from None
-    print(f"{file}: valid policy ({len(pol.allow)} allow entries, sha256 {pol.sha256[:12]})")
+    failed = None
+    for file in files:
+        try:
+            pol = load_policy(file, {}, date.today())
+        except GateError as exc:
+            print(f"amdet-gate: error: {exc}", file=sys.stderr)
+            failed = exc
+            continue
+        print(f"{file}: valid policy ({len(pol.allow)} allow entries, sha256 {pol.sha256[:12]})")
+    if failed is not None:
+        raise typer.Exit(int(failed.exit_code))
 
 
 @policy_app.command("init")
@@ -211,6 +236,141 @@ def policy_init(
         raise _fail(UsageError(f"{file} exists; use --force to overwrite"))
     file.write_text(STARTER_POLICY, "utf-8")
     print(f"wrote {file}")
+
+
+@app.command()
+def report(
+    result: Annotated[Path, typer.Argument(help="A stored result.json.")],
+    html: Annotated[Path | None, typer.Option(help="Write the HTML report here.")] = None,
+    sarif: Annotated[Path | None, typer.Option(help="Write the SARIF 2.1.0 log here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown summary here.")] = None,
+) -> None:
+    """Re-render the reports from a stored result.json, without scanning again."""
+    from amdet_gate.outputs import read_result, write_reports
+
+    if html is None and sarif is None and markdown is None:
+        raise _fail(UsageError("nothing to write: give --html, --sarif and/or --markdown"))
+    try:
+        data = read_result(result)
+        write_reports(data, result.parent, {"html": html, "sarif": sarif, "markdown": markdown})
+    except GateError as exc:
+        raise _fail(exc) from None
+    for path in (html, sarif, markdown):
+        if path is not None:
+            print(f"wrote {path}")
+
+
+@app.command()
+def fetch(
+    model: Annotated[str, typer.Argument(help="Hub id org/name.")],
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit sha.")] = None,
+    subfolder: Annotated[str | None, typer.Option(help="Subfolder, e.g. text_encoder.")] = None,
+    anchor: Annotated[str | None, typer.Option(help="Also fetch this anchor (Hub id).")] = None,
+    anchor_revision: Annotated[str | None, typer.Option(help="Revision of the anchor.")] = None,
+    anchor_subfolder: Annotated[str | None, typer.Option(help="Subfolder of the anchor.")] = None,
+) -> None:
+    """Download what a scan needs into the Hugging Face cache (HF_HOME), for air-gapped scans."""
+    from amdet_gate.source import is_hub_id, resolve_source
+
+    try:
+        for spec, rev, sub in ((model, revision, subfolder), (anchor, anchor_revision, anchor_subfolder)):
+            if spec is None:
+                continue
+            if not is_hub_id(spec):
+                raise UsageError(f"{spec!r} is not a Hub id (org/name); local folders need no fetch")
+            source = resolve_source(spec, rev, sub)
+            print(f"{spec}@{rev or 'main'} -> {source.resolved_sha}  ({source.folder})")
+    except GateError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def verify(
+    model: Annotated[str, typer.Argument(help="Model folder or Hub id, as it will be deployed.")],
+    lock: Annotated[Path, typer.Option(help="Lock file written by `scan --lock`.")] = Path("amdet.lock"),
+    revision: Annotated[str | None, typer.Option(help="Hub revision (default: the locked commit).")] = None,
+    subfolder: Annotated[str | None, typer.Option(help="Subfolder, e.g. text_encoder.")] = None,
+) -> None:
+    """Refuse a model whose weights changed since they were scanned: exit 0 same weights and a pass, else 1."""
+    from amdet_gate.gate import verify_model
+
+    try:
+        problems = verify_model(model, lock, revision, subfolder)
+    except GateError as exc:
+        raise _fail(exc) from None
+    for problem in problems:
+        print(f"amdet-gate: {problem}", file=sys.stderr)
+    if problems:
+        raise typer.Exit(int(ExitCode.FAIL))
+    print(f"{model}: weights match {lock} (scanned, verdict pass)")
+
+
+lock_app = typer.Typer(help="Check lock files (amdet.lock).", no_args_is_help=True)
+app.add_typer(lock_app, name="lock")
+
+
+@lock_app.command("check")
+def lock_check(files: Annotated[list[Path], typer.Argument(help="Lock files to check.")]) -> None:
+    """Exit 0 if every lock file is valid, pinned and records a pass; 1 if not; 4 if unreadable."""
+    from amdet_gate.lock import check_lock, read_lock
+
+    bad = False
+    for file in files:
+        try:
+            problems = check_lock(read_lock(file))
+        except GateError as exc:
+            raise _fail(exc) from None
+        for problem in problems:
+            print(f"{file}: {problem}", file=sys.stderr)
+        bad = bad or bool(problems)
+    raise typer.Exit(int(ExitCode.FAIL) if bad else 0)
+
+
+@app.command()
+def pins(files: Annotated[list[Path], typer.Argument(help="Policy, lock or workflow files.")]) -> None:
+    """Exit 1 if a Hub model in FILES is not pinned to a 40-hex commit sha."""
+    from amdet_gate.lock import pin_problems
+
+    bad = False
+    for file in files:
+        try:
+            problems = pin_problems(file)
+        except GateError as exc:
+            raise _fail(exc) from None
+        for problem in problems:
+            print(str(problem), file=sys.stderr)
+        bad = bad or bool(problems)
+    raise typer.Exit(int(ExitCode.FAIL) if bad else 0)
+
+
+cache_app = typer.Typer(help="Inspect or empty the verdict cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cache folder.")] = None) -> None:
+    """List cached verdicts."""
+    import os
+
+    from amdet_gate.cache import VerdictCache, default_cache_dir
+
+    cache = VerdictCache(cache_dir or default_cache_dir(os.environ))
+    entries = cache.entries()
+    for e in entries:
+        print(f"{e.key[:16]}  {e.verdict:12s} {e.score:.3f}  {e.model}  {e.created}  "
+              f"{'ok' if e.valid else 'INVALID'}")
+    print(f"{len(entries)} entries in {cache.root}")
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cache folder.")] = None) -> None:
+    """Delete every cached verdict."""
+    import os
+
+    from amdet_gate.cache import VerdictCache, default_cache_dir
+
+    cache = VerdictCache(cache_dir or default_cache_dir(os.environ))
+    print(f"removed {cache.clear()} entries from {cache.root}")
 
 
 @app.command()

@@ -12,7 +12,6 @@ The scan engine only sees `TextEncoderAdapter`: embed ids, encode embeddings, fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,9 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from amdet_gate.errors import LoadError, PickleRefused, UnsupportedModel
+from amdet_gate.errors import LoadError, UnsupportedModel
+from amdet_gate.source import WeightFile, find_weight_files, read_small, weight_identities
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-MAX_CONFIG_BYTES = 1024 * 1024
 MAX_PARAMETERS = 3_000_000_000
 ALLOWED_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -40,13 +36,6 @@ SIZE_LIMITS = {
     "num_attention_heads": (1, 256),
     "max_position_embeddings": (4, 8_192),
 }
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    name: str
-    sha256: str
-    size: int
 
 
 @dataclass
@@ -104,74 +93,13 @@ class TextEncoderAdapter:
         return features[torch.arange(features.shape[0]), eos]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def find_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder; pickle-only folders are refused, never opened."""
-    if not folder.is_dir():
-        raise UnsupportedModel(f"{folder} is not a folder")
-    index = folder / INDEX_FILE
-    if index.is_file():
-        return _files_from_index(folder, index)
-    single = folder / SINGLE_FILE
-    if single.is_file():
-        return [single]
-    others = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if len(others) == 1:
-        return others
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        raise PickleRefused(
-            f"{folder} has only pickle-based weights ({', '.join(pickles[:3])}); pickle can run "
-            "code when loaded, so amdet-gate reads safetensors only - convert the weights first")
-    if len(others) > 1:
-        raise UnsupportedModel(f"{folder} has several .safetensors files but no {INDEX_FILE}")
-    raise UnsupportedModel(f"no weights found in {folder} (expected {SINGLE_FILE})")
-
-
-def _files_from_index(folder: Path, index: Path) -> list[Path]:
-    try:
-        data = json.loads(_read_small(index))
-        weight_map = data["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"{index} is not a valid safetensors index") from exc
-    files = []
-    for name in names:
-        # The index is untrusted: shard names must be plain file names inside the folder.
-        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
-            raise LoadError(f"{index} names an invalid shard file {name!r}")
-        path = folder / name
-        if not path.is_file():
-            raise LoadError(f"shard {name} listed in {index.name} is missing")
-        files.append(path)
-    if not files:
-        raise LoadError(f"{index} lists no shard files")
-    return files
-
-
-def _read_small(path: Path) -> str:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise LoadError(f"{path} is larger than 1 MiB; refusing to parse it")
-    try:
-        return path.read_text("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LoadError(f"{path} is not UTF-8 text") from exc
-
-
 def read_config(folder: Path) -> tuple[str, dict]:
     """Validated text-tower config and the declared architecture."""
     path = folder / "config.json"
     if not path.is_file():
         raise UnsupportedModel(f"no config.json in {folder}")
     try:
-        raw = json.loads(_read_small(path))
+        raw = json.loads(read_small(path))
     except json.JSONDecodeError as exc:
         raise LoadError(f"config.json in {folder} is not valid JSON: {exc.msg} (line {exc.lineno})") from exc
     if not isinstance(raw, dict):
@@ -295,8 +223,12 @@ def _reason(exc: Exception) -> str:
     return text[:160] if text else type(exc).__name__
 
 
-def load_encoder(folder: Path, subfolder: str | None = None) -> LoadedEncoder:
-    """Load the text encoder in `folder` (or `folder/subfolder`, e.g. a diffusers pipeline)."""
+def load_encoder(folder: Path, subfolder: str | None = None,
+                 identities: list[WeightFile] | None = None) -> LoadedEncoder:
+    """Load the text encoder in `folder` (or `folder/subfolder`, e.g. a diffusers pipeline).
+
+    `identities`: the weight files' sha256s when the caller has already hashed them.
+    """
     folder = Path(folder)
     if subfolder:
         if Path(subfolder).is_absolute() or ".." in Path(subfolder).parts:
@@ -312,6 +244,7 @@ def load_encoder(folder: Path, subfolder: str | None = None) -> LoadedEncoder:
         model = CLIPTextModel(_hf_config(cfg))
     model.load_state_dict(tensors, strict=False, assign=True)
     model.embeddings.position_ids = torch.arange(cfg["max_position_embeddings"]).expand((1, -1))
-    identities = [WeightFile(p.name, sha256_file(p), p.stat().st_size) for p in files]
+    if identities is None:
+        identities = weight_identities(folder)
     return LoadedEncoder(TextEncoderAdapter(model, cfg["eos_token_id"]), arch, cfg, identities, folder)
 

@@ -17,46 +17,7 @@ import torch
 from torch import Tensor
 
 from amdet_gate.encoder import TextEncoderAdapter
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Gate thresholds, named as in docs/method.md section 3."""
-
-    assimilation: float = 0.8
-    assimilation_ratio: float = 0.8
-    same_target: float = 0.92
-    same_target_ratio: float = 0.995
-    anchor_difference_ratio: float = 0.95
-    landscape_positive_ratio: float = 0.8
-    eigenvalue_floor: float = 1e-6
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    seed: int = 0
-    restarts: int = 4
-    max_steps: int = 640
-    batch_size: int = 10
-    lr: float = 0.08
-    weight_decay: float = 1e-5
-    beta: float = 0.1  # push away from the prompt's clean meaning
-    gamma: float = 0.1  # push away from the anchor (dropped without one)
-    loss_trigger: float = -0.76  # run the gates once the running loss is below this
-    check_every: int = 10
-    running_window: int = 10
-    patience: int = 100  # stop once no restart's smoothed loss has improved for this many steps
-    plateau_window: int = 50  # steps averaged for that test
-    min_improvement: float = 0.005
-    landscape_points: int = 50
-    # Grid half-width as a fraction of |v|. The reference's +-10 was set for CLIP-L, whose
-    # triggers start at N(0, 1) scale, |v| ~ sqrt(768); 10 / sqrt(768) ~ 0.36 keeps that
-    # geometry for any width and embedding scale.
-    landscape_radius: float = 0.36
-    time_budget_s: float = 900.0
-    chunk_size: int = 64  # sequences per no-grad forward
-    screen_prompts: int = 100  # held-out prompts a check runs before dropping triggers that cannot pass
-
+from amdet_gate.settings import SearchSettings, Thresholds
 
 # --- measures ---------------------------------------------------------------------------
 

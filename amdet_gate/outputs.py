@@ -8,19 +8,25 @@
                                      by diffusers' `load_textual_inversion`
   landscape.safetensors              the loss-landscape grid and Hessian eigenvalues
   result.sarif                       SARIF 2.1.0 for code scanning
+  report.html                        the self-contained HTML report
+  summary.md                         the Markdown summary (also GitHub's job summary)
+  images/                            the reversed target's rendered images
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
-
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from amdet_gate.errors import UsageError
+from amdet_gate.markdown import render_markdown
 from amdet_gate.sarif import scan_sarif
-from amdet_gate.scan import Scan
+
+if TYPE_CHECKING:
+    from amdet_gate.scan import Scan
 
 TRIGGER_TOKEN = "<amdet-trigger>"
 
@@ -36,8 +42,23 @@ def _json_safe(value):
     return value
 
 
-def write_outputs(scan: Scan, out_dir: Path, sarif_copy: Path | None = None) -> dict[str, Path]:
-    """Write everything into `out_dir`; `sarif_copy` is a second place for the SARIF log (CI's)."""
+def output_paths(out_dir: Path) -> dict[str, Path]:
+    return {
+        "result": out_dir / "result.json",
+        "pseudo_trigger": out_dir / "pseudo_trigger.safetensors",
+        "target_feature": out_dir / "target_feature.safetensors",
+        "textual_inversion": out_dir / "textual_inversion" / "learned_embeds.safetensors",
+        "landscape": out_dir / "landscape.safetensors",
+        "sarif": out_dir / "result.sarif",
+        "html": out_dir / "report.html",
+        "markdown": out_dir / "summary.md",
+    }
+
+
+def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
+    """Write the artifacts, result.json and the reports into `out_dir`."""
+    from safetensors.torch import save_file
+
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "textual_inversion").mkdir(exist_ok=True)
@@ -47,14 +68,7 @@ def write_outputs(scan: Scan, out_dir: Path, sarif_copy: Path | None = None) -> 
     meta = {"tool": "amdet-gate", "model_sha256": scan.result.model["identity_sha256"],
             "verdict": scan.result.verdict}
     trigger = outcome.triggers[outcome.best_restart].clone()
-    paths = {
-        "result": out_dir / "result.json",
-        "pseudo_trigger": out_dir / "pseudo_trigger.safetensors",
-        "target_feature": out_dir / "target_feature.safetensors",
-        "textual_inversion": out_dir / "textual_inversion" / "learned_embeds.safetensors",
-        "landscape": out_dir / "landscape.safetensors",
-        "sarif": out_dir / "result.sarif",
-    }
+    paths = output_paths(out_dir)
     save_file({"pseudo_trigger": trigger, "all_restarts": outcome.triggers.contiguous()},
               paths["pseudo_trigger"], metadata=meta)
     save_file({"target_feature": scan.target_feature.contiguous()}, paths["target_feature"], metadata=meta)
@@ -66,11 +80,64 @@ def write_outputs(scan: Scan, out_dir: Path, sarif_copy: Path | None = None) -> 
     result = _json_safe(scan.result.to_dict())
     result["artifacts"] = {k: str(p.relative_to(out_dir)) for k, p in paths.items() if k != "result"}
     write_json(paths["result"], result)
-    sarif = scan_sarif(result)
-    for path in (paths["sarif"], sarif_copy):
-        if path is not None:
-            write_json(path, sarif)
+    write_reports(result, out_dir, {k: paths[k] for k in ("sarif", "html", "markdown")})
     return paths
+
+
+def write_reports(result: dict, base_dir: Path, targets: dict[str, Path | None]) -> None:
+    """SARIF, HTML and Markdown from a result (also what `amdet-gate report` re-renders).
+
+    `base_dir` is where the result's image paths are relative to.
+    """
+    if targets.get("sarif") is not None:
+        write_json(targets["sarif"], scan_sarif(result))
+    if targets.get("html") is not None:
+        from amdet_gate.report_html import write_html
+
+        write_html(result, base_dir, targets["html"])
+    if targets.get("markdown") is not None:
+        write_text(targets["markdown"], render_markdown(result))
+
+
+def copy_reports(paths: dict[str, Path], **targets: Path | None) -> None:
+    """Copy the reports from the output folder to where the user asked for them (--sarif ...)."""
+    for name, target in targets.items():
+        if target is None or target.resolve() == paths[name].resolve():
+            continue
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(paths[name], target)
+        except OSError as exc:
+            raise UsageError(f"cannot write {target}: {exc.strerror}") from exc
+
+
+MAX_RESULT_BYTES = 64 * 1024 * 1024
+
+
+def read_result(path: Path) -> dict:
+    """A stored result.json (untrusted: size-capped, must be a result of this schema family)."""
+    try:
+        if path.stat().st_size > MAX_RESULT_BYTES:
+            raise UsageError(f"{path} is larger than 64 MiB")
+        data = json.loads(path.read_text("utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is not a JSON result: {exc}") from None
+    required = ("schema_version", "model", "verdict", "score", "gates", "reversed_target")
+    if not isinstance(data, dict) or any(k not in data for k in required):
+        raise UsageError(f"{path} is not an amdet-gate result.json (missing {', '.join(required)})")
+    if not str(data["schema_version"]).startswith("1."):
+        raise UsageError(f"{path} has result schema {data['schema_version']!r}; this version reads 1.x")
+    return data
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, "utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 def write_json(path: Path, data: dict) -> None:

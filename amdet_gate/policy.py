@@ -18,8 +18,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from amdet_gate.engine import SearchSettings, Thresholds
 from amdet_gate.errors import ExitCode, UsageError
+from amdet_gate.settings import SearchSettings, Thresholds
 
 MAX_POLICY_BYTES = 1024 * 1024
 ENV_SETTINGS = {  # AMDET_* variable -> (section, key, type)

@@ -8,6 +8,7 @@ that the shipped file equals the generator's output.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from importlib import resources
 from pathlib import Path
@@ -159,3 +160,9 @@ if __name__ == "__main__":
     out = Path(__file__).parent / "data" / "prompts.txt"
     out.write_text("\n".join(generate_corpus()) + "\n", encoding="utf-8")
     print(f"wrote {out}")
+
+
+def prompts_identity(path: Path | None) -> str:
+    """sha256 of the prompt set a scan would use (part of the verdict cache key)."""
+    prompts = read_prompt_file(path) if path is not None else builtin_prompts()
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()

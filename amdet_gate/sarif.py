@@ -76,12 +76,12 @@ def _log(model: str, results: list[dict]) -> dict:
 
 
 def _result(rule_id: str, message: str, uri: str, identity: str, properties: dict,
-            suppression: str | None = None) -> dict:
+            suppression: str | None = None, line: int = 1) -> dict:
     fingerprint = hashlib.sha256(f"{rule_id}:{identity}".encode()).hexdigest()[:32]
     result = {
         "ruleId": rule_id, "ruleIndex": list(RULES).index(rule_id), "level": RULES[rule_id][5],
         "message": {"text": message},
-        "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}}}],
+        "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": line}}}],
         "partialFingerprints": {"primaryLocationLineHash": f"{fingerprint}:1"},
         "properties": properties,
     }
@@ -94,11 +94,21 @@ def _model_name(source: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(source).name or "model")
 
 
+def _location(result: dict) -> tuple[str, int]:
+    """The policy line that names the model (an allow entry) when there is one, else the weight file."""
+    model, policy = result["model"], result.get("policy") or {}
+    if policy.get("model_line") and Path(policy.get("source", "")).is_file():
+        return _uri(Path(policy["source"])), int(policy["model_line"])
+    weight = model["weight_files"][0]["name"]
+    if model.get("hub_id"):  # not a file of this repository: name it inside the Hub repo
+        return "/".join(p for p in (model["hub_id"], model.get("subfolder"), weight) if p), 1
+    return _uri(Path(model["source"]) / (model.get("subfolder") or "") / weight), 1
+
+
 def scan_sarif(result: dict) -> dict:
     """SARIF log for one scan (result.json data, with the `policy` block when a policy decided)."""
     model = result["model"]
-    folder = Path(model["source"]) / (model["subfolder"] or "")
-    uri = _uri(folder / model["weight_files"][0]["name"])
+    uri, line = _location(result)
     identity = model["identity_sha256"]
     gates = {k: v for k, v in result["gates"].items() if isinstance(v, dict)}
     props = {"score": result["score"], "verdict": result["verdict"], "sha256": identity,
@@ -110,15 +120,16 @@ def scan_sarif(result: dict) -> dict:
         message = (f"Injected backdoor in {model['source']} (score {result['score']:.3f}): every AMDet gate "
                    f"passed. Pseudo-trigger's nearest tokens: {tokens}.")
         results.append(_result("AMDET001", message, uri, identity, props,
-                               note if "allowed by" in note else None))
+                               note if "allowed by" in note else None, line))
     elif result["verdict"] == "inconclusive":
         results.append(_result("AMDET003", f"Backdoor scan of {model['source']} inconclusive: {result['reason']}",
-                               uri, identity, props, note if "allowed by" in note else None))
+                               uri, identity, props, note if "allowed by" in note else None, line))
     elif {"assimilation_ratio", "same_target_ratio"} <= gates.keys() and all(
             gates[k]["passed"] for k in gates if k != "landscape_positive_ratio") and \
             not gates.get("landscape_positive_ratio", {"passed": True})["passed"]:
         results.append(_result("AMDET002", f"Natural backdoor feature in {model['source']}: prompts collapse "
-                               "to one target, but the loss landscape is not a smooth bowl.", uri, identity, props))
+                               "to one target, but the loss landscape is not a smooth bowl.", uri, identity, props,
+                               line=line))
     return _log(_model_name(model["source"]), results)
 
 

@@ -33,6 +33,7 @@ from amdet_gate.engine import (
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.prompts import builtin_prompts, read_prompt_file
 from amdet_gate.reverse import reverse_target
+from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 from amdet_gate.verdict import Decision, check_score, decide, gate_margins
 
@@ -41,9 +42,9 @@ RESULT_SCHEMA_VERSION = "1.0"
 
 @dataclass(frozen=True)
 class ScanRequest:
-    model: Path
+    model: ModelSource | Path  # a path is a local folder (with `subfolder`)
     subfolder: str | None = None
-    anchor: Path | None = None
+    anchor: ModelSource | Path | None = None
     anchor_subfolder: str | None = None
     prompts_file: Path | None = None
     n_prompts: int = 4000
@@ -97,11 +98,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_models(request: ScanRequest, device: torch.device) -> tuple[LoadedEncoder, LoadedEncoder | None]:
-    suspect = load_encoder(request.model, request.subfolder)
+def as_source(model: ModelSource | Path, subfolder: str | None) -> ModelSource:
+    return model if isinstance(model, ModelSource) else ModelSource(str(model), Path(model), subfolder)
+
+
+def load_models(model: ModelSource, anchor_source: ModelSource | None, device: torch.device,
+                weights: list[WeightFile] | None = None) -> tuple[LoadedEncoder, LoadedEncoder | None]:
+    suspect = load_encoder(model.root, model.subfolder, weights)
     anchor = None
-    if request.anchor is not None:
-        anchor = load_encoder(request.anchor, request.anchor_subfolder)
+    if anchor_source is not None:
+        anchor = load_encoder(anchor_source.root, anchor_source.subfolder)
         s, a = suspect.adapter, anchor.adapter
         if (s.hidden_size, s.seq_len) != (a.hidden_size, a.seq_len):
             raise UsageError(f"anchor width/positions {a.hidden_size}/{a.seq_len} differ from the "
@@ -130,19 +136,10 @@ def tokenize(tokenizer: PromptTokenizer, prompts: list[str], encoder: LoadedEnco
     return ids
 
 
-def identity_sha256(enc: LoadedEncoder) -> str:
-    """The model's identity: its weight file's sha256, or for shards a sha256 over all of them."""
-    if len(enc.weight_files) == 1:
-        return enc.weight_files[0].sha256
-    lines = "".join(f"{w.name} {w.sha256}\n" for w in sorted(enc.weight_files, key=lambda w: w.name))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _identity(enc: LoadedEncoder, source: str, subfolder: str | None) -> dict:
+def _identity(enc: LoadedEncoder, source: ModelSource) -> dict:
     return {
-        "source": source,
-        "identity_sha256": identity_sha256(enc),
-        "subfolder": subfolder,
+        **source.describe(),
+        "identity_sha256": identity_sha256(enc.weight_files),
         "architecture": enc.architecture,
         "config": enc.config,
         "weight_files": [asdict(w) for w in enc.weight_files],
@@ -162,16 +159,21 @@ def environment(device: torch.device) -> dict:
 
 
 def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
-               stage: Callable[[str], None] = lambda name: None) -> Scan:
-    """Run the whole scan and return the result (nothing is written here)."""
+               stage: Callable[[str], None] = lambda name: None, weights: list[WeightFile] | None = None) -> Scan:
+    """Run the whole scan and return the result (nothing is written here).
+
+    `weights`: the model's weight identities when the caller has hashed them already.
+    """
     t0 = time.monotonic()
     deadline = t0 + request.settings.time_budget_s
     torch.manual_seed(request.settings.seed)
     device = pick_device(request.device)
 
     stage("loading model")
-    suspect, anchor = load_models(request, device)
-    tokenizer = load_tokenizer(suspect.folder)
+    model = as_source(request.model, request.subfolder)
+    anchor_source = None if request.anchor is None else as_source(request.anchor, request.anchor_subfolder)
+    suspect, anchor = load_models(model, anchor_source, device, weights)
+    tokenizer = load_tokenizer(tokenizer_folder(model))
     t_load = time.monotonic()
 
     stage("preparing prompts")
@@ -201,8 +203,8 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     result = ScanResult(
         schema_version=RESULT_SCHEMA_VERSION,
         tool={"name": "amdet-gate", "version": __version__},
-        model=_identity(suspect, str(request.model), request.subfolder) | {"tokenizer": tokenizer.source},
-        anchor=_identity(anchor, str(request.anchor), request.anchor_subfolder) if anchor else None,
+        model=_identity(suspect, model) | {"tokenizer": tokenizer.source},
+        anchor=_identity(anchor, anchor_source) if anchor and anchor_source else None,
         settings={"search": asdict(request.settings), "thresholds": asdict(request.thresholds),
                   "inconclusive_band": request.inconclusive_band, "device": str(device)},
         prompts=_prompt_summary(request, opt_prompts, held_prompts),

@@ -14,10 +14,8 @@ from pathlib import Path
 from rich.console import Console
 
 from amdet_gate import controls
-from amdet_gate.engine import SearchSettings
-from amdet_gate.outputs import write_outputs
-from amdet_gate.scan import ScanRequest, scan_model
-from amdet_gate.verdict import FAIL, PASS
+from amdet_gate.gate import GateOptions, run_gate
+from amdet_gate.settings import FAIL, PASS
 
 
 def run_selftest(out: Path, quick: bool = False, quiet: bool = False) -> bool:
@@ -42,15 +40,15 @@ def run_selftest(out: Path, quick: bool = False, quiet: bool = False) -> bool:
     summary = Console(highlight=False, soft_wrap=True)
     for name, folder in models.items():
         say(f"scanning the {name} encoder")
-        request = ScanRequest(model=folder, n_prompts=1000 if quick else 4000,
-                              settings=SearchSettings(max_steps=200 if quick else 640))
-        scan = scan_model(request)
-        write_outputs(scan, out / name)
-        r = scan.result
-        good = r.verdict == expected[name]
+        # The whole gate, as `amdet-gate scan` runs it: default policy, reports, images; no cache.
+        options = GateOptions(model=str(folder), out=out / name, n_prompts=1000 if quick else 4000,
+                              max_steps=200 if quick else 640, use_cache=False)
+        r = run_gate(options, env={}).result
+        good = r["verdict"] == expected[name]
         ok &= good
-        summary.print(f"{name:11s} verdict {r.verdict:12s} score {r.score:.3f}  expected {expected[name]:5s} "
-                      f"{'ok' if good else 'WRONG'}  ({r.timings['total_s']:.0f} s, {out / name / 'result.json'})")
+        summary.print(f"{name:11s} verdict {r['verdict']:12s} score {r['score']:.3f}  expected {expected[name]:5s} "
+                      f"{'ok' if good else 'WRONG'}  ({r['timings']['total_s']:.0f} s, "
+                      f"{out / name / 'report.html'})")
     summary.print("selftest passed: the gate fires on the backdoor and passes the benign fine-tune" if ok
                   else "selftest FAILED")
     return ok

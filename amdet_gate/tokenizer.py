@@ -21,10 +21,9 @@ import torch
 from transformers import CLIPTokenizer
 
 from amdet_gate.errors import LoadError
+from amdet_gate.source import TOKENIZER_FILES, has_tokenizer_files
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
 MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
 
 
@@ -96,11 +95,6 @@ def save_bundled_tokenizer(folder: Path) -> None:
     vocab, merges = bundled_vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", "utf-8")
-
-
-def has_tokenizer_files(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
 
 
 def load_tokenizer(folder: Path | None) -> PromptTokenizer:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from amdet_gate.engine import GateValues, SearchOutcome, Thresholds
-
-PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+from amdet_gate.engine import GateValues, SearchOutcome
+from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, Thresholds
 
 
 def margin(value: float, threshold: float) -> float:

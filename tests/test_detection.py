@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from amdet_gate.encoder import load_encoder, sha256_file
+from amdet_gate.encoder import load_encoder
 from amdet_gate.engine import assimilation
 from amdet_gate.errors import ExitCode
 from amdet_gate.prompts import builtin_prompts
 from amdet_gate.reverse import nearest_trigger_tokens
+from amdet_gate.source import sha256_file
 from amdet_gate.tokenizer import bundled_tokenizer
 from tests.conftest import run_cli
 

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
 
-from amdet_gate.encoder import load_encoder, sha256_file
+from amdet_gate.encoder import load_encoder
 from amdet_gate.errors import ExitCode, LoadError, PickleRefused, UnsupportedModel
+from amdet_gate.source import sha256_file
 from tests.conftest import run_cli, tiny_config
 
 IDS = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])

@@ -1,0 +1,236 @@
+"""The gate pipeline the CLI and the Python API share: policy -> source -> cache -> scan ->
+decide -> outputs -> cache, lock.
+
+    options ──► load_policy ──► pins ──► resolve_source (local folder or Hub download)
+            ──► weight sha256s ──► verdict cache? ──hit──► stored outputs
+                                              └─miss─► scan_model ► render ► write_outputs ► store
+            ──► apply_policy (exit code) ──► lock file, $GITHUB_STEP_SUMMARY
+
+Torch is imported only on a cache miss, so a cache hit answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+from amdet_gate import __version__
+from amdet_gate.errors import ExitCode, UsageError
+from amdet_gate.policy import Policy, apply_policy, load_policy
+from amdet_gate.settings import SearchSettings, Thresholds
+from amdet_gate.source import ModelSource, check_pin, identity_sha256, resolve_source, weight_identities
+
+
+@dataclass
+class GateOptions:
+    """What one scan is asked to do; None means: take it from the policy (then the default)."""
+
+    model: str
+    revision: str | None = None
+    subfolder: str | None = None
+    anchor: str | None = None
+    anchor_revision: str | None = None
+    anchor_subfolder: str | None = None
+    policy: Path | None = None
+    prompts: Path | None = None
+    n_prompts: int | None = None
+    out: Path = Path("amdet-out")
+    sarif: Path | None = None
+    html: Path | None = None
+    markdown: Path | None = None
+    seed: int | None = None
+    restarts: int | None = None
+    max_steps: int | None = None
+    time_budget: float | None = None
+    device: str | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    render: str = "auto"
+    pipeline: str | None = None
+    vision: Path | None = None
+    lock: Path | None = None
+    use_cache: bool = True
+    cache_dir: Path | None = None
+
+
+@dataclass
+class GateOutcome:
+    result: dict  # result.json's content
+    exit_code: ExitCode
+    note: str  # what the policy did, if anything ("allowed by ...", "reported as a warning")
+    paths: dict[str, Path]
+    cache_hit: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    policy: Policy
+    settings: SearchSettings
+    thresholds: Thresholds
+    n_prompts: int
+    device: str
+    model: ModelSource
+    anchor: ModelSource | None
+
+
+def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolved:
+    """Policy, effective settings (flag > AMDET_* > policy file > default) and the model files."""
+    policy = load_policy(options.policy, env, today)
+    settings = SearchSettings(
+        seed=_first(options.seed, policy.scan.seed), restarts=_first(options.restarts, policy.scan.restarts),
+        max_steps=_first(options.max_steps, policy.scan.max_steps),
+        time_budget_s=_first(options.time_budget, policy.scan.time_budget_s))
+    unknown = sorted(set(options.thresholds) - {f.name for f in dataclasses.fields(Thresholds)})
+    if unknown:
+        raise UsageError(f"unknown threshold {unknown[0]!r}")
+    thresholds = dataclasses.replace(policy.thresholds, **options.thresholds)
+    anchor, anchor_revision, anchor_subfolder = options.anchor, options.anchor_revision, options.anchor_subfolder
+    if anchor is None and policy.anchor:
+        anchor = str(policy.anchor["id"])
+        anchor_revision, anchor_subfolder = policy.anchor.get("revision"), policy.anchor.get("subfolder")
+    if policy.require_pinned_revision:  # before any download: an unpinned model is never fetched
+        check_pin(options.model, options.revision)
+        if anchor is not None:
+            check_pin(anchor, anchor_revision, "the anchor")
+    model = resolve_source(options.model, options.revision, options.subfolder)
+    anchor_source = None if anchor is None else resolve_source(anchor, anchor_revision, anchor_subfolder)
+    return Resolved(policy, settings, thresholds, _first(options.n_prompts, policy.scan.n_prompts),
+                    _first(options.device, policy.scan.device), model, anchor_source)
+
+
+def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity: str | None):
+    """Everything that can change the result: weights, anchor, policy, tool, seed, settings."""
+    from amdet_gate.cache import CacheKey
+    from amdet_gate.prompts import prompts_identity
+
+    effective = {"search": dataclasses.asdict(r.settings), "thresholds": dataclasses.asdict(r.thresholds),
+                 "n_prompts": r.n_prompts, "prompts": prompts_identity(options.prompts),
+                 "subfolder": r.model.subfolder, "render": [options.render, options.pipeline,
+                                                            str(options.vision) if options.vision else None]}
+    settings_sha = _sha256_json(effective)
+    return CacheKey(weight_sha256s=tuple(sorted(f"{w.name}:{w.sha256}" for w in weights)),
+                    anchor_identity=anchor_identity, policy_sha256=r.policy.sha256, tool_version=__version__,
+                    seed=r.settings.seed, settings_sha256=settings_sha)
+
+
+def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: date | None = None,
+             progress=None, stage: Callable[[str], None] = lambda name: None) -> GateOutcome:
+    """Run the whole gate for one model; raises GateError (with its exit code) when it cannot."""
+    env = os.environ if env is None else env
+    today = today or date.today()
+    stage("resolving the model")
+    r = resolve(options, env, today)
+    weights = weight_identities(r.model.folder)
+    anchor_identity = identity_sha256(weight_identities(r.anchor.folder)) if r.anchor else None
+    warnings: list[str] = []
+    cache = key = None
+    if options.use_cache:
+        from amdet_gate.cache import VerdictCache, default_cache_dir
+
+        cache = VerdictCache(options.cache_dir or default_cache_dir(env), secret=_secret(env))
+        key = cache_key(options, r, weights, anchor_identity)
+        hit = cache.lookup(key, options.out)
+        warnings += cache.take_warnings()
+        if hit is not None:
+            hit["cache_hit"] = True
+            return _finish(options, r, hit, _output_paths(options.out), warnings, env, cache_hit=True)
+
+    from amdet_gate.outputs import write_outputs
+    from amdet_gate.render import RenderRequest, render
+    from amdet_gate.scan import ScanRequest, scan_model
+
+    request = ScanRequest(model=r.model, anchor=r.anchor, prompts_file=options.prompts, n_prompts=r.n_prompts,
+                          device=r.device, settings=r.settings, thresholds=r.thresholds)
+    scanned = scan_model(request, progress, stage, weights=weights)
+    result = scanned.result
+    code, note = apply_policy(result.verdict, result.model["identity_sha256"], r.policy)
+    result.policy = _policy_block(r.policy, code, note, result.model["identity_sha256"])
+    stage("rendering the reversed target")
+    renderings = render(RenderRequest(kind=options.render, pipeline=options.pipeline, vision=options.vision,
+                                      seed=r.settings.seed, device=result.settings["device"]),
+                        scanned.target_feature, result.to_dict(), r.model.root, r.model.subfolder, options.out)
+    result.reversed_target["images"] = [dataclasses.asdict(i) for rd in renderings for i in rd.images]
+    result.reversed_target["renderers"] = [{"renderer": rd.renderer, "text": rd.text, "notes": rd.notes}
+                                           for rd in renderings]
+    paths = write_outputs(scanned, options.out)
+    stored = json.loads(paths["result"].read_text("utf-8"))
+    if cache is not None and key is not None:
+        problem = cache.store(key, options.out, stored)
+        if problem:
+            warnings.append(problem)
+    return _finish(options, r, stored, paths, warnings, env, cache_hit=False)
+
+
+def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Path], warnings: list[str],
+            env: Mapping[str, str], cache_hit: bool) -> GateOutcome:
+    """Decide with the policy, copy reports where asked, append the job summary, write the lock."""
+    from amdet_gate.outputs import copy_reports
+
+    code, note = apply_policy(result["verdict"], result["model"]["identity_sha256"], r.policy)
+    copy_reports(paths, sarif=options.sarif, html=options.html, markdown=options.markdown)
+    summary = env.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        try:
+            with open(summary, "a", encoding="utf-8") as fh:
+                fh.write(paths["markdown"].read_text("utf-8") + "\n")
+        except OSError as exc:
+            warnings.append(f"cannot append to GITHUB_STEP_SUMMARY: {exc.strerror}")
+    if options.lock is not None:
+        from amdet_gate.lock import entry_from_result, write_lock
+
+        write_lock(options.lock, entry_from_result(result, options.model, options.revision))
+    return GateOutcome(result, code, note, paths, cache_hit, warnings)
+
+
+def verify_model(model: str, lock: Path, revision: str | None = None, subfolder: str | None = None) -> list[str]:
+    """Problems that should stop a deployment: no lock entry, changed weights, a verdict not pass.
+
+    A Hub model without --revision is fetched at the locked commit, so a moved branch cannot
+    slip different weights under the locked identity.
+    """
+    from amdet_gate.lock import find_entry, read_lock, verify_entry
+
+    entry = find_entry(read_lock(lock), model, subfolder)
+    if entry is None:
+        return [f"{lock} has no entry for {model}" + (f" (subfolder {subfolder})" if subfolder else "")]
+    source = resolve_source(model, revision or entry.resolved_sha, subfolder)
+    problems = []
+    if entry.resolved_sha and source.resolved_sha and source.resolved_sha != entry.resolved_sha:
+        problems.append(f"{model} resolves to commit {source.resolved_sha}, the lock has {entry.resolved_sha}")
+    problems += verify_entry(entry, [(w.name, w.sha256, w.size) for w in weight_identities(source.folder)])
+    if entry.verdict != "pass":
+        problems.append(f"{model} was scanned with verdict {entry.verdict}, not pass")
+    return problems
+
+
+def _policy_block(policy: Policy, code: ExitCode, note: str, identity: str) -> dict:
+    """What result.json records of the policy, with the line that names this model if any (for SARIF)."""
+    line = next((a.line for a in policy.allow if a.sha256 == identity), None)
+    return {"source": policy.source, "sha256": policy.sha256, "exit_code": int(code), "note": note,
+            "model_line": line}
+
+
+def _output_paths(out: Path) -> dict[str, Path]:
+    from amdet_gate.outputs import output_paths
+
+    return output_paths(out)
+
+
+def _secret(env: Mapping[str, str]) -> bytes | None:
+    value = env.get("AMDET_CACHE_KEY")
+    return value.encode() if value else None
+
+
+def _sha256_json(data: object) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _first(flag, fallback):
+    return flag if flag is not None else fallback

@@ -1,0 +1,73 @@
+"""The Markdown summary of a scan: for pull-request comments and GitHub's job summary.
+
+Model names, tokens and prompts are untrusted. GitHub renders Markdown and an HTML subset
+in job summaries, so every untrusted string is reduced to one line, has its HTML
+characters turned into entities and its Markdown punctuation backslash-escaped: a token
+such as `![x](https://tracker.example/p.png)` shows as text and fetches nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+VERDICT_MARK = {"pass": "✅ PASS", "fail": "❌ FAIL", "inconclusive": "⚠️ INCONCLUSIVE"}
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|~=:])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def md_text(value: object, limit: int = 200) -> str:
+    """An untrusted string as inert Markdown text on one line."""
+    text = _CONTROL.sub(" ", str(value))
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
+
+
+def _num(value: object, digits: int = 3) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def render_markdown(result: dict) -> str:
+    """The summary: verdict, identity, gates against thresholds, reversed target, policy."""
+    model = result.get("model") or {}
+    verdict = str(result.get("verdict", "inconclusive"))
+    lines = [
+        f"## amdet-gate: {VERDICT_MARK.get(verdict, md_text(verdict))} (score {_num(result.get('score'))})",
+        "",
+        f"**Model** {md_text(model.get('source', '?'))}"
+        + (f" at `{md_text(model['resolved_sha'])}`" if model.get("resolved_sha") else "")
+        + (f", subfolder {md_text(model['subfolder'])}" if model.get("subfolder") else ""),
+        "",
+        f"**Identity (sha256)** `{md_text(model.get('identity_sha256', '?'))}`",
+        "",
+        f"**Reason** {md_text(result.get('reason', ''))}",
+        "",
+    ]
+    policy = result.get("policy") or {}
+    if policy.get("note"):
+        lines += [f"**Policy** {md_text(policy['note'])}", ""]
+    gates = {k: v for k, v in (result.get("gates") or {}).items() if isinstance(v, dict)}
+    if gates:
+        lines += ["| gate | value | threshold | result |", "|---|---|---|---|"]
+        for name, gate in gates.items():
+            mark = "pass" if gate.get("passed") else "**fail**"
+            lines.append(f"| {md_text(name)} | {_num(gate.get('value'))} | {_num(gate.get('threshold'))} | {mark} |")
+        lines.append("")
+    reversed_target = result.get("reversed_target") or {}
+    trigger = [md_text(t.get("text", ""), 40) for t in (reversed_target.get("trigger_tokens") or [])[:5]]
+    target = [md_text(t.get("text", ""), 40) for t in (reversed_target.get("target_tokens") or [])[:5]]
+    if trigger:
+        lines += [f"**Pseudo-trigger, nearest tokens** {', '.join(trigger)}", ""]
+    if target:
+        lines += [f"**Reversed target, nearest tokens** {', '.join(target)}", ""]
+    timings = result.get("timings") or {}
+    tool = result.get("tool") or {}
+    lines.append(f"<sub>amdet-gate {md_text(tool.get('version', '?'))}, scan {_num(timings.get('total_s'), 1)} s"
+                 f"{', from the verdict cache' if result.get('cache_hit') else ''}. "
+                 "The HTML report has the evidence.</sub>")
+    return "\n".join(lines) + "\n"

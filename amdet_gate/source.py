@@ -1,0 +1,281 @@
+"""Model sources: a local folder or a Hub repository, turned into files on disk and identities.
+
+This stage reads no tensors and imports no torch, so that a cache hit, `verify` and `fetch`
+stay fast. It decides which files a scan needs, downloads only those from the Hub (config,
+safetensors, tokenizer files; never pickle), pins the revision to a commit sha, and
+identifies every weight file by its sha256.
+
+huggingface_hub does the Hub work and honours HF_TOKEN, HF_HOME, HF_ENDPOINT and
+HF_HUB_OFFLINE from the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from amdet_gate.errors import ExitCode, GateError, LoadError, PickleRefused, UnsupportedModel, UsageError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+MAX_SMALL_FILE_BYTES = 1024 * 1024
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+class UnpinnedRevision(GateError):
+    """The policy requires a 40-hex commit pin and the model was named by a branch or tag."""
+
+    exit_code = ExitCode.FAIL
+    rule_id = "AMDET100"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are on disk, and what the user asked for."""
+
+    spec: str  # as given: a folder path or a Hub id
+    root: Path  # the local folder, or the downloaded snapshot of the Hub revision
+    subfolder: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None  # as asked (branch, tag or sha)
+    resolved_sha: str | None = None  # the commit the revision pointed to
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.subfolder if self.subfolder else self.root
+
+    def describe(self) -> dict:
+        return {"source": self.spec, "hub_id": self.hub_id, "revision": self.revision,
+                "resolved_sha": self.resolved_sha, "subfolder": self.subfolder}
+
+
+def is_hub_id(spec: str) -> bool:
+    """`org/name` that is not an existing local path."""
+    return bool(HUB_ID.match(spec)) and not Path(spec).exists() and ".." not in spec
+
+
+def is_pinned(revision: str | None) -> bool:
+    return revision is not None and bool(COMMIT_SHA.match(revision))
+
+
+def check_pin(spec: str, revision: str | None, what: str = "model") -> None:
+    """Raise UnpinnedRevision for a Hub id whose revision is not a commit sha (local folders have none)."""
+    if is_hub_id(spec) and not is_pinned(revision):
+        named = f"revision {revision!r}" if revision else "no revision (the default branch)"
+        raise UnpinnedRevision(f"the policy requires a pinned revision but {what} {spec} is named by {named}; "
+                               "pass --revision with the 40-hex commit sha")
+
+
+def _check_subfolder(subfolder: str | None) -> None:
+    if subfolder and (PurePosixPath(subfolder).is_absolute() or ".." in PurePosixPath(subfolder).parts
+                      or "\\" in subfolder):
+        raise UsageError(f"--subfolder {subfolder!r} must be a relative path inside the model")
+
+
+def resolve_source(spec: str, revision: str | None = None, subfolder: str | None = None) -> ModelSource:
+    """A local folder as is, or a Hub id downloaded (only what the scan needs) and pinned."""
+    _check_subfolder(subfolder)
+    subfolder = subfolder.strip("/") if subfolder else None
+    if Path(spec).exists():
+        if revision:
+            raise UsageError(f"--revision applies to Hub ids; {spec} is a local folder")
+        return ModelSource(spec, Path(spec), subfolder)
+    if is_hub_id(spec):
+        return download(spec, revision, subfolder)
+    raise LoadError(f"model folder {spec} does not exist (and it is not a Hub id of the form org/name)")
+
+
+# --- local files ------------------------------------------------------------------------
+
+def read_small(path: Path) -> str:
+    if path.stat().st_size > MAX_SMALL_FILE_BYTES:
+        raise LoadError(f"{path} is larger than 1 MiB; refusing to parse it")
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LoadError(f"{path} is not UTF-8 text") from exc
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder; pickle-only folders are refused, never opened."""
+    if not folder.is_dir():
+        raise UnsupportedModel(f"{folder} is not a folder")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return _files_from_index(folder, index)
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if len(others) == 1:
+        return others
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles and not others:
+        raise _pickle_refused(str(folder), pickles)
+    if len(others) > 1:
+        raise UnsupportedModel(f"{folder} has several .safetensors files but no {INDEX_FILE}")
+    raise UnsupportedModel(f"no weights found in {folder} (expected {SINGLE_FILE})")
+
+
+def _pickle_refused(where: str, pickles: list[str]) -> PickleRefused:
+    return PickleRefused(
+        f"{where} has only pickle-based weights ({', '.join(pickles[:3])}); pickle can run "
+        "code when loaded, so amdet-gate reads safetensors only - convert the weights first")
+
+
+def _files_from_index(folder: Path, index: Path) -> list[Path]:
+    files = []
+    for name in _shard_names(read_small(index), str(index)):
+        path = folder / name
+        if not path.is_file():
+            raise LoadError(f"shard {name} listed in {index.name} is missing")
+        files.append(path)
+    return files
+
+
+def _shard_names(index_text: str, where: str) -> list[str]:
+    try:
+        names = sorted(set(json.loads(index_text)["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{where} is not a valid safetensors index") from exc
+    for name in names:
+        # The index is untrusted: shard names must be plain file names inside the folder.
+        if not isinstance(name, str) or PurePosixPath(name).name != name or not name.endswith(".safetensors"):
+            raise LoadError(f"{where} names an invalid shard file {name!r}")
+    if not names:
+        raise LoadError(f"{where} lists no shard files")
+    return names
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_identities(folder: Path) -> list[WeightFile]:
+    """sha256 and size of every weight file the scan reads."""
+    return [WeightFile(p.name, sha256_file(p), p.stat().st_size) for p in find_weight_files(folder)]
+
+
+def identity_sha256(files: list[WeightFile]) -> str:
+    """The model's identity: its weight file's sha256, or for shards a sha256 over all of them."""
+    if len(files) == 1:
+        return files[0].sha256
+    lines = "".join(f"{w.name} {w.sha256}\n" for w in sorted(files, key=lambda w: w.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+
+
+def tokenizer_folder(source: ModelSource) -> Path | None:
+    """The model folder when it has tokenizer files, else a diffusers pipeline's sibling tokenizer.
+
+    A pipeline keeps text_encoder/ and tokenizer/ (text_encoder_2/ and tokenizer_2/) side by side.
+    """
+    if has_tokenizer_files(source.folder):
+        return source.folder
+    if source.subfolder and source.subfolder.startswith("text_encoder"):
+        sibling = source.root / source.subfolder.replace("text_encoder", "tokenizer", 1)
+        if has_tokenizer_files(sibling):
+            return sibling
+    return None
+
+
+# --- the Hub ----------------------------------------------------------------------------
+
+def files_to_fetch(repo_files: list[str], subfolder: str | None) -> list[str]:
+    """What a scan needs from a repository listing; refuses before any download."""
+    prefix = f"{subfolder}/" if subfolder else ""
+    here = {f[len(prefix):]: f for f in repo_files if f.startswith(prefix) and "/" not in f[len(prefix):]}
+    if "config.json" not in here:
+        if not here:
+            raise UnsupportedModel(f"nothing found under {prefix or 'the repository root'}; wrong --subfolder?")
+        raise UnsupportedModel(f"no config.json in {prefix or 'the repository root'}")
+    safetensors = sorted(n for n in here if n.endswith(".safetensors"))
+    if SINGLE_FILE in here:
+        weights = [SINGLE_FILE]
+    elif INDEX_FILE in here:
+        weights = [INDEX_FILE, *safetensors]
+    elif safetensors:
+        weights = safetensors
+    else:
+        pickles = sorted(n for n in here if n.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise _pickle_refused(prefix or "the repository", pickles)
+        raise UnsupportedModel(f"no weights found in {prefix or 'the repository'} (expected {SINGLE_FILE})")
+    wanted = ["config.json", *weights, *(n for n in TOKENIZER_FILES if n in here)]
+    paths = [here[n] for n in wanted]
+    if subfolder and subfolder.startswith("text_encoder"):  # a diffusers pipeline's tokenizer
+        tok_prefix = subfolder.replace("text_encoder", "tokenizer", 1) + "/"
+        paths += [tok_prefix + n for n in TOKENIZER_FILES if tok_prefix + n in repo_files]
+    return paths
+
+
+def download(repo_id: str, revision: str | None, subfolder: str | None) -> ModelSource:
+    """Resolve the revision to a commit and download what the scan needs into the HF cache."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    asked = revision or "main"
+    try:
+        if constants.HF_HUB_OFFLINE:
+            # Air-gapped: the cache filled by `amdet-gate fetch` maps the branch or tag to its commit.
+            root = Path(snapshot_download(repo_id, revision=asked, local_files_only=True))
+            sha = root.name
+            if not COMMIT_SHA.match(sha):
+                raise LoadError(f"the cached snapshot of {repo_id} has no commit sha")
+            files_to_fetch([p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()], subfolder)
+        else:
+            info = HfApi().model_info(repo_id, revision=asked)
+            sha = info.sha
+            if not isinstance(sha, str) or not COMMIT_SHA.match(sha):
+                raise LoadError(f"the Hub did not resolve {repo_id}@{asked} to a commit sha")
+            wanted = files_to_fetch([s.rfilename for s in info.siblings or []], subfolder)
+            # Download at the resolved sha, so that a branch moving mid-download cannot mix commits.
+            root = Path(snapshot_download(repo_id, revision=sha, allow_patterns=wanted))
+    except GateError:
+        raise
+    except Exception as exc:
+        raise LoadError(hub_error_message(exc, repo_id, asked)) from None
+    return ModelSource(repo_id, root, subfolder, repo_id, revision, sha)
+
+
+def hub_error_message(exc: Exception, repo_id: str, revision: str) -> str:
+    """One line that says what went wrong, never the token."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf
+
+    where = f"{repo_id}@{revision}"
+    if isinstance(exc, hf.GatedRepoError):
+        return f"{where}: the repository is gated; accept its terms on the Hub and set HF_TOKEN"
+    if isinstance(exc, hf.RepositoryNotFoundError):
+        return f"{where}: repository not found on {constants.ENDPOINT} (or private: set HF_TOKEN)"
+    if isinstance(exc, hf.RevisionNotFoundError):
+        return f"{where}: revision not found"
+    if isinstance(exc, hf.LocalEntryNotFoundError):
+        return (f"{where} is not in the local Hugging Face cache and the Hub cannot be used "
+                "(HF_HUB_OFFLINE or no network); run `amdet-gate fetch` where the Hub is reachable")
+    if isinstance(exc, hf.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return f"{where}: the Hub at {constants.ENDPOINT} answered HTTP {status}"
+    text = " ".join(str(exc).split())[:200]
+    return f"{where}: cannot download from {constants.ENDPOINT} ({type(exc).__name__}: {text})"
