@@ -40,6 +40,17 @@ def tiny_dir(tmp_path: Path, tiny_model: CLIPTextModel) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own verdict cache, and never writes to a real CI job summary."""
+    monkeypatch.setenv("AMDET_CACHE_DIR", str(tmp_path / "amdet-cache"))
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    monkeypatch.delenv("AMDET_CACHE_KEY", raising=False)
+    for name in [n for n in os.environ if n.startswith("AMDET_") and n != "AMDET_CACHE_DIR"
+                 and not n.startswith("AMDET_REQUIRE_")]:
+        monkeypatch.delenv(name)
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, [str(a) for a in args])
     if result.exception and not isinstance(result.exception, SystemExit):

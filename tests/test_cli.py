@@ -34,7 +34,7 @@ def test_same_seed_same_result(tiny_dir: Path, tmp_path: Path) -> None:
     results = []
     for run in ("a", "b", "c"):
         seed = "1" if run == "c" else "0"
-        run_cli("scan", tiny_dir, *FAST, "--seed", seed, "--out", tmp_path / run, "-q")
+        run_cli("scan", tiny_dir, *FAST, "--seed", seed, "--out", tmp_path / run, "-q", "--no-cache")
         results.append(json.loads((tmp_path / run / "result.json").read_text()))
     assert results[0]["search"]["loss_history"] == results[1]["search"]["loss_history"]
     assert results[0]["landscape"] == results[1]["landscape"]
