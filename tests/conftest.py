@@ -14,6 +14,8 @@ from amdet_gate import controls
 from amdet_gate.cli import app
 from amdet_gate.tokenizer import save_bundled_tokenizer
 
+pytest_plugins = ["tests.hubserver"]  # the local Hub server (olah) fixture
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
