@@ -1,0 +1,241 @@
+"""The self-contained HTML report of one scan (docs: conventions, "HTML report").
+
+One file: inline CSS, charts and reversed-target images as data: URIs, no script, no external URL,
+a Content-Security-Policy that forbids everything else. result.json is the input contract; model
+names, tokens, prompts and captions in it are untrusted, so Jinja2 autoescapes every value and
+invisible or direction-changing characters are shown as escapes rather than rendered.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.resources
+import math
+import stat
+import unicodedata
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import jinja2
+from markupsafe import Markup
+
+from amdet_gate.charts import render_charts
+from amdet_gate.errors import UsageError
+
+MAX_IMAGE_BYTES = 5 * 1024 * 1024
+MAX_IMAGES = 32  # render.py makes up to 16 images plus its tokens card
+MAX_CHECK_ROWS = 200
+# Suffix -> MIME type and the magic bytes the file must start with (None: checked separately, SVG).
+IMAGE_TYPES: dict[str, tuple[str, bytes | None]] = {
+    ".png": ("image/png", b"\x89PNG\r\n\x1a\n"),
+    ".jpg": ("image/jpeg", b"\xff\xd8\xff"),
+    ".jpeg": ("image/jpeg", b"\xff\xd8\xff"),
+    ".svg": ("image/svg+xml", None),
+}
+VERDICTS = {
+    "pass": ("PASS", "no injected backdoor found"),
+    "fail": ("FAIL", "injected backdoor found"),
+    "inconclusive": ("INCONCLUSIVE", "the scan could not decide"),
+}
+EXIT_CODES = {0: "allow", 1: "block", 2: "block (error or inconclusive: fail closed)", 3: "nothing scannable",
+              4: "usage error"}
+VERDICT_EXIT = {"pass": 0, "fail": 1, "inconclusive": 2}
+GATE_HELP = {
+    "assimilation_ratio": "share of held-out prompts whose output the pseudo-trigger pulls onto its target",
+    "same_target_ratio": "share of held-out prompts whose triggered output matches the first prompt's: one target",
+    "anchor_difference_ratio": "share of prompts whose triggered output differs from the clean anchor model's",
+    "landscape_positive_ratio": "share of positive Hessian eigenvalues: a smooth bowl, not a natural saddle",
+}
+# Unicode categories that render as nothing, as a line break or as reordering: shown as escapes instead.
+_HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}
+CHART_CAPTIONS = {
+    "landscape_map": "Loss on a grid around the pseudo-trigger (+). An injected backdoor sits in a smooth bowl.",
+    "landscape_surface": "The same grid as a surface: a bowl (injected) versus a rugged or saddle shape (natural).",
+    "hessian_spectrum": "Sorted eigenvalues of the 2 x 2 finite-difference Hessians at the interior grid points.",
+    "assimilation": "Held-out prompts without and with the pseudo-trigger; the dashed line is the gate threshold.",
+    "loss_history": "Optimisation loss of every random restart; a gate check runs when the running loss "
+                    "drops below the dashed line.",
+}
+
+
+def _visible(text: str) -> str:
+    """Show control, format (bidi overrides, zero-width) and unusual space characters as \\u escapes."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch == " " or unicodedata.category(ch) not in _HIDDEN else f"\\u{ord(ch):04x}"
+                   for ch in text)
+
+
+def _finalize(value: object) -> object:
+    # Applied to every {{ }} before autoescaping; Markup is ours (CSS), never user data.
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return _visible(value)
+    return value
+
+
+def _finite(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def fmt(value: object, digits: int = 4) -> str:
+    """A value for a table cell: numbers to `digits` significant digits, null as an em dash."""
+    if value is None or isinstance(value, jinja2.Undefined):
+        return "\u2014"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+    if isinstance(value, list):
+        return ", ".join(fmt(v, digits) for v in value[:20]) + (" \u2026" if len(value) > 20 else "")
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {fmt(v, digits)}" for k, v in value.items())
+    return str(value)
+
+
+def fixed(value: object, digits: int = 3) -> str:
+    """A number with a fixed count of decimals (scores), else as fmt."""
+    n = _finite(value)
+    return f"{n:.{digits}f}" if n is not None else fmt(value)
+
+
+def size(value: object) -> str:
+    n = _finite(value)
+    if n is None:
+        return fmt(value)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit} ({value:,} bytes)"
+        n /= 1024
+    return str(value)  # not reached
+
+
+def _embed(base_dir: Path, rel: object) -> tuple[str | None, str]:
+    """(data URI, "") for an image inside base_dir, else (None, why not). Never reads outside base_dir."""
+    if not isinstance(rel, str) or not rel.strip() or "\x00" in rel:
+        return None, "image path missing"
+    pure = PurePosixPath(rel.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(rel).drive or ".." in pure.parts:
+        return None, "image refused: the path must stay inside the result folder"
+    kind = IMAGE_TYPES.get(pure.suffix.lower())
+    if kind is None:
+        return None, "image refused: only PNG, JPEG and SVG are embedded"
+    try:
+        root = base_dir.resolve(strict=True)
+        target = (root / pure).resolve(strict=True)  # follows symlinks, so the check below sees the real file
+        info = target.stat()
+    except (OSError, RuntimeError):  # RuntimeError: symlink loop on older Pythons
+        return None, "image missing"
+    if not target.is_relative_to(root):
+        return None, "image refused: the path leads outside the result folder"
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+        return None, "image refused: not a regular file"
+    if info.st_size > MAX_IMAGE_BYTES:
+        return None, f"image refused: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB"
+    try:
+        with target.open("rb") as fh:
+            data = fh.read(MAX_IMAGE_BYTES + 1)
+    except OSError:
+        return None, "image missing"
+    mime, magic = kind
+    valid = data.startswith(magic) if magic is not None else b"<svg" in data
+    if not valid or len(data) > MAX_IMAGE_BYTES:
+        return None, "image refused: the content does not match its type"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", ""
+
+
+def _images(result: dict, base_dir: Path) -> list[dict]:
+    entries = _dict(result.get("reversed_target")).get("images") or []
+    out = []
+    for entry in entries[:MAX_IMAGES] if isinstance(entries, list) else []:
+        entry = _dict(entry)
+        src, problem = _embed(base_dir, entry.get("path"))
+        out.append({"src": src, "problem": problem, "path": entry.get("path"), "caption": entry.get("caption"),
+                    "renderer": entry.get("renderer")})
+    return out
+
+
+def _dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _gates(gates: object) -> tuple[list[dict], dict]:
+    """Threshold gates as table rows (in result order, whatever their names) and the plain metrics beside them."""
+    rows, metrics = [], {}
+    for name, gate in _dict(gates).items():
+        if not isinstance(gate, dict):
+            metrics[name] = gate
+            continue
+        value, threshold = _finite(gate.get("value")), _finite(gate.get("threshold"))
+        passed = gate.get("passed")
+        bar = None  # a value-versus-threshold bar, for ratios only
+        if value is not None and threshold is not None and 0 <= value <= 1 and 0 <= threshold <= 1:
+            bar = {"value": round(value * 100, 2), "threshold": round(threshold * 100, 2)}
+        rows.append({"name": name, "help": GATE_HELP.get(name, ""), "value": gate.get("value"),
+                     "threshold": gate.get("threshold"), "margin": gate.get("margin"), "bar": bar,
+                     "state": "passed" if passed is True else "not-passed" if passed is False else "unknown"})
+    return rows, metrics
+
+
+def _decision(result: dict) -> dict:
+    policy = result.get("policy")
+    if isinstance(policy, dict):
+        code = policy.get("exit_code")
+        action = EXIT_CODES.get(code, "unknown exit code") if isinstance(code, int) else "unknown exit code"
+        return {"applied": True, "exit_code": code, "action": action,
+                "note": policy.get("note"), "source": policy.get("source"), "sha256": policy.get("sha256")}
+    verdict = result.get("verdict")
+    code = VERDICT_EXIT.get(verdict, 2) if isinstance(verdict, str) else 2
+    return {"applied": False, "exit_code": code, "action": EXIT_CODES[code], "note": None, "source": None,
+            "sha256": None}
+
+
+def _checks(search: dict) -> dict:
+    raw = search.get("checks")
+    checks = [c for c in raw if isinstance(c, dict)] if isinstance(raw, list) else []
+    columns: list[str] = []
+    for check in checks:
+        columns += [k for k in check if k not in columns]
+    return {"columns": columns, "rows": checks[:MAX_CHECK_ROWS], "hidden": max(0, len(checks) - MAX_CHECK_ROWS)}
+
+
+def _template() -> jinja2.Template:
+    files = importlib.resources.files("amdet_gate.templates")
+
+    def load(name: str) -> str | None:
+        entry = files / name
+        return entry.read_text("utf-8") if entry.is_file() else None
+
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(load), autoescape=True, finalize=_finalize,
+                             undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    env.filters.update(fmt=fmt, fixed=fixed, size=size)
+    return env.get_template("report.html.j2")
+
+
+def render_html(result: dict, base_dir: Path) -> str:
+    """The report as one HTML string; image paths in the result are read relative to base_dir."""
+    verdict = result.get("verdict") if isinstance(result.get("verdict"), str) else None
+    word, meaning = VERDICTS.get(verdict, ("UNKNOWN", "the result carries no known verdict"))
+    gate_rows, metrics = _gates(result.get("gates"))
+    charts = {name: "data:image/svg+xml;base64," + base64.b64encode(svg).decode("ascii")
+              for name, svg in render_charts(result).items()}
+    css = (importlib.resources.files("amdet_gate.templates") / "report.css").read_text("utf-8")
+    return _template().render(
+        r=result, verdict_class=verdict if verdict in VERDICTS else "unknown", verdict_word=word,
+        verdict_meaning=meaning, decision=_decision(result), gates=gate_rows, metrics=metrics,
+        gates_passed=sum(g["state"] == "passed" for g in gate_rows), images=_images(result, base_dir),
+        charts=charts, captions=CHART_CAPTIONS, checks=_checks(_dict(result.get("search"))),
+        css=Markup(css),  # our own file, not user data
+    )
+
+
+def write_html(result: dict, base_dir: Path, path: Path) -> None:
+    html = render_html(result, base_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(html, "utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write the HTML report {path}: {exc.strerror or exc}") from exc
