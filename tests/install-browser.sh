@@ -3,10 +3,13 @@
 # Idempotent: does nothing when `chromium` is already on PATH. Uses sudo only when not running as root.
 set -eu
 
-if command -v chromium >/dev/null 2>&1; then
-    echo "chromium already installed: $(command -v chromium)"
-    exit 0
-fi
+# Debian's chromium, or the Google Chrome that GitHub's Ubuntu runners ship (their apt chromium is a snap stub).
+for name in chromium chromium-browser google-chrome google-chrome-stable; do
+    if command -v "$name" >/dev/null 2>&1; then
+        echo "browser already installed: $(command -v "$name")"
+        exit 0
+    fi
+done
 
 if [ "$(id -u)" -eq 0 ]; then
     SUDO=""

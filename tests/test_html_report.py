@@ -265,7 +265,9 @@ def test_write_html_errors_are_usage_errors(result: dict, tmp_path: Path) -> Non
 
 def _chromium() -> str:
     """The Chromium binary, or skip (fail when AMDET_REQUIRE_BROWSER=1) with the reason."""
-    exe = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    # Debian's chromium here; GitHub's Ubuntu runners ship Google Chrome instead.
+    names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    exe = next((shutil.which(n) for n in names if shutil.which(n)), None)
     reason = None
     if exe is None:
         reason = "chromium is not installed (run tests/install-browser.sh)"
