@@ -1,4 +1,4 @@
-"""The `amdet-gate` command line: a thin layer over `scan.scan_model` and `outputs.write_outputs`.
+"""The `amdet-gate` command line: a thin layer over `gate.run_gate` (and a few torch-free checks).
 
 Every error becomes one line on stderr and its documented exit code (docs: conventions).
 """
@@ -22,9 +22,9 @@ from typer.exceptions import TyperException
 from amdet_gate import __version__
 
 if TYPE_CHECKING:
-    from amdet_gate.engine import GateCheck, SearchProgress
+    from amdet_gate.engine import GateCheck
 from amdet_gate.errors import ExitCode, GateError, UsageError
-from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, SearchSettings, Thresholds
+from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, SearchProgress, SearchSettings, Thresholds
 
 
 class _ExitCodeGroup(TyperGroup):
@@ -87,8 +87,6 @@ class _Display:
             print(f"amdet-gate: {name}", file=sys.stderr, flush=True)
 
     def hooks(self) -> SearchProgress:
-        from amdet_gate.engine import SearchProgress
-
         def on_step(step: int, loss: float) -> None:
             if self.bar is not None:
                 self.bar.update(self.task, completed=step, info=f"loss {loss:.3f}")
@@ -134,8 +132,11 @@ def scan(
     markdown: Annotated[Path | None, typer.Option(help="Also write the Markdown summary here.")] = None,
     render: Annotated[str, typer.Option(help="Reversed-target images: auto, diffusion, clip-vision, tokens "
                                         "or none.")] = "auto",
-    pipeline: Annotated[str | None, typer.Option(help="Stable Diffusion pipeline folder for --render "
-                                                 "diffusion.")] = None,
+    pipeline: Annotated[str | None, typer.Option(help="Stable Diffusion pipeline (folder or Hub id) for "
+                                                 "--render diffusion.")] = None,
+    pipeline_revision: Annotated[str | None, typer.Option(help="Revision of a Hub pipeline.")] = None,
+    render_steps: Annotated[int | None, typer.Option(min=1, max=2000, help="Renderer steps (diffusion 25, "
+                                                     "clip-vision 200 on GPU, 25 on CPU).")] = None,
     vision: Annotated[Path | None, typer.Option(help="CLIP checkpoint with a vision tower for --render "
                                                 "clip-vision.")] = None,
     lock: Annotated[Path | None, typer.Option(help="Record the scanned model in this lock file "
@@ -160,7 +161,8 @@ def scan(
         model=model, revision=revision, subfolder=subfolder, anchor=anchor, anchor_revision=anchor_revision,
         anchor_subfolder=anchor_subfolder, policy=policy, prompts=prompts, n_prompts=n_prompts, out=out,
         sarif=sarif, html=html, markdown=markdown, seed=seed, restarts=restarts, max_steps=max_steps,
-        time_budget=time_budget, device=device, render=render, pipeline=pipeline, vision=vision, lock=lock,
+        time_budget=time_budget, device=device, render=render, pipeline=pipeline, pipeline_revision=pipeline_revision,
+        render_steps=render_steps, vision=vision, lock=lock,
         use_cache=not no_cache, cache_dir=cache_dir)
     try:
         options.thresholds = parse_thresholds(threshold or [])
@@ -321,7 +323,7 @@ def lock_check(files: Annotated[list[Path], typer.Argument(help="Lock files to c
         except GateError as exc:
             raise _fail(exc) from None
         for problem in problems:
-            print(f"{file}: {problem}", file=sys.stderr)
+            print(str(problem), file=sys.stderr)
         bad = bad or bool(problems)
     raise typer.Exit(int(ExitCode.FAIL) if bad else 0)
 
@@ -352,13 +354,15 @@ def cache_list(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cach
     """List cached verdicts."""
     import os
 
-    from amdet_gate.cache import VerdictCache, default_cache_dir
+    from amdet_gate.cache import open_cache
 
-    cache = VerdictCache(cache_dir or default_cache_dir(os.environ))
-    entries = cache.entries()
-    for e in entries:
-        print(f"{e.key[:16]}  {e.verdict:12s} {e.score:.3f}  {e.model}  {e.created}  "
-              f"{'ok' if e.valid else 'INVALID'}")
+    try:
+        cache = open_cache(os.environ, cache_dir)
+        entries = cache.entries()
+    except GateError as exc:
+        raise _fail(exc) from None
+    for entry in entries:
+        print(entry.row())
     print(f"{len(entries)} entries in {cache.root}")
 
 
@@ -367,10 +371,14 @@ def cache_clear(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cac
     """Delete every cached verdict."""
     import os
 
-    from amdet_gate.cache import VerdictCache, default_cache_dir
+    from amdet_gate.cache import open_cache
 
-    cache = VerdictCache(cache_dir or default_cache_dir(os.environ))
-    print(f"removed {cache.clear()} entries from {cache.root}")
+    try:
+        cache = open_cache(os.environ, cache_dir)
+        removed = cache.clear()
+    except GateError as exc:
+        raise _fail(exc) from None
+    print(f"removed {removed} entries from {cache.root}")
 
 
 @app.command()

@@ -102,6 +102,8 @@ def read_config(folder: Path) -> tuple[str, dict]:
         raw = json.loads(read_small(path))
     except json.JSONDecodeError as exc:
         raise LoadError(f"config.json in {folder} is not valid JSON: {exc.msg} (line {exc.lineno})") from exc
+    except RecursionError:  # "[[[[..." nested deeper than the parser's stack
+        raise LoadError(f"config.json in {folder} is nested too deeply") from None
     if not isinstance(raw, dict):
         raise LoadError(f"config.json in {folder} is not a JSON object")
     if "auto_map" in raw:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from amdet_gate.encoder import TextEncoderAdapter
-from amdet_gate.settings import SearchSettings, Thresholds
+from amdet_gate.settings import SearchProgress, SearchSettings, Thresholds
 
 # --- measures ---------------------------------------------------------------------------
 
@@ -285,14 +284,6 @@ class SearchOutcome:
     steps: int
     stop_reason: str  # detected | max_steps | plateau | time_budget | non_finite
     seconds: float
-
-
-@dataclass
-class SearchProgress:
-    """Callback hooks so the CLI can show progress without the engine knowing about rich."""
-
-    on_step: Callable[[int, float], None] = lambda step, best_loss: None
-    on_check: Callable[[GateCheck], None] = lambda check: None
 
 
 def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: SearchSettings,

@@ -23,7 +23,15 @@ from amdet_gate import __version__
 from amdet_gate.errors import ExitCode, UsageError
 from amdet_gate.policy import Policy, apply_policy, load_policy
 from amdet_gate.settings import SearchSettings, Thresholds
-from amdet_gate.source import ModelSource, check_pin, identity_sha256, resolve_source, weight_identities
+from amdet_gate.source import (
+    ModelSource,
+    check_pin,
+    download_pipeline,
+    identity_sha256,
+    is_hub_id,
+    resolve_source,
+    weight_identities,
+)
 
 
 @dataclass
@@ -50,8 +58,10 @@ class GateOptions:
     device: str | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
     render: str = "auto"
-    pipeline: str | None = None
+    pipeline: str | None = None  # a Stable Diffusion pipeline folder or Hub id
+    pipeline_revision: str | None = None
     vision: Path | None = None
+    render_steps: int | None = None
     lock: Path | None = None
     use_cache: bool = True
     cache_dir: Path | None = None
@@ -76,6 +86,7 @@ class Resolved:
     device: str
     model: ModelSource
     anchor: ModelSource | None
+    pipeline: str | None  # local folder of the diffusion pipeline, when one is used
 
 
 def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolved:
@@ -99,8 +110,11 @@ def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolv
             check_pin(anchor, anchor_revision, "the anchor")
     model = resolve_source(options.model, options.revision, options.subfolder)
     anchor_source = None if anchor is None else resolve_source(anchor, anchor_revision, anchor_subfolder)
+    pipeline = options.pipeline
+    if pipeline is not None and not Path(pipeline).exists() and is_hub_id(pipeline):
+        pipeline = str(download_pipeline(pipeline, options.pipeline_revision))
     return Resolved(policy, settings, thresholds, _first(options.n_prompts, policy.scan.n_prompts),
-                    _first(options.device, policy.scan.device), model, anchor_source)
+                    _first(options.device, policy.scan.device), model, anchor_source, pipeline)
 
 
 def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity: str | None):
@@ -110,12 +124,11 @@ def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity:
 
     effective = {"search": dataclasses.asdict(r.settings), "thresholds": dataclasses.asdict(r.thresholds),
                  "n_prompts": r.n_prompts, "prompts": prompts_identity(options.prompts),
-                 "subfolder": r.model.subfolder, "render": [options.render, options.pipeline,
-                                                            str(options.vision) if options.vision else None]}
-    settings_sha = _sha256_json(effective)
-    return CacheKey(weight_sha256s=tuple(sorted(f"{w.name}:{w.sha256}" for w in weights)),
-                    anchor_identity=anchor_identity, policy_sha256=r.policy.sha256, tool_version=__version__,
-                    seed=r.settings.seed, settings_sha256=settings_sha)
+                 "subfolder": r.model.subfolder,
+                 "render": [options.render, r.pipeline, str(options.vision) if options.vision else None,
+                            options.render_steps]}
+    return CacheKey.create(weights, anchor_identity=anchor_identity, policy_sha256=r.policy.sha256,
+                           tool_version=__version__, seed=r.settings.seed, settings=effective)
 
 
 def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: date | None = None,
@@ -130,20 +143,22 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
     warnings: list[str] = []
     cache = key = None
     if options.use_cache:
-        from amdet_gate.cache import VerdictCache, default_cache_dir
+        from amdet_gate.cache import open_cache
 
-        cache = VerdictCache(options.cache_dir or default_cache_dir(env), secret=_secret(env))
+        cache = open_cache(env, options.cache_dir)
         key = cache_key(options, r, weights, anchor_identity)
         hit = cache.lookup(key, options.out)
         warnings += cache.take_warnings()
         if hit is not None:
-            hit["cache_hit"] = True
-            return _finish(options, r, hit, _output_paths(options.out), warnings, env, cache_hit=True)
+            return _cache_hit(options, r, hit, warnings, env)
 
     from amdet_gate.outputs import write_outputs
-    from amdet_gate.render import RenderRequest, render
-    from amdet_gate.scan import ScanRequest, scan_model
+    from amdet_gate.render import RenderRequest, choose_renderer, render
+    from amdet_gate.scanner import ScanRequest, scan_model
 
+    render_request = RenderRequest(kind=options.render, pipeline=r.pipeline, vision=options.vision,
+                                   seed=r.settings.seed, steps=options.render_steps, device=r.device)
+    choose_renderer(render_request, r.model.root, r.model.subfolder)  # a renderer that cannot work fails now
     request = ScanRequest(model=r.model, anchor=r.anchor, prompts_file=options.prompts, n_prompts=r.n_prompts,
                           device=r.device, settings=r.settings, thresholds=r.thresholds)
     scanned = scan_model(request, progress, stage, weights=weights)
@@ -151,12 +166,12 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
     code, note = apply_policy(result.verdict, result.model["identity_sha256"], r.policy)
     result.policy = _policy_block(r.policy, code, note, result.model["identity_sha256"])
     stage("rendering the reversed target")
-    renderings = render(RenderRequest(kind=options.render, pipeline=options.pipeline, vision=options.vision,
-                                      seed=r.settings.seed, device=result.settings["device"]),
-                        scanned.target_feature, result.to_dict(), r.model.root, r.model.subfolder, options.out)
+    renderings = render(dataclasses.replace(render_request, device=result.settings["device"]),
+                        scanned.target_feature, result.to_dict(), r.model.root, r.model.subfolder, options.out,
+                        empty_feature=scanned.empty_feature)
     result.reversed_target["images"] = [dataclasses.asdict(i) for rd in renderings for i in rd.images]
-    result.reversed_target["renderers"] = [{"renderer": rd.renderer, "text": rd.text, "notes": rd.notes}
-                                           for rd in renderings]
+    result.reversed_target["renderings"] = [{"renderer": rd.renderer, "text": rd.text, "notes": rd.notes,
+                                             "metrics": rd.metrics} for rd in renderings]
     paths = write_outputs(scanned, options.out)
     stored = json.loads(paths["result"].read_text("utf-8"))
     if cache is not None and key is not None:
@@ -164,6 +179,25 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
         if problem:
             warnings.append(problem)
     return _finish(options, r, stored, paths, warnings, env, cache_hit=False)
+
+
+def _cache_hit(options: GateOptions, r: Resolved, result: dict, warnings: list[str],
+               env: Mapping[str, str]) -> GateOutcome:
+    """A verified cached result: same weights, anchor, policy, tool, seed and settings.
+
+    When the same weights were reached under another name (path, revision), the result is
+    relabelled and its reports re-rendered, so that the SARIF and the report name this model.
+    """
+    from amdet_gate.outputs import output_paths, write_json, write_reports
+
+    paths = output_paths(options.out)
+    result["cache_hit"] = True
+    named = r.model.describe()
+    if any(result["model"].get(k) != v for k, v in named.items()):
+        result["model"].update(named)
+        write_json(paths["result"], result)
+        write_reports(result, options.out, {k: paths[k] for k in ("sarif", "html", "markdown")})
+    return _finish(options, r, result, paths, warnings, env, cache_hit=True)
 
 
 def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Path], warnings: list[str],
@@ -213,23 +247,6 @@ def _policy_block(policy: Policy, code: ExitCode, note: str, identity: str) -> d
     line = next((a.line for a in policy.allow if a.sha256 == identity), None)
     return {"source": policy.source, "sha256": policy.sha256, "exit_code": int(code), "note": note,
             "model_line": line}
-
-
-def _output_paths(out: Path) -> dict[str, Path]:
-    from amdet_gate.outputs import output_paths
-
-    return output_paths(out)
-
-
-def _secret(env: Mapping[str, str]) -> bytes | None:
-    value = env.get("AMDET_CACHE_KEY")
-    return value.encode() if value else None
-
-
-def _sha256_json(data: object) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _first(flag, fallback):

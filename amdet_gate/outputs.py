@@ -26,7 +26,7 @@ from amdet_gate.markdown import render_markdown
 from amdet_gate.sarif import scan_sarif
 
 if TYPE_CHECKING:
-    from amdet_gate.scan import Scan
+    from amdet_gate.scanner import Scan
 
 TRIGGER_TOKEN = "<amdet-trigger>"
 
@@ -122,8 +122,8 @@ def read_result(path: Path) -> dict:
         data = json.loads(path.read_text("utf-8"))
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} is not a JSON result: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{path} is not a JSON result: {type(exc).__name__}") from None
     required = ("schema_version", "model", "verdict", "score", "gates", "reversed_target")
     if not isinstance(data, dict) or any(k not in data for k in required):
         raise UsageError(f"{path} is not an amdet-gate result.json (missing {', '.join(required)})")

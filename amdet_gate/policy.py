@@ -89,8 +89,16 @@ def _schema() -> dict:
     return json.loads(resources.files("amdet_gate").joinpath("schemas/policy.schema.json").read_text("utf-8"))
 
 
-def _lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
-    """Map every key path to its 1-based line; refuse duplicate keys."""
+def _lines(node: yaml.Node, path: tuple = (), seen_nodes: set[int] | None = None) -> dict[tuple, int]:
+    """Map every key path to its 1-based line; refuse duplicate keys and aliases.
+
+    An alias makes two paths share one node; nested aliases ("billion laughs") would make
+    this walk exponential, and a policy has no use for them.
+    """
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:
+        raise PolicyError(f"line {node.start_mark.line + 1}: YAML anchors and aliases are not allowed in a policy")
+    seen_nodes.add(id(node))
     out = {path: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
@@ -100,10 +108,10 @@ def _lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
                 raise PolicyError(f"line {key.start_mark.line + 1}: duplicate key {name!r}")
             seen.add(name)
             out[(*path, name)] = key.start_mark.line + 1
-            out.update({k: v for k, v in _lines(value, (*path, name)).items() if k != (*path, name)})
+            out.update({k: v for k, v in _lines(value, (*path, name), seen_nodes).items() if k != (*path, name)})
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            out.update(_lines(item, (*path, i)))
+            out.update(_lines(item, (*path, i), seen_nodes))
     return out
 
 

@@ -6,7 +6,9 @@ hit, `policy validate`, `lock check`) never pay for importing torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 
@@ -48,3 +50,14 @@ class SearchSettings:
     time_budget_s: float = 900.0
     chunk_size: int = 64  # sequences per no-grad forward
     screen_prompts: int = 100  # held-out prompts a check runs before dropping triggers that cannot pass
+
+
+@dataclass
+class SearchProgress:
+    """Callback hooks so the CLI can show progress without the engine knowing about rich.
+
+    on_check receives the engine's GateCheck (typed Any here to keep this module torch-free).
+    """
+
+    on_step: Callable[[int, float], None] = lambda step, best_loss: None
+    on_check: Callable[[Any], None] = lambda check: None

@@ -65,7 +65,7 @@ class ModelSource:
 
 def is_hub_id(spec: str) -> bool:
     """`org/name` that is not an existing local path."""
-    return bool(HUB_ID.match(spec)) and not Path(spec).exists() and ".." not in spec
+    return bool(HUB_ID.match(spec)) and not Path(spec).exists() and ".." not in spec and "--" not in spec
 
 
 def is_pinned(revision: str | None) -> bool:
@@ -150,7 +150,7 @@ def _files_from_index(folder: Path, index: Path) -> list[Path]:
 def _shard_names(index_text: str, where: str) -> list[str]:
     try:
         names = sorted(set(json.loads(index_text)["weight_map"].values()))
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, RecursionError) as exc:
         raise LoadError(f"{where} is not a valid safetensors index") from exc
     for name in names:
         # The index is untrusted: shard names must be plain file names inside the folder.
@@ -239,24 +239,48 @@ def download(repo_id: str, revision: str | None, subfolder: str | None) -> Model
     try:
         if constants.HF_HUB_OFFLINE:
             # Air-gapped: the cache filled by `amdet-gate fetch` maps the branch or tag to its commit.
-            root = Path(snapshot_download(repo_id, revision=asked, local_files_only=True))
+            # Ask for config.json only: the cached listing names files a scan never fetches
+            # (pickle weights, other subfolders), which would make the snapshot look incomplete.
+            config = f"{subfolder}/config.json" if subfolder else "config.json"
+            root = Path(snapshot_download(repo_id, revision=asked, local_files_only=True, allow_patterns=[config]))
             sha = root.name
             if not COMMIT_SHA.match(sha):
                 raise LoadError(f"the cached snapshot of {repo_id} has no commit sha")
             files_to_fetch([p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()], subfolder)
+            # files_to_fetch found the weights in the snapshot; find_weight_files checks them again at load.
         else:
             info = HfApi().model_info(repo_id, revision=asked)
             sha = info.sha
             if not isinstance(sha, str) or not COMMIT_SHA.match(sha):
                 raise LoadError(f"the Hub did not resolve {repo_id}@{asked} to a commit sha")
             wanted = files_to_fetch([s.rfilename for s in info.siblings or []], subfolder)
-            # Download at the resolved sha, so that a branch moving mid-download cannot mix commits.
-            root = Path(snapshot_download(repo_id, revision=sha, allow_patterns=wanted))
+            # snapshot_download resolves the revision once and fetches every file at that commit,
+            # and records the branch/tag -> commit ref in the cache for offline scans. If the
+            # branch moved since model_info, the files would not be the listing's: refuse.
+            root = Path(snapshot_download(repo_id, revision=asked, allow_patterns=wanted))
+            if root.name != sha:
+                raise LoadError(f"{repo_id}@{asked} moved from {sha[:12]} to {root.name[:12]} during the download; "
+                                "scan again, or pin --revision to a commit sha")
     except GateError:
         raise
     except Exception as exc:
         raise LoadError(hub_error_message(exc, repo_id, asked)) from None
     return ModelSource(repo_id, root, subfolder, repo_id, revision, sha)
+
+
+PIPELINE_FILES = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                  "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"]
+
+
+def download_pipeline(repo_id: str, revision: str | None) -> Path:
+    """A Stable Diffusion pipeline for the diffusion renderer: only its UNet, VAE and scheduler (safetensors)."""
+    from huggingface_hub import snapshot_download
+
+    asked = revision or "main"
+    try:
+        return Path(snapshot_download(repo_id, revision=asked, allow_patterns=PIPELINE_FILES))
+    except Exception as exc:
+        raise LoadError(hub_error_message(exc, repo_id, asked)) from None
 
 
 def hub_error_message(exc: Exception, repo_id: str, revision: str) -> str:

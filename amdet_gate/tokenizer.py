@@ -108,8 +108,10 @@ def load_tokenizer(folder: Path | None) -> PromptTokenizer:
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
         try:
+            if config_path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
+                raise LoadError(f"tokenizer file {config_path} is implausibly large")
             config = json.loads(config_path.read_text("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise LoadError(f"tokenizer_config.json in {folder} is not valid JSON") from exc
         if not isinstance(config, dict):
             raise LoadError(f"tokenizer_config.json in {folder} is not a JSON object")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from amdet_gate import controls
-from amdet_gate.scan import ScanRequest, scan_model
+from amdet_gate.scanner import ScanRequest, scan_model
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float:

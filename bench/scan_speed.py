@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from amdet_gate.encoder import load_encoder
 from amdet_gate.engine import Models, SearchSettings, held_out_stats, landscape, precompute
 from amdet_gate.prompts import builtin_prompts
-from amdet_gate.scan import ScanRequest, scan_model
+from amdet_gate.scanner import ScanRequest, scan_model
 from amdet_gate.tokenizer import bundled_tokenizer
 
 SHAPES = [  # (width, layers, positions, prompts)

@@ -46,6 +46,7 @@ def tiny_dir(tmp_path: Path, tiny_model: CLIPTextModel) -> Path:
 def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own verdict cache, and never writes to a real CI job summary."""
     monkeypatch.setenv("AMDET_CACHE_DIR", str(tmp_path / "amdet-cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # the cache's key file
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
     monkeypatch.delenv("AMDET_CACHE_KEY", raising=False)
     for name in [n for n in os.environ if n.startswith("AMDET_") and n != "AMDET_CACHE_DIR"

@@ -6,6 +6,7 @@ huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE at import, so these
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ def amdet(env: dict[str, str], *args: object, cwd: Path | None = None) -> subpro
 @pytest.fixture()
 def published(hub_server: HubServer, tiny_dir: Path, tmp_path: Path) -> tuple[str, str]:
     """tiny_dir as a Hub repo (with a decoy pickle that must never be downloaded), tag v1."""
-    repo = f"acme/tiny-{tmp_path.name[-12:].lower().replace('_', '-')}"
+    repo = f"acme/tiny-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]}"
     (tiny_dir / "pytorch_model.bin").write_bytes(b"not a real pickle")
     sha = hub_server.publish(repo, tiny_dir, tag="v1")
     return repo, sha

@@ -141,6 +141,8 @@ BROKEN = {
     "NaN weights": (_nan_weights, LoadError, ExitCode.ERROR),
     "path traversal in index": (_traversal_index, LoadError, ExitCode.ERROR),
     "config not JSON": (_bad_json, LoadError, ExitCode.ERROR),
+    "config nested too deeply": (lambda f: (f / "config.json").write_text("[" * 100_000), LoadError,
+                                 ExitCode.ERROR),
     "no config": (lambda f: (f / "config.json").unlink(), UnsupportedModel, ExitCode.NOTHING_SCANNABLE),
     "no weights": (lambda f: (f / "model.safetensors").unlink(), UnsupportedModel, ExitCode.NOTHING_SCANNABLE),
 }
@@ -175,3 +177,10 @@ def test_copy_of_model_has_same_identity(tmp_path: Path, tiny_dir: Path) -> None
     copy = tmp_path / "copy"
     shutil.copytree(tiny_dir, copy)
     assert load_encoder(copy).weight_files == load_encoder(tiny_dir).weight_files
+
+
+def test_hostile_tokenizer_config_is_one_line_exit_2(tiny_dir: Path) -> None:
+    (tiny_dir / "tokenizer_config.json").write_text("[" * 100_000)
+    code, stdout, stderr = run_cli("scan", tiny_dir, "--quiet", "--out", tiny_dir / "out")
+    assert code == ExitCode.ERROR and "tokenizer_config.json" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr + stdout

@@ -11,7 +11,7 @@ import pytest
 
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.prompts import builtin_prompts, generate_corpus, read_prompt_file
-from amdet_gate.scan import split_prompts
+from amdet_gate.scanner import split_prompts
 from amdet_gate.tokenizer import bundled_tokenizer, bundled_vocab_and_merges, clean_prompt, load_tokenizer
 
 

@@ -86,6 +86,7 @@ class Scan:
     result: ScanResult
     outcome: SearchOutcome
     target_feature: torch.Tensor  # (L, d)
+    empty_feature: torch.Tensor | None = None  # (L, d): the encoding of "", a diffusion renderer's negative
 
 
 def pick_device(name: str) -> torch.device:
@@ -231,7 +232,9 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
                  "total_s": round(t_end - t0, 3)},
         environment=environment(device),
     )
-    return Scan(result, outcome, target)
+    with torch.no_grad():
+        empty = suspect.adapter.encode(suspect.adapter.embed(tokenize(tokenizer, [""], suspect).to(device)))[0]
+    return Scan(result, outcome, target, empty.cpu())
 
 
 def _floats(t: torch.Tensor) -> list[float]:
