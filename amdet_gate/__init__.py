@@ -23,17 +23,29 @@ if TYPE_CHECKING:
 
 def scan(model: str, *, policy: str | Path | None = None, out: str | Path = "amdet-out", **options) -> GateOutcome:
     """Scan one model like `amdet-gate scan` (same options, as keyword arguments) and return the outcome."""
+    from amdet_gate.errors import GateError
     from amdet_gate.gate import GateOptions, run_gate
 
     for name in ("sarif", "html", "markdown", "prompts", "vision", "lock", "cache_dir"):
         if options.get(name) is not None:
             options[name] = Path(options[name])
-    return run_gate(GateOptions(model=model, policy=Path(policy) if policy else None, out=Path(out), **options))
+    try:
+        return run_gate(GateOptions(model=model, policy=Path(policy) if policy else None, out=Path(out), **options))
+    except GateError:
+        raise
+    except Exception as exc:  # one error type for callers, so that a hook can fail closed on it
+        raise GateError(f"internal error during the scan: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def verify(model: str, *, lock: str | Path = "amdet.lock", revision: str | None = None,
            subfolder: str | None = None) -> list[str]:
     """Problems that should stop a deployment (empty when the weights are the ones scanned and passed)."""
+    from amdet_gate.errors import GateError
     from amdet_gate.gate import verify_model
 
-    return verify_model(model, Path(lock), revision, subfolder)
+    try:
+        return verify_model(model, Path(lock), revision, subfolder)
+    except GateError:
+        raise
+    except Exception as exc:
+        raise GateError(f"cannot verify {model}: {type(exc).__name__}: {str(exc)[:300]}") from exc

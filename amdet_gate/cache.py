@@ -152,12 +152,12 @@ class CacheKey:
             raise ValueError("CacheKey needs one or more distinct weight files")
         for item in self.weight_sha256s:
             name, _, sha = item.rpartition(":")
-            if not name or not _SHA256.match(sha) or "\n" in name:
+            if not name or not _SHA256.fullmatch(sha) or "\n" in name:
                 raise ValueError(f"weight entry {item!r} is not 'name:<sha256>'")
         for label, value in (("anchor_identity", self.anchor_identity), ("policy_sha256", self.policy_sha256),
                              ("settings_sha256", self.settings_sha256)):
             if (value is not None or label != "anchor_identity") and not (
-                    isinstance(value, str) and _SHA256.match(value)):
+                    isinstance(value, str) and _SHA256.fullmatch(value)):
                 raise ValueError(f"{label} must be a lowercase hex sha256, not {value!r}")
         if not isinstance(self.tool_version, str) or not self.tool_version:
             raise ValueError("tool_version must be a non-empty string")
@@ -457,7 +457,7 @@ class VerdictCache:
             secret, key_problem = None, f"cache key unusable: {exc}"
         rows = []
         for name in names:
-            if not _DIGEST_NAME.match(name):
+            if not _DIGEST_NAME.fullmatch(name):
                 continue  # temporary or trash folders of a write in progress
             path = self.entries_dir / name
             size = _tree_size(path)
@@ -492,7 +492,7 @@ class VerdictCache:
         removed = 0
         for name in names:
             _remove(self.entries_dir / name)
-            removed += bool(_DIGEST_NAME.match(name))
+            removed += bool(_DIGEST_NAME.fullmatch(name))
         return removed
 
     # -- internals ---------------------------------------------------------------------------
@@ -577,7 +577,7 @@ def _read_key(path: Path) -> bytes:
         text = os.read(fd, 200).decode("ascii", "replace").strip()
     finally:
         os.close(fd)
-    if not _SHA256.match(text):
+    if not _SHA256.fullmatch(text):
         raise _BadEntry(f"the cache key {path} is not 64 hex digits; delete it to make a new one")
     return bytes.fromhex(text)
 
@@ -667,7 +667,7 @@ def _parse_manifest(raw: bytes) -> tuple[dict, CacheKey]:
           and isinstance(m.get("verdict"), str) and isinstance(m.get("tool_version"), str)
           and isinstance(m.get("files"), list) and 0 < len(m["files"]) <= MAX_FILES
           and all(isinstance(f, dict) and set(f) == {"path", "size", "sha256"} and type(f["size"]) is int
-                  and f["size"] >= 0 and isinstance(f["sha256"], str) and _SHA256.match(f["sha256"])
+                  and f["size"] >= 0 and isinstance(f["sha256"], str) and _SHA256.fullmatch(f["sha256"])
                   for f in m["files"]))
     if not ok:
         raise _BadEntry("manifest is malformed")

@@ -23,7 +23,7 @@ from amdet_gate import __version__
 
 if TYPE_CHECKING:
     from amdet_gate.engine import GateCheck
-from amdet_gate.errors import ExitCode, GateError, UsageError
+from amdet_gate.errors import ExitCode, GateError, UsageError, one_line
 from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, SearchProgress, SearchSettings, Thresholds
 
 
@@ -40,6 +40,13 @@ class _ExitCodeGroup(TyperGroup):
             sys.exit(int(ExitCode.USAGE))
         except typer.Abort:
             print("amdet-gate: error: aborted", file=sys.stderr)
+            sys.exit(int(ExitCode.ERROR))
+        except GateError as exc:
+            print(f"amdet-gate: error: {exc}", file=sys.stderr)
+            sys.exit(int(exc.exit_code))
+        except Exception as exc:  # never a traceback, never a silent pass: fail closed with exit 2
+            print(f"amdet-gate: error: internal error: {type(exc).__name__}: {one_line(str(exc))[:300]}",
+                  file=sys.stderr)
             sys.exit(int(ExitCode.ERROR))
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -154,8 +161,6 @@ def scan(
 ) -> None:
     """Scan a text encoder; exit 0 pass, 1 backdoor found, 2 error/inconclusive, 3 nothing scannable, 4 usage."""
     from amdet_gate.gate import GateOptions, run_gate
-    from amdet_gate.outputs import write_json
-    from amdet_gate.sarif import error_sarif
 
     options = GateOptions(
         model=model, revision=revision, subfolder=subfolder, anchor=anchor, anchor_revision=anchor_revision,
@@ -169,19 +174,48 @@ def scan(
         with _Display(quiet, max_steps or SearchSettings.max_steps) as display:
             outcome = run_gate(options, progress=display.hooks(), stage=display.stage)
     except GateError as exc:
-        if exc.rule_id is not None:  # CI still learns why nothing was scanned
-            for path in (sarif, out / "result.sarif"):
-                if path is not None:
-                    with contextlib.suppress(GateError):
-                        write_json(path, error_sarif(exc.rule_id, str(exc), Path(model)))
-        raise _fail(exc) from None
-    except Exception as exc:
-        raise _fail(GateError(f"internal error during the scan: {type(exc).__name__}: {exc}")) from None
-    _print_outcome(outcome)
-    code = outcome.exit_code
-    if exit_zero and code == ExitCode.FAIL:
+        _error_outputs(exc, model, subfolder, out, sarif, markdown)
+        print(f"amdet-gate: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except Exception as exc:  # fail closed: exit 2 with one line, and CI still gets a SARIF log
+        error = GateError(f"internal error during the scan: {type(exc).__name__}: {str(exc)[:300]}")
+        _error_outputs(error, model, subfolder, out, sarif, markdown)
+        print(f"amdet-gate: error: {error}", file=sys.stderr)
+        code = error.exit_code
+    else:
+        _print_outcome(outcome)
+        code = outcome.exit_code
+    if exit_zero and code == ExitCode.FAIL:  # report-only; never hides 2, 3 or 4
         code = ExitCode.PASS
     raise typer.Exit(int(code))
+
+
+def _error_outputs(exc: GateError, model: str, subfolder: str | None, out: Path, sarif: Path | None,
+                   markdown: Path | None) -> None:
+    """When no scan result exists: a SARIF log (CI learns why) and a summary, also in the job summary."""
+    import os
+
+    from amdet_gate.markdown import md_text
+    from amdet_gate.outputs import write_json, write_text
+    from amdet_gate.sarif import error_sarif
+
+    if exc.exit_code == ExitCode.USAGE:
+        return  # a mistake in the invocation: nothing about the model to report
+    rule = exc.rule_id or "AMDET003"  # could not decide: load or download failure, internal error
+    log = error_sarif(rule, str(exc), Path(model), subfolder)
+    text = (f"## amdet-gate: ❌ {'FAIL' if exc.exit_code == ExitCode.FAIL else 'ERROR'} (exit {int(exc.exit_code)})"
+            f"\n\n**Model** {md_text(model)}\n\n**{rule}** {md_text(str(exc), 500)}\n")
+    with contextlib.suppress(GateError):
+        for path in (sarif, out / "result.sarif"):
+            if path is not None:
+                write_json(path, log)
+        for path in (markdown, out / "summary.md"):
+            if path is not None:
+                write_text(path, text)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with contextlib.suppress(OSError), open(summary, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
 
 
 def _print_outcome(outcome) -> None:
@@ -189,7 +223,7 @@ def _print_outcome(outcome) -> None:
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     for warning in outcome.warnings:
-        err.print(f"amdet-gate: warning: {warning}", markup=False)
+        err.print(f"amdet-gate: warning: {one_line(warning)}", markup=False)
     cached = "  (verdict cache)" if outcome.cache_hit else ""
     console.print(f"[{VERDICT_STYLE.get(r['verdict'], 'bold')}]{escape(r['verdict'].upper())}[/] score "
                   f"{r['score']:.3f}  {escape(r['model']['source'])}  ({escape(r['reason'])}){cached}")
@@ -199,8 +233,8 @@ def _print_outcome(outcome) -> None:
             console.print(f"  {name:26s} {gate['value']:.3f} > {gate['threshold']}  {mark}", markup=False)
     tokens = ", ".join(repr(t["text"]) for t in r["reversed_target"]["trigger_tokens"][:5])
     console.print(f"  pseudo-trigger nearest tokens: {tokens}", markup=False)
-    if outcome.note:
-        console.print(f"  policy: {outcome.note}", markup=False)
+    if outcome.note:  # carries the allow entry's statement: untrusted text
+        console.print(f"  policy: {one_line(outcome.note)}", markup=False)
     console.print(f"  report: {outcome.paths['html']}", markup=False)
 
 
@@ -236,7 +270,10 @@ def policy_init(
 
     if file.exists() and not force:
         raise _fail(UsageError(f"{file} exists; use --force to overwrite"))
-    file.write_text(STARTER_POLICY, "utf-8")
+    try:
+        file.write_text(STARTER_POLICY, "utf-8")
+    except OSError as exc:
+        raise _fail(UsageError(f"cannot write {file}: {exc.strerror}")) from None
     print(f"wrote {file}")
 
 

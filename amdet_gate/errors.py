@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+
+# C0/C1 controls (ANSI escapes, "\r", NUL) from untrusted names or exception texts must not reach a
+# terminal or a CI log, where "::command::" at a line start or an escape sequence would be acted on.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(text: str) -> str:
+    """Untrusted text as one printable line."""
+    return " ".join(_CONTROL.sub(" ", text).split())
 
 
 class ExitCode(IntEnum):
@@ -20,7 +30,7 @@ class GateError(Exception):
     rule_id: str | None = None
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))  # one line, always
+        super().__init__(one_line(message))  # one line, always
 
 
 class LoadError(GateError):

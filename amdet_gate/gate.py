@@ -12,15 +12,17 @@ Torch is imported only on a cache miss, so a cache hit answers in well under a s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 from amdet_gate import __version__
-from amdet_gate.errors import ExitCode, UsageError
+from amdet_gate.errors import ExitCode, LoadError, UsageError, one_line
 from amdet_gate.policy import Policy, apply_policy, load_policy
 from amdet_gate.settings import SearchSettings, Thresholds
 from amdet_gate.source import (
@@ -99,9 +101,16 @@ def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolv
     unknown = sorted(set(options.thresholds) - {f.name for f in dataclasses.fields(Thresholds)})
     if unknown:
         raise UsageError(f"unknown threshold {unknown[0]!r}")
+    for name, value in options.thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise UsageError(f"threshold {name}={value!r}: must be a number in [0, 1]")
+    device = _first(options.device, policy.scan.device)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?", str(device)):
+        raise UsageError(f"device {device!r}: use auto, cpu or cuda[:N]")
     thresholds = dataclasses.replace(policy.thresholds, **options.thresholds)
     anchor, anchor_revision, anchor_subfolder = options.anchor, options.anchor_revision, options.anchor_subfolder
-    if anchor is None and policy.anchor:
+    anchor_from_policy = anchor is None and bool(policy.anchor)
+    if anchor_from_policy:
         anchor = str(policy.anchor["id"])
         anchor_revision, anchor_subfolder = policy.anchor.get("revision"), policy.anchor.get("subfolder")
     if policy.require_pinned_revision:  # before any download: an unpinned model is never fetched
@@ -109,12 +118,15 @@ def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolv
         if anchor is not None:
             check_pin(anchor, anchor_revision, "the anchor")
     model = resolve_source(options.model, options.revision, options.subfolder)
-    anchor_source = None if anchor is None else resolve_source(anchor, anchor_revision, anchor_subfolder)
+    # A policy's `org/name` anchor is always the Hub's: a folder of that name added to the
+    # checkout (say, by a pull request) must not become the reference (write ./path for a folder).
+    anchor_source = None if anchor is None else resolve_source(anchor, anchor_revision, anchor_subfolder,
+                                                               prefer_hub=anchor_from_policy)
     pipeline = options.pipeline
     if pipeline is not None and not Path(pipeline).exists() and is_hub_id(pipeline):
         pipeline = str(download_pipeline(pipeline, options.pipeline_revision))
     return Resolved(policy, settings, thresholds, _first(options.n_prompts, policy.scan.n_prompts),
-                    _first(options.device, policy.scan.device), model, anchor_source, pipeline)
+                    device, model, anchor_source, pipeline)
 
 
 def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity: str | None):
@@ -124,11 +136,44 @@ def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity:
 
     effective = {"search": dataclasses.asdict(r.settings), "thresholds": dataclasses.asdict(r.thresholds),
                  "n_prompts": r.n_prompts, "prompts": prompts_identity(options.prompts),
-                 "subfolder": r.model.subfolder,
+                 "subfolder": r.model.subfolder, "device": r.device,
+                 # Same weights under another config or tokenizer are another model.
+                 "model_files": _small_files_identity(r.model),
+                 "anchor_files": _small_files_identity(r.anchor) if r.anchor else None,
                  "render": [options.render, r.pipeline, str(options.vision) if options.vision else None,
                             options.render_steps]}
     return CacheKey.create(weights, anchor_identity=anchor_identity, policy_sha256=r.policy.sha256,
                            tool_version=__version__, seed=r.settings.seed, settings=effective)
+
+
+def _small_files_identity(source: ModelSource) -> dict[str, str | None]:
+    """sha256 of config.json and the tokenizer files the scan reads (they change the result too)."""
+    from amdet_gate.source import TOKENIZER_FILES, tokenizer_folder
+
+    names = {"config.json": source.folder / "config.json"}
+    tok = tokenizer_folder(source)
+    if tok is not None:
+        names.update({f"tokenizer/{n}": tok / n for n in TOKENIZER_FILES})
+    out: dict[str, str | None] = {}
+    for name, path in names.items():
+        try:
+            out[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        except OSError as exc:
+            raise LoadError(f"cannot read {path}: {exc.strerror}") from None
+    return out
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove what an earlier scan wrote into `out`, so that a failed run never leaves a stale verdict."""
+    from amdet_gate.outputs import output_paths
+
+    stale = [*output_paths(out).values(), *(out / "images").glob("*.png")] if out.is_dir() else []
+    for path in stale:
+        try:
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+        except OSError as exc:
+            raise UsageError(f"cannot clear the old output {path}: {exc.strerror}") from None
 
 
 def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: date | None = None,
@@ -136,10 +181,15 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
     """Run the whole gate for one model; raises GateError (with its exit code) when it cannot."""
     env = os.environ if env is None else env
     today = today or date.today()
+    clear_outputs(options.out)
     stage("resolving the model")
     r = resolve(options, env, today)
     weights = weight_identities(r.model.folder)
     anchor_identity = identity_sha256(weight_identities(r.anchor.folder)) if r.anchor else None
+    if anchor_identity is not None and anchor_identity == identity_sha256(weights):
+        # The anchor gate asks "does the model differ from a clean reference?"; the model itself
+        # as its own anchor fails that gate for every trigger and would pass any backdoor.
+        raise UsageError("the anchor has the same weights as the model; give a clean reference encoder")
     warnings: list[str] = []
     cache = key = None
     if options.use_cache:
@@ -166,16 +216,27 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
     code, note = apply_policy(result.verdict, result.model["identity_sha256"], r.policy)
     result.policy = _policy_block(r.policy, code, note, result.model["identity_sha256"])
     stage("rendering the reversed target")
-    renderings = render(dataclasses.replace(render_request, device=result.settings["device"]),
-                        scanned.target_feature, result.to_dict(), r.model.root, r.model.subfolder, options.out,
-                        empty_feature=scanned.empty_feature)
+    try:
+        renderings = render(dataclasses.replace(render_request, device=result.settings["device"]),
+                            scanned.target_feature, result.to_dict(), r.model.root, r.model.subfolder, options.out,
+                            empty_feature=scanned.empty_feature)
+    except Exception as exc:  # images are evidence, not the verdict: never lose a finding to a renderer
+        renderings = []
+        warnings.append(f"rendering the reversed target failed: {one_line(str(exc))[:300]}")
+        result.reversed_target["render_error"] = warnings[-1]
     result.reversed_target["images"] = [dataclasses.asdict(i) for rd in renderings for i in rd.images]
     result.reversed_target["renderings"] = [{"renderer": rd.renderer, "text": rd.text, "notes": rd.notes,
                                              "metrics": rd.metrics} for rd in renderings]
+    # What the report shows under the images: every renderer's notes, and its settings.
+    result.reversed_target["notes"] = [f"{rd.renderer}: {n}" for rd in renderings for n in rd.notes] + (
+        [result.reversed_target["render_error"]] if "render_error" in result.reversed_target else [])
+    result.reversed_target["metrics"] = {f"{rd.renderer}.{k}": v for rd in renderings for k, v in rd.metrics.items()}
     paths = write_outputs(scanned, options.out)
     stored = json.loads(paths["result"].read_text("utf-8"))
     if cache is not None and key is not None:
-        problem = cache.store(key, options.out, stored)
+        written = [p.relative_to(options.out).as_posix() for p in paths.values() if p.is_file()]
+        written += [i["path"] for i in stored["reversed_target"].get("images", [])]
+        problem = cache.store(key, options.out, stored, files=written)
         if problem:
             warnings.append(problem)
     return _finish(options, r, stored, paths, warnings, env, cache_hit=False)

@@ -402,7 +402,7 @@ def _lock_pin_problems(lock: Lock) -> list[Problem]:
         if e.resolved_sha is None:
             problems.append(Problem(lock.source, e.line, f"{e.label}: a Hub model without resolved_sha: "
                                     "the commit it was scanned at is unknown", UNPINNED))
-        elif e.revision is None or not COMMIT_SHA.match(e.revision):
+        elif e.revision is None or not COMMIT_SHA.fullmatch(e.revision):
             named = f"revision {e.revision!r}" if e.revision else "no revision (the default branch)"
             problems.append(Problem(lock.source, e.line, f"{e.label}: scanned by {named}, not a 40-hex commit "
                                     f"sha; scan with --revision {e.resolved_sha}", UNPINNED))
@@ -426,7 +426,7 @@ def check_lock(lock: Lock, require_pass: bool = True) -> list[Problem]:
             found.append(("a weight file is listed twice", None))
         elif identity_sha256([WeightFile(w.name, w.sha256, w.size) for w in e.weight_files]) != e.identity_sha256:
             found.append(("identity_sha256 does not match its weight files (edited by hand?)", None))
-        if e.revision and COMMIT_SHA.match(e.revision) and e.resolved_sha and e.revision != e.resolved_sha:
+        if e.revision and COMMIT_SHA.fullmatch(e.revision) and e.resolved_sha and e.revision != e.resolved_sha:
             found.append((f"revision {e.revision} is not resolved_sha {e.resolved_sha}", None))
         problems.extend(Problem(lock.source, e.line, f"{e.label}: {message}", rule) for message, rule in found)
         problems.extend(_lock_pin_problems(Lock((e,), lock.source)))
@@ -571,7 +571,7 @@ def _unpinned(model: str, revision: str | None) -> str | None:
         return f"{model} has no revision (the default branch, which can move)"
     if _EXPRESSION.search(revision):
         return f"{model} has revision {revision!r}, an expression that cannot be checked here"
-    if not COMMIT_SHA.match(revision):
+    if not COMMIT_SHA.fullmatch(revision):
         return f"{model} has revision {revision!r}, not a 40-hex commit sha"
     return None
 

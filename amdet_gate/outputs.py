@@ -127,6 +127,18 @@ def read_result(path: Path) -> dict:
     required = ("schema_version", "model", "verdict", "score", "gates", "reversed_target")
     if not isinstance(data, dict) or any(k not in data for k in required):
         raise UsageError(f"{path} is not an amdet-gate result.json (missing {', '.join(required)})")
+    model, files = data["model"], data["model"].get("weight_files") if isinstance(data["model"], dict) else None
+    well_formed = (
+        isinstance(model, dict) and isinstance(model.get("source"), str)
+        and isinstance(model.get("identity_sha256"), str)
+        and isinstance(files, list) and files and all(isinstance(f, dict) and isinstance(f.get("name"), str)
+                                                      for f in files)
+        and data["verdict"] in ("pass", "fail", "inconclusive")
+        and isinstance(data["score"], int | float) and not isinstance(data["score"], bool)
+        and isinstance(data["gates"], dict) and isinstance(data["reversed_target"], dict)
+        and all(isinstance(t, dict) for t in data["reversed_target"].get("trigger_tokens", [])))
+    if not well_formed:
+        raise UsageError(f"{path} is not a well-formed amdet-gate result.json")
     if not str(data["schema_version"]).startswith("1."):
         raise UsageError(f"{path} has result schema {data['schema_version']!r}; this version reads 1.x")
     return data

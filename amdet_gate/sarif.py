@@ -90,8 +90,11 @@ def _result(rule_id: str, message: str, uri: str, identity: str, properties: dic
     return result
 
 
-def _model_name(source: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(source).name or "model")
+def _model_name(source: str, subfolder: str | None = None) -> str:
+    """A stable, safe automation id part: the whole source (org/name or path) and subfolder, so that two
+    encoders of one pipeline, or org-a/x and org-b/x, never share a code-scanning category."""
+    raw = "/".join(p for p in (source.strip("/"), subfolder) if p) or "model"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw)[-120:]
 
 
 def _location(result: dict) -> tuple[str, int]:
@@ -130,9 +133,9 @@ def scan_sarif(result: dict) -> dict:
         results.append(_result("AMDET002", f"Natural backdoor feature in {model['source']}: prompts collapse "
                                "to one target, but the loss landscape is not a smooth bowl.", uri, identity, props,
                                line=line))
-    return _log(_model_name(model["source"]), results)
+    return _log(_model_name(model["source"], model.get("subfolder")), results)
 
 
-def error_sarif(rule_id: str, message: str, model: Path) -> dict:
+def error_sarif(rule_id: str, message: str, model: Path, subfolder: str | None = None) -> dict:
     """SARIF log for a model that could not be scanned at all."""
-    return _log(_model_name(str(model)), [_result(rule_id, message, _uri(model), str(model), {})])
+    return _log(_model_name(str(model), subfolder), [_result(rule_id, message, _uri(model), str(model), {})])

@@ -25,8 +25,9 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 MAX_SMALL_FILE_BYTES = 1024 * 1024
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # always used with fullmatch: "$" would accept a trailing newline
+STANDARD_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 class UnpinnedRevision(GateError):
@@ -65,11 +66,11 @@ class ModelSource:
 
 def is_hub_id(spec: str) -> bool:
     """`org/name` that is not an existing local path."""
-    return bool(HUB_ID.match(spec)) and not Path(spec).exists() and ".." not in spec and "--" not in spec
+    return bool(HUB_ID.fullmatch(spec)) and not Path(spec).exists() and ".." not in spec and "--" not in spec
 
 
 def is_pinned(revision: str | None) -> bool:
-    return revision is not None and bool(COMMIT_SHA.match(revision))
+    return revision is not None and bool(COMMIT_SHA.fullmatch(revision))
 
 
 def check_pin(spec: str, revision: str | None, what: str = "model") -> None:
@@ -86,10 +87,16 @@ def _check_subfolder(subfolder: str | None) -> None:
         raise UsageError(f"--subfolder {subfolder!r} must be a relative path inside the model")
 
 
-def resolve_source(spec: str, revision: str | None = None, subfolder: str | None = None) -> ModelSource:
-    """A local folder as is, or a Hub id downloaded (only what the scan needs) and pinned."""
+def resolve_source(spec: str, revision: str | None = None, subfolder: str | None = None,
+                   prefer_hub: bool = False) -> ModelSource:
+    """A local folder as is, or a Hub id downloaded (only what the scan needs) and pinned.
+
+    An existing path wins over a Hub id of the same spelling, unless `prefer_hub`.
+    """
     _check_subfolder(subfolder)
     subfolder = subfolder.strip("/") if subfolder else None
+    if prefer_hub and HUB_ID.fullmatch(spec) and ".." not in spec and "--" not in spec:
+        return download(spec, revision, subfolder)
     if Path(spec).exists():
         if revision:
             raise UsageError(f"--revision applies to Hub ids; {spec} is a local folder")
@@ -111,24 +118,42 @@ def read_small(path: Path) -> str:
 
 
 def find_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder; pickle-only folders are refused, never opened."""
+    """The safetensors files a loader would read from this folder, in transformers' order.
+
+    model.safetensors first, then a sharded index, then a lone safetensors file. A folder
+    that also holds weights the scan would not cover (a variant such as model.fp16.safetensors,
+    stray safetensors files, or pickle weights a loader would pick instead) is refused: the
+    scanned file must be the one that gets deployed. Pickle-only folders are refused, never opened.
+    """
     if not folder.is_dir():
         raise UnsupportedModel(f"{folder} is not a folder")
-    index = folder / INDEX_FILE
-    if index.is_file():
-        return _files_from_index(folder, index)
-    single = folder / SINGLE_FILE
-    if single.is_file():
-        return [single]
-    others = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if len(others) == 1:
-        return others
+    safetensors = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles and not others:
+    index = folder / INDEX_FILE
+    single = folder / SINGLE_FILE
+    if single.is_file() and index.is_file():
+        _files_from_index(folder, index)  # an untrusted index is checked even when it only confuses
+        raise UnsupportedModel(f"{folder} has both {SINGLE_FILE} and {INDEX_FILE}; loaders disagree on which "
+                               "to read: keep one")
+    if single.is_file():
+        chosen = [single]  # transformers prefers it to pickle weights
+    elif index.is_file():
+        chosen = _files_from_index(folder, index)  # preferred to pickle weights too
+    elif pickles:
+        # A loader would read the pickle file, whatever other safetensors lie around.
         raise _pickle_refused(str(folder), pickles)
-    if len(others) > 1:
-        raise UnsupportedModel(f"{folder} has several .safetensors files but no {INDEX_FILE}")
-    raise UnsupportedModel(f"no weights found in {folder} (expected {SINGLE_FILE})")
+    elif len(safetensors) == 1:
+        chosen = safetensors
+    elif safetensors:
+        raise UnsupportedModel(f"{folder} has several .safetensors files but no {SINGLE_FILE} or {INDEX_FILE}")
+    else:
+        raise UnsupportedModel(f"no weights found in {folder} (expected {SINGLE_FILE})")
+    uncovered = sorted(p.name for p in safetensors if p not in chosen)
+    if uncovered:
+        raise UnsupportedModel(
+            f"{folder} also holds weights the scan would not cover ({', '.join(uncovered[:3])}); a loader "
+            "asked for a variant would read them: scan each variant in its own folder")
+    return chosen
 
 
 def _pickle_refused(where: str, pickles: list[str]) -> PickleRefused:
@@ -212,16 +237,19 @@ def files_to_fetch(repo_files: list[str], subfolder: str | None) -> list[str]:
             raise UnsupportedModel(f"nothing found under {prefix or 'the repository root'}; wrong --subfolder?")
         raise UnsupportedModel(f"no config.json in {prefix or 'the repository root'}")
     safetensors = sorted(n for n in here if n.endswith(".safetensors"))
+    pickles = sorted(n for n in here if n.lower().endswith(PICKLE_SUFFIXES))
+    # Same order as find_weight_files; only the default (non-variant) files are downloaded.
     if SINGLE_FILE in here:
         weights = [SINGLE_FILE]
     elif INDEX_FILE in here:
-        weights = [INDEX_FILE, *safetensors]
-    elif safetensors:
+        weights = [INDEX_FILE, *(n for n in safetensors if STANDARD_SHARD.fullmatch(n))]
+    elif pickles:
+        raise _pickle_refused(prefix or "the repository", pickles)
+    elif len(safetensors) == 1:
         weights = safetensors
+    elif safetensors:
+        raise UnsupportedModel(f"{prefix or 'the repository'} has several .safetensors files but no {SINGLE_FILE}")
     else:
-        pickles = sorted(n for n in here if n.lower().endswith(PICKLE_SUFFIXES))
-        if pickles:
-            raise _pickle_refused(prefix or "the repository", pickles)
         raise UnsupportedModel(f"no weights found in {prefix or 'the repository'} (expected {SINGLE_FILE})")
     wanted = ["config.json", *weights, *(n for n in TOKENIZER_FILES if n in here)]
     paths = [here[n] for n in wanted]
@@ -244,14 +272,14 @@ def download(repo_id: str, revision: str | None, subfolder: str | None) -> Model
             config = f"{subfolder}/config.json" if subfolder else "config.json"
             root = Path(snapshot_download(repo_id, revision=asked, local_files_only=True, allow_patterns=[config]))
             sha = root.name
-            if not COMMIT_SHA.match(sha):
+            if not COMMIT_SHA.fullmatch(sha):
                 raise LoadError(f"the cached snapshot of {repo_id} has no commit sha")
             files_to_fetch([p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()], subfolder)
             # files_to_fetch found the weights in the snapshot; find_weight_files checks them again at load.
         else:
             info = HfApi().model_info(repo_id, revision=asked)
             sha = info.sha
-            if not isinstance(sha, str) or not COMMIT_SHA.match(sha):
+            if not isinstance(sha, str) or not COMMIT_SHA.fullmatch(sha):
                 raise LoadError(f"the Hub did not resolve {repo_id}@{asked} to a commit sha")
             wanted = files_to_fetch([s.rfilename for s in info.siblings or []], subfolder)
             # snapshot_download resolves the revision once and fetches every file at that commit,

@@ -134,7 +134,8 @@ def test_action_sub_actions_are_pinned_by_sha_with_version_comment():
 
 def test_action_caches_hf_home_and_installs_from_its_own_checkout():
     cache = next(s for s in _all_steps(_load(ACTION)) if str(s.get("uses", "")).startswith("actions/cache@"))
-    assert cache["with"]["path"] == "${{ steps.hf.outputs.path }}"
+    assert cache["with"]["path"] == "${{ steps.hf.outputs.path }}/hub"  # the downloads, never the token
+    assert "hf-token" in cache["if"]  # private weights are never cached
     assert "steps.hf.outputs.key" in cache["with"]["key"]
     install = _action_step("install")
     assert install["env"]["AMDET_ACTION_PATH"] == "${{ github.action_path }}"

@@ -60,7 +60,20 @@ def test_anchor_must_share_the_architecture(tiny_dir: Path, tmp_path: Path) -> N
 
 
 def test_anchor_enables_gate_three(tiny_dir: Path, tmp_path: Path) -> None:
-    run_cli("scan", tiny_dir, "--anchor", tiny_dir, *FAST, "--out", tmp_path, "-q")
-    result = json.loads((tmp_path / "result.json").read_text())
+    import torch
+    from transformers import CLIPTextModel
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(1)
+    CLIPTextModel(tiny_config()).save_pretrained(str(tmp_path / "anchor"))
+    run_cli("scan", tiny_dir, "--anchor", tmp_path / "anchor", *FAST, "--out", tmp_path / "o", "-q")
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
     assert "anchor_difference_ratio" in result["gates"]
-    assert result["anchor"]["weight_files"][0]["sha256"] == result["model"]["weight_files"][0]["sha256"]
+    assert result["anchor"]["identity_sha256"] != result["model"]["identity_sha256"]
+
+
+def test_the_model_is_not_its_own_anchor(tiny_dir: Path, tmp_path: Path) -> None:
+    """Its own weights as anchor fail gate 3 for every trigger: that would pass any backdoor."""
+    code, _, stderr = run_cli("scan", tiny_dir, "--anchor", tiny_dir, *FAST, "--out", tmp_path, "-q")
+    assert code == ExitCode.USAGE and "same weights" in stderr

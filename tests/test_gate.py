@@ -108,3 +108,44 @@ def test_local_lock_verify_and_python_api(tiny_dir: Path, tmp_path: Path) -> Non
     with pytest.raises(GateError) as info:
         amdet_gate.scan(str(tmp_path / "missing" / "model"), out=tmp_path / "x")
     assert info.value.exit_code == ExitCode.ERROR
+
+
+def test_unpinned_hub_model_is_amdet100_before_any_download(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pin.yaml").write_text("version: 1\nrequire_pinned_revision: true\n")
+    args = ("scan", "acme/some-model", "--revision", "main", "--policy", "pin.yaml", "-q", "--out", "o")
+    code, _, stderr = run_cli(*args)
+    assert code == ExitCode.FAIL and "pinned revision" in stderr
+    sarif = json.loads((tmp_path / "o" / "result.sarif").read_text())
+    assert sarif["runs"][0]["results"][0]["ruleId"] == "AMDET100"
+    assert "AMDET100" in (tmp_path / "o" / "summary.md").read_text()
+    assert run_cli(*args, "--exit-zero")[0] == 0  # report-only turns every 1 into 0
+
+
+def test_failed_run_leaves_no_stale_verdict(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert run_cli("scan", tiny_dir, *PASS, "--out", out)[0] == 0
+    assert json.loads((out / "result.json").read_text())["verdict"] == "pass"
+    (tiny_dir / "config.json").write_text("{not json")
+    code, _, _ = run_cli("scan", tiny_dir, *PASS, "--out", out)
+    assert code == ExitCode.ERROR
+    assert not (out / "result.json").exists() and not (out / "report.html").exists()
+    sarif = json.loads((out / "result.sarif").read_text())
+    assert sarif["runs"][0]["results"][0]["ruleId"] == "AMDET003"  # could not decide
+
+
+def test_api_and_report_refuse_bad_input(tiny_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(GateError) as info:
+        amdet_gate.scan(str(tiny_dir), out=tmp_path / "o", thresholds={"assimilation_ratio": 5})
+    assert info.value.exit_code == ExitCode.USAGE
+    result = json.loads((Path(__file__).parent / "data" / "sample_result.json").read_text())
+    del result["model"]["weight_files"]
+    (tmp_path / "broken.json").write_text(json.dumps(result))
+    code, _, stderr = run_cli("report", tmp_path / "broken.json", "--sarif", tmp_path / "s.sarif")
+    assert code == ExitCode.USAGE and "well-formed" in stderr
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"version: 1\nallow:\n  - rule: AMDET100\n    sha256: {'a' * 64}\n    statement: x\n"
+                      "    expires: '2099-01-01'\n")
+    code, _, stderr = run_cli("policy", "validate", policy)
+    assert code == ExitCode.USAGE and "line 3" in stderr

@@ -170,7 +170,7 @@ def test_pickle_file_is_never_opened_when_safetensors_exist(tiny_dir: Path) -> N
 def test_missing_folder_and_bad_subfolder(tmp_path: Path, tiny_dir: Path) -> None:
     assert run_cli("scan", tmp_path / "nope", "-q")[0] == ExitCode.ERROR
     code, _, stderr = run_cli("scan", tiny_dir, "--subfolder", "../..", "-q")
-    assert code == ExitCode.ERROR and "relative path" in stderr
+    assert code == ExitCode.USAGE and "relative path" in stderr
 
 
 def test_copy_of_model_has_same_identity(tmp_path: Path, tiny_dir: Path) -> None:

@@ -93,3 +93,29 @@ def test_markdown_shows_untrusted_text_inert(hostile: str) -> None:
               "reversed_target": {"trigger_tokens": [{"text": hostile}], "target_tokens": []}}
     summary = render_markdown(result)
     assert "<img" not in summary and "](" not in summary and "FAIL" in summary
+
+
+def _weights(folder: Path, *names: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_the_scanned_weights_are_the_ones_a_loader_reads(tmp_path: Path) -> None:
+    from amdet_gate.source import find_weight_files
+
+    assert find_weight_files(_weights(tmp_path / "a", "model.safetensors", "pytorch_model.bin")) == [
+        tmp_path / "a" / "model.safetensors"]  # transformers prefers safetensors to pickle
+    with pytest.raises(UnsupportedModel, match="would not cover"):  # a variant a loader could be asked for
+        find_weight_files(_weights(tmp_path / "b", "model.safetensors", "model.fp16.safetensors"))
+    with pytest.raises(PickleRefused):  # no standard name: a loader would read the pickle file
+        find_weight_files(_weights(tmp_path / "c", "weights.safetensors", "pytorch_model.bin"))
+    lone = _weights(tmp_path / "d", "weights.safetensors")
+    assert find_weight_files(lone) == [lone / "weights.safetensors"]
+
+
+def test_revisions_with_a_trailing_newline_are_not_pins() -> None:
+    from amdet_gate.source import is_pinned
+
+    assert is_pinned("a" * 40) and not is_pinned("a" * 40 + "\n") and not is_hub_id("org/name\n")
