@@ -119,3 +119,20 @@ def test_revisions_with_a_trailing_newline_are_not_pins() -> None:
     from amdet_gate.source import is_pinned
 
     assert is_pinned("a" * 40) and not is_pinned("a" * 40 + "\n") and not is_hub_id("org/name\n")
+
+
+def test_hub_errors_become_one_clear_line() -> None:
+    """The real huggingface_hub exception classes (olah cannot serve a gated repo, so this one is built here)."""
+    import httpx2
+    from huggingface_hub import errors as hf
+
+    from amdet_gate.source import hub_error_message
+
+    response = httpx2.Response(403, request=httpx2.Request("GET", "http://127.0.0.1/api/models/a/b"))
+    messages = {cls: hub_error_message(cls("boom", response=response), "a/b", "main")
+                for cls in (hf.GatedRepoError, hf.RepositoryNotFoundError, hf.RevisionNotFoundError)}
+    assert "gated" in messages[hf.GatedRepoError] and "HF_TOKEN" in messages[hf.GatedRepoError]
+    assert "not found" in messages[hf.RepositoryNotFoundError]
+    assert "revision not found" in messages[hf.RevisionNotFoundError]
+    assert "amdet-gate fetch" in hub_error_message(hf.LocalEntryNotFoundError("x"), "a/b", "v1")
+    assert "cannot download" in hub_error_message(httpx2.ConnectError("refused"), "a/b", "main")
