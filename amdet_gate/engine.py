@@ -302,6 +302,7 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
     history: list[Tensor] = []
     checks: list[GateCheck] = []
     detected: GateCheck | None = None
+    detected_landscape: Landscape | None = None
     last_checked_loss = torch.full((settings.restarts,), math.inf)
     best_loss, best_step = math.inf, 0
     stop_reason = "max_steps"
@@ -340,7 +341,7 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
                                          settings, torch.Generator().manual_seed(settings.seed + step))
                         gates.landscape_positive_ratio = land.positive_ratio(thresholds.eigenvalue_floor)
                         if gates.passed(thresholds)["landscape_positive_ratio"]:
-                            detected = check
+                            detected, detected_landscape = check, land
                     checks.append(check)
                     progress.on_check(check)
                     if detected is not None:
@@ -369,19 +370,25 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
         running = loss_history[-settings.running_window :].mean(dim=0) if history else torch.zeros(1)
         best = int(torch.nan_to_num(running, nan=math.inf).argmin())
     return _report(models, held, final, best, checks, detected, loss_history, step, stop_reason,
-                   settings, thresholds, time.monotonic() - start)
+                   settings, thresholds, time.monotonic() - start, detected_landscape)
 
 
 def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, checks: list[GateCheck],
             detected: GateCheck | None, loss_history: Tensor, steps: int, stop_reason: str,
-            settings: SearchSettings, thresholds: Thresholds, seconds: float) -> SearchOutcome:
-    """All four gates and the landscape on the reported trigger, for the result and the report."""
+            settings: SearchSettings, thresholds: Thresholds, seconds: float,
+            known_landscape: Landscape | None = None) -> SearchOutcome:
+    """All four gates and the landscape on the reported trigger, for the result and the report.
+
+    A detection's landscape was just computed for this trigger at this step: it is reused.
+    """
     trigger = triggers[best]
     stats = held_out_stats(models, held, trigger[None], settings.chunk_size)
     final_gates = gate_values(stats, thresholds)[0]
-    # Same direction seed as a check at this step, so a detection's landscape is reproduced exactly.
-    land = landscape(models, held.embeds[:1], held.clean[:1], trigger, settings,
-                     torch.Generator().manual_seed(settings.seed + steps))
+    # Same direction seed as a check at this step, so the grid is the one a check would draw.
+    land = known_landscape
+    if land is None:
+        land = landscape(models, held.embeds[:1], held.clean[:1], trigger, settings,
+                         torch.Generator().manual_seed(settings.seed + steps))
     final_gates.landscape_positive_ratio = land.positive_ratio(thresholds.eigenvalue_floor)
     return SearchOutcome(
         triggers=triggers.cpu(), best_restart=best, checks=checks, detected=detected,
