@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -338,10 +339,10 @@ def verify(
     except GateError as exc:
         raise _fail(exc) from None
     for problem in problems:
-        print(f"amdet-gate: {problem}", file=sys.stderr)
+        print(f"amdet-gate: {one_line(problem)}", file=sys.stderr)
     if problems:
         raise typer.Exit(int(ExitCode.FAIL))
-    print(f"{model}: weights match {lock} (scanned, verdict pass)")
+    print(f"{one_line(model)}: weights match {lock} (scanned, verdict pass)")
 
 
 lock_app = typer.Typer(help="Check lock files (amdet.lock).", no_args_is_help=True)
@@ -353,14 +354,19 @@ def lock_check(files: Annotated[list[Path], typer.Argument(help="Lock files to c
     """Exit 0 if every lock file is valid, pinned and records a pass; 1 if not; 4 if unreadable."""
     from amdet_gate.lock import check_lock, read_lock
 
+    _check_files(files, lambda file: check_lock(read_lock(file)))
+
+
+def _check_files(files: list[Path], problems_of: Callable[[Path], list]) -> None:
+    """Print every file's problems (one line each; they name file and line); exit 1 if any, 4 if unreadable."""
     bad = False
     for file in files:
         try:
-            problems = check_lock(read_lock(file))
+            problems = problems_of(file)
         except GateError as exc:
             raise _fail(exc) from None
         for problem in problems:
-            print(str(problem), file=sys.stderr)
+            print(one_line(str(problem)), file=sys.stderr)
         bad = bad or bool(problems)
     raise typer.Exit(int(ExitCode.FAIL) if bad else 0)
 
@@ -370,16 +376,7 @@ def pins(files: Annotated[list[Path], typer.Argument(help="Policy, lock or workf
     """Exit 1 if a Hub model in FILES is not pinned to a 40-hex commit sha."""
     from amdet_gate.lock import pin_problems
 
-    bad = False
-    for file in files:
-        try:
-            problems = pin_problems(file)
-        except GateError as exc:
-            raise _fail(exc) from None
-        for problem in problems:
-            print(str(problem), file=sys.stderr)
-        bad = bad or bool(problems)
-    raise typer.Exit(int(ExitCode.FAIL) if bad else 0)
+    _check_files(files, pin_problems)
 
 
 cache_app = typer.Typer(help="Inspect or empty the verdict cache.", no_args_is_help=True)

@@ -13,6 +13,7 @@ The scan engine only sees `TextEncoderAdapter`: embed ids, encode embeddings, fi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from amdet_gate.errors import LoadError, UnsupportedModel
+from amdet_gate.errors import LoadError, UnsupportedModel, one_line
 from amdet_gate.source import WeightFile, find_weight_files, read_small, weight_identities
 
 MAX_PARAMETERS = 3_000_000_000
@@ -176,51 +177,60 @@ def _text_key(key: str) -> str | None:
     return None
 
 
-def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Check headers against the expected keys and shapes, then load the text tower tensors."""
+def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]],
+                 key_map: Callable[[str], str | None] = _text_key, what: str = "text-encoder",
+                 optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Check headers against the expected keys and shapes, then load only the mapped tensors.
+
+    `key_map` names the checkpoint keys wanted (None: not this tower's); a -1 in an expected
+    shape accepts any size there; `optional` names may be absent. Every failure is a LoadError.
+    """
     found: dict[str, tuple[Path, str]] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    name = _text_key(key)
+                    name = key_map(key)
                     if name is None:
                         continue
+                    shown = one_line(key)[:80]  # key names are untrusted text
                     if name in found:
-                        raise LoadError(f"tensor {name} appears twice in the checkpoint")
+                        raise LoadError(f"tensor {shown} appears twice in the checkpoint")
                     info = fh.get_slice(key)
                     dtype, shape = info.get_dtype(), tuple(info.get_shape())
                     if name not in expected:
-                        raise LoadError(f"{path.name}: unexpected tensor {key} for this config")
-                    if shape != expected[name]:
-                        raise LoadError(f"{path.name}: {key} has shape {list(shape)} but config.json "
-                                        f"implies {list(expected[name])}")
+                        raise LoadError(f"{path.name}: unexpected tensor {shown} for this config")
+                    want = expected[name]
+                    if len(shape) != len(want) or any(w not in (-1, s) for w, s in zip(want, shape, strict=True)):
+                        raise LoadError(f"{path.name}: {shown} has shape {list(shape)} but config.json "
+                                        f"implies {list(want)}")
                     if dtype not in FLOAT_DTYPES:
-                        raise LoadError(f"{path.name}: {key} has dtype {dtype}; expected F32/F16/BF16")
+                        raise LoadError(f"{path.name}: {shown} has dtype {dtype}; expected F32/F16/BF16")
                     found[name] = (path, key)
         except LoadError:
             raise
         except Exception as exc:
-            raise LoadError(f"{path.name} is not a readable safetensors file ({_reason(exc)})") from exc
-    missing = sorted(set(expected) - set(found))
+            raise LoadError(f"{path.name} is not a readable safetensors file ({reason(exc)})") from exc
+    missing = sorted(set(expected) - set(found) - optional)
     if missing:
-        raise LoadError(f"checkpoint lacks {len(missing)} text-encoder tensors, e.g. {missing[0]}")
+        raise LoadError(f"checkpoint lacks {len(missing)} {what} tensors, e.g. {missing[0]}")
     tensors: dict[str, torch.Tensor] = {}
-    for path in files:  # only the text tower's tensors are read (a CLIPModel also has a vision tower)
+    for path in files:  # only the wanted tower's tensors are read (a CLIPModel has two towers)
         wanted = {name: key for name, (src, key) in found.items() if src == path}
         try:
             with safe_open(str(path), framework="pt") as fh:
                 for name, key in wanted.items():
                     tensors[name] = fh.get_tensor(key).float()
         except Exception as exc:  # any failure to read untrusted bytes is a load error
-            raise LoadError(f"{path.name} is not a readable safetensors file ({_reason(exc)})") from exc
+            raise LoadError(f"{path.name} is not a readable safetensors file ({reason(exc)})") from exc
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise LoadError(f"tensor {name} contains NaN or infinite values")
     return tensors
 
 
-def _reason(exc: Exception) -> str:
+def reason(exc: Exception) -> str:
+    """A short, one-line reason from an exception raised by untrusted input."""
     text = " ".join(str(exc).split())
     return text[:160] if text else type(exc).__name__
 

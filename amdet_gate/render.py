@@ -43,7 +43,8 @@ from safetensors import safe_open
 from torch import Tensor
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from amdet_gate.encoder import ALLOWED_ACTIVATIONS, FLOAT_DTYPES, _reason, load_encoder
+from amdet_gate.encoder import ALLOWED_ACTIVATIONS, FLOAT_DTYPES, load_encoder, read_tensors
+from amdet_gate.encoder import reason as _reason
 from amdet_gate.errors import LoadError, PickleRefused, UsageError
 from amdet_gate.source import PICKLE_SUFFIXES, find_weight_files, is_hub_id, read_small
 from amdet_gate.tokenizer import load_tokenizer
@@ -714,65 +715,22 @@ def _preprocessing(folder: Path) -> tuple[Tensor, Tensor]:
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
+TEXT_PROJECTION = "text_projection.weight"
+
+
 def _vision_key(key: str) -> str | None:
+    """The vision tower's keys, its projection, and the text projection a CLIPModel carries beside them."""
     if key.startswith("vision_model.") and not key.endswith("position_ids"):
         return key
-    return key if key == "visual_projection.weight" else None
+    return key if key in ("visual_projection.weight", TEXT_PROJECTION) else None
 
 
 def _read_vision_tensors(files: list[Path], expected: dict[str, tuple[int, ...]],
                          projection_dim: int) -> tuple[dict[str, Tensor], Tensor | None]:
     """Header check (keys, shapes, dtypes) of every file, then read only the vision tower's tensors."""
-    found: dict[str, tuple[Path, str]] = {}
-    text_projection: tuple[Path, str] | None = None
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    info = fh.get_slice(key)
-                    dtype, shape = info.get_dtype(), tuple(info.get_shape())
-                    if key == "text_projection.weight":
-                        if len(shape) != 2 or shape[0] != projection_dim or dtype not in FLOAT_DTYPES:
-                            raise LoadError(f"{path.name}: text_projection.weight has shape {list(shape)}; "
-                                            f"expected [{projection_dim}, text width]")
-                        text_projection = (path, key)
-                        continue
-                    name = _vision_key(key)
-                    if name is None:
-                        continue
-                    if name in found:
-                        raise LoadError(f"tensor {clean_text(name, 80)} appears twice in the checkpoint")
-                    if name not in expected:
-                        raise LoadError(f"{path.name}: unexpected tensor {clean_text(key, 80)} for this vision config")
-                    if shape != expected[name]:
-                        raise LoadError(f"{path.name}: {clean_text(key, 80)} has shape {list(shape)} but config.json "
-                                        f"implies {list(expected[name])}")
-                    if dtype not in FLOAT_DTYPES:
-                        raise LoadError(f"{path.name}: {clean_text(key, 80)} has dtype {dtype}; expected F32/F16/BF16")
-                    found[name] = (path, key)
-        except LoadError:
-            raise
-        except Exception as exc:
-            raise LoadError(f"{path.name} is not a readable safetensors file ({_reason(exc)})") from exc
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise LoadError(f"checkpoint lacks {len(missing)} vision-tower tensors, e.g. {missing[0]}")
-    wanted = dict(found)
-    if text_projection is not None:
-        wanted["text_projection.weight"] = text_projection
-    tensors: dict[str, Tensor] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                for name, (src, key) in wanted.items():
-                    if src == path:
-                        tensors[name] = fh.get_tensor(key).float()
-        except Exception as exc:  # any failure to read untrusted bytes is a load error
-            raise LoadError(f"{path.name} is not a readable safetensors file ({_reason(exc)})") from exc
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise LoadError(f"tensor {name} contains NaN or infinite values")
-    return tensors, tensors.pop("text_projection.weight", None)
+    expected = {**expected, TEXT_PROJECTION: (projection_dim, -1)}  # any text width; absent in a vision-only file
+    tensors = read_tensors(files, expected, _vision_key, "vision-tower", optional=frozenset({TEXT_PROJECTION}))
+    return tensors, tensors.pop(TEXT_PROJECTION, None)
 
 
 def load_vision_tower(folder: Path) -> VisionTower:

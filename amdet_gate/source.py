@@ -128,32 +128,37 @@ def find_weight_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise UnsupportedModel(f"{folder} is not a folder")
     safetensors = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     index = folder / INDEX_FILE
-    single = folder / SINGLE_FILE
-    if single.is_file() and index.is_file():
+    if (folder / SINGLE_FILE).is_file() and index.is_file():
         _files_from_index(folder, index)  # an untrusted index is checked even when it only confuses
         raise UnsupportedModel(f"{folder} has both {SINGLE_FILE} and {INDEX_FILE}; loaders disagree on which "
                                "to read: keep one")
-    if single.is_file():
-        chosen = [single]  # transformers prefers it to pickle weights
-    elif index.is_file():
-        chosen = _files_from_index(folder, index)  # preferred to pickle weights too
-    elif pickles:
-        # A loader would read the pickle file, whatever other safetensors lie around.
-        raise _pickle_refused(str(folder), pickles)
-    elif len(safetensors) == 1:
-        chosen = safetensors
-    elif safetensors:
-        raise UnsupportedModel(f"{folder} has several .safetensors files but no {SINGLE_FILE} or {INDEX_FILE}")
-    else:
-        raise UnsupportedModel(f"no weights found in {folder} (expected {SINGLE_FILE})")
+    first = weights_to_read({p.name for p in folder.iterdir() if p.is_file()}, str(folder))
+    chosen = _files_from_index(folder, index) if first == INDEX_FILE else [folder / first]
     uncovered = sorted(p.name for p in safetensors if p not in chosen)
     if uncovered:
         raise UnsupportedModel(
             f"{folder} also holds weights the scan would not cover ({', '.join(uncovered[:3])}); a loader "
             "asked for a variant would read them: scan each variant in its own folder")
     return chosen
+
+
+def weights_to_read(names: set[str], where: str) -> str:
+    """The file a loader starts from, in transformers' order: model.safetensors, the sharded index,
+    else a lone safetensors file. Pickle weights a loader would pick instead are refused."""
+    if SINGLE_FILE in names:
+        return SINGLE_FILE  # preferred to shards' index and to pickle weights
+    if INDEX_FILE in names:
+        return INDEX_FILE
+    pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise _pickle_refused(where, pickles)
+    safetensors = sorted(n for n in names if n.endswith(".safetensors"))
+    if len(safetensors) == 1:
+        return safetensors[0]
+    if safetensors:
+        raise UnsupportedModel(f"{where} has several .safetensors files but no {SINGLE_FILE} or {INDEX_FILE}")
+    raise UnsupportedModel(f"no weights found in {where} (expected {SINGLE_FILE})")
 
 
 def _pickle_refused(where: str, pickles: list[str]) -> PickleRefused:
@@ -236,21 +241,10 @@ def files_to_fetch(repo_files: list[str], subfolder: str | None) -> list[str]:
         if not here:
             raise UnsupportedModel(f"nothing found under {prefix or 'the repository root'}; wrong --subfolder?")
         raise UnsupportedModel(f"no config.json in {prefix or 'the repository root'}")
-    safetensors = sorted(n for n in here if n.endswith(".safetensors"))
-    pickles = sorted(n for n in here if n.lower().endswith(PICKLE_SUFFIXES))
-    # Same order as find_weight_files; only the default (non-variant) files are downloaded.
-    if SINGLE_FILE in here:
-        weights = [SINGLE_FILE]
-    elif INDEX_FILE in here:
-        weights = [INDEX_FILE, *(n for n in safetensors if STANDARD_SHARD.fullmatch(n))]
-    elif pickles:
-        raise _pickle_refused(prefix or "the repository", pickles)
-    elif len(safetensors) == 1:
-        weights = safetensors
-    elif safetensors:
-        raise UnsupportedModel(f"{prefix or 'the repository'} has several .safetensors files but no {SINGLE_FILE}")
-    else:
-        raise UnsupportedModel(f"no weights found in {prefix or 'the repository'} (expected {SINGLE_FILE})")
+    first = weights_to_read(set(here), prefix or "the repository")
+    # For an index, only the default shards: never a variant's (model.fp16-00001-of-...).
+    shards = sorted(n for n in here if STANDARD_SHARD.fullmatch(n)) if first == INDEX_FILE else []
+    weights = [first, *shards]
     wanted = ["config.json", *weights, *(n for n in TOKENIZER_FILES if n in here)]
     paths = [here[n] for n in wanted]
     if subfolder and subfolder.startswith("text_encoder"):  # a diffusers pipeline's tokenizer
