@@ -203,7 +203,7 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
             return _cache_hit(options, r, hit, warnings, env)
 
     from amdet_gate.outputs import write_outputs
-    from amdet_gate.render import RenderRequest, choose_renderer, render
+    from amdet_gate.render import RenderRequest, choose_renderer
     from amdet_gate.scanner import ScanRequest, scan_model
 
     render_request = RenderRequest(kind=options.render, pipeline=r.pipeline, vision=options.vision,
@@ -216,21 +216,8 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
     code, note = apply_policy(result.verdict, result.model["identity_sha256"], r.policy)
     result.policy = _policy_block(r.policy, code, note, result.model["identity_sha256"])
     stage("rendering the reversed target")
-    try:
-        renderings = render(dataclasses.replace(render_request, device=result.settings["device"]),
-                            scanned.target_feature, result.to_dict(), r.model.root, r.model.subfolder, options.out,
-                            empty_feature=scanned.empty_feature)
-    except Exception as exc:  # images are evidence, not the verdict: never lose a finding to a renderer
-        renderings = []
-        warnings.append(f"rendering the reversed target failed: {one_line(str(exc))[:300]}")
-        result.reversed_target["render_error"] = warnings[-1]
-    result.reversed_target["images"] = [dataclasses.asdict(i) for rd in renderings for i in rd.images]
-    result.reversed_target["renderings"] = [{"renderer": rd.renderer, "text": rd.text, "notes": rd.notes,
-                                             "metrics": rd.metrics} for rd in renderings]
-    # What the report shows under the images: every renderer's notes, and its settings.
-    result.reversed_target["notes"] = [f"{rd.renderer}: {n}" for rd in renderings for n in rd.notes] + (
-        [result.reversed_target["render_error"]] if "render_error" in result.reversed_target else [])
-    result.reversed_target["metrics"] = {f"{rd.renderer}.{k}": v for rd in renderings for k, v in rd.metrics.items()}
+    _render_images(dataclasses.replace(render_request, device=result.settings["device"]), scanned, r,
+                   options.out, warnings)
     paths = write_outputs(scanned, options.out)
     stored = json.loads(paths["result"].read_text("utf-8"))
     if cache is not None and key is not None:
@@ -240,6 +227,30 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
         if problem:
             warnings.append(problem)
     return _finish(options, r, stored, paths, warnings, env, cache_hit=False)
+
+
+def _render_images(request, scanned, r: Resolved, out: Path, warnings: list[str]) -> None:
+    """The reversed target's images and their notes into the result; a failing renderer is a warning.
+
+    Images are evidence, not the verdict: a finding is never lost to a renderer.
+    """
+    from amdet_gate.render import render
+
+    target = scanned.result.reversed_target
+    try:
+        renderings = render(request, scanned.target_feature, scanned.result.to_dict(), r.model.root,
+                            r.model.subfolder, out, empty_feature=scanned.empty_feature)
+    except Exception as exc:
+        renderings = []
+        warnings.append(f"rendering the reversed target failed: {one_line(str(exc))[:300]}")
+        target["render_error"] = warnings[-1]
+    target["images"] = [dataclasses.asdict(i) for rd in renderings for i in rd.images]
+    target["renderings"] = [{"renderer": rd.renderer, "text": rd.text, "notes": rd.notes, "metrics": rd.metrics}
+                            for rd in renderings]
+    # What the report shows under the images: every renderer's notes, and its settings.
+    target["notes"] = [f"{rd.renderer}: {n}" for rd in renderings for n in rd.notes] + (
+        [target["render_error"]] if "render_error" in target else [])
+    target["metrics"] = {f"{rd.renderer}.{k}": v for rd in renderings for k, v in rd.metrics.items()}
 
 
 def _cache_hit(options: GateOptions, r: Resolved, result: dict, warnings: list[str],
