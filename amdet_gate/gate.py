@@ -27,6 +27,7 @@ from amdet_gate.policy import Policy, apply_policy, load_policy
 from amdet_gate.settings import SearchSettings, Thresholds
 from amdet_gate.source import (
     ModelSource,
+    check_hub_sha256,
     check_pin,
     download_pipeline,
     identity_sha256,
@@ -185,7 +186,11 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
     stage("resolving the model")
     r = resolve(options, env, today)
     weights = weight_identities(r.model.folder)
-    anchor_identity = identity_sha256(weight_identities(r.anchor.folder)) if r.anchor else None
+    check_hub_sha256(r.model, weights)
+    anchor_weights = weight_identities(r.anchor.folder) if r.anchor else None
+    if r.anchor and anchor_weights:
+        check_hub_sha256(r.anchor, anchor_weights)
+    anchor_identity = identity_sha256(anchor_weights) if anchor_weights else None
     if anchor_identity is not None and anchor_identity == identity_sha256(weights):
         # The anchor gate asks "does the model differ from a clean reference?"; the model itself
         # as its own anchor fails that gate for every trigger and would pass any backdoor.
@@ -308,7 +313,9 @@ def verify_model(model: str, lock: Path, revision: str | None = None, subfolder:
     problems = []
     if entry.resolved_sha and source.resolved_sha and source.resolved_sha != entry.resolved_sha:
         problems.append(f"{model} resolves to commit {source.resolved_sha}, the lock has {entry.resolved_sha}")
-    problems += verify_entry(entry, [(w.name, w.sha256, w.size) for w in weight_identities(source.folder)])
+    weights = weight_identities(source.folder)
+    check_hub_sha256(source, weights)
+    problems += verify_entry(entry, [(w.name, w.sha256, w.size) for w in weights])
     if entry.verdict != "pass":
         problems.append(f"{model} was scanned with verdict {entry.verdict}, not pass")
     return problems

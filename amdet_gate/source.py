@@ -54,6 +54,7 @@ class ModelSource:
     hub_id: str | None = None
     revision: str | None = None  # as asked (branch, tag or sha)
     resolved_sha: str | None = None  # the commit the revision pointed to
+    hub_sha256: tuple[tuple[str, str], ...] = ()  # (file name, sha256) the Hub lists for LFS weight files
 
     @property
     def folder(self) -> Path:
@@ -204,6 +205,19 @@ def weight_identities(folder: Path) -> list[WeightFile]:
     return [WeightFile(p.name, sha256_file(p), p.stat().st_size) for p in find_weight_files(folder)]
 
 
+def check_hub_sha256(source: ModelSource, files: list[WeightFile]) -> None:
+    """The downloaded weights must be the bytes the Hub lists for the recorded commit.
+
+    A poisoned or tampered local cache (restored by CI, copied to an air-gapped machine) would
+    otherwise be scanned, locked and reported under the commit's name.
+    """
+    listed = dict(source.hub_sha256)
+    for file in files:
+        if file.name in listed and listed[file.name] != file.sha256:
+            raise LoadError(f"{source.spec}@{source.resolved_sha}: {file.name} in the local cache has sha256 "
+                            f"{file.sha256[:16]}..., the Hub lists {listed[file.name][:16]}...; clear the cache")
+
+
 def identity_sha256(files: list[WeightFile]) -> str:
     """The model's identity: its weight file's sha256, or for shards a sha256 over all of them."""
     if len(files) == 1:
@@ -258,6 +272,7 @@ def download(repo_id: str, revision: str | None, subfolder: str | None) -> Model
     from huggingface_hub import HfApi, constants, snapshot_download
 
     asked = revision or "main"
+    hub_sha256: tuple[tuple[str, str], ...] = ()  # offline: the cache is all there is
     try:
         if constants.HF_HUB_OFFLINE:
             # Air-gapped: the cache filled by `amdet-gate fetch` maps the branch or tag to its commit.
@@ -271,7 +286,8 @@ def download(repo_id: str, revision: str | None, subfolder: str | None) -> Model
             files_to_fetch([p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()], subfolder)
             # files_to_fetch found the weights in the snapshot; find_weight_files checks them again at load.
         else:
-            info = HfApi().model_info(repo_id, revision=asked)
+            # files_metadata: the Hub's own sha256 of every LFS file, to check the downloaded bytes against.
+            info = HfApi().model_info(repo_id, revision=asked, files_metadata=True)
             sha = info.sha
             if not isinstance(sha, str) or not COMMIT_SHA.fullmatch(sha):
                 raise LoadError(f"the Hub did not resolve {repo_id}@{asked} to a commit sha")
@@ -280,6 +296,11 @@ def download(repo_id: str, revision: str | None, subfolder: str | None) -> Model
             # and records the branch/tag -> commit ref in the cache for offline scans. If the
             # branch moved since model_info, the files would not be the listing's: refuse.
             root = Path(snapshot_download(repo_id, revision=asked, allow_patterns=wanted))
+            prefix = f"{subfolder}/" if subfolder else ""
+            hub_sha256 = tuple(sorted(
+                (s.rfilename[len(prefix):], s.lfs.sha256) for s in info.siblings or []
+                if s.rfilename.startswith(prefix) and s.rfilename.endswith(".safetensors") and s.lfs is not None
+                and isinstance(getattr(s.lfs, "sha256", None), str)))
             if root.name != sha:
                 raise LoadError(f"{repo_id}@{asked} moved from {sha[:12]} to {root.name[:12]} during the download; "
                                 "scan again, or pin --revision to a commit sha")
@@ -287,7 +308,7 @@ def download(repo_id: str, revision: str | None, subfolder: str | None) -> Model
         raise
     except Exception as exc:
         raise LoadError(hub_error_message(exc, repo_id, asked)) from None
-    return ModelSource(repo_id, root, subfolder, repo_id, revision, sha)
+    return ModelSource(repo_id, root, subfolder, repo_id, revision, sha, hub_sha256)
 
 
 PIPELINE_FILES = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",

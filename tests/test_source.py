@@ -136,3 +136,14 @@ def test_hub_errors_become_one_clear_line() -> None:
     assert "revision not found" in messages[hf.RevisionNotFoundError]
     assert "amdet-gate fetch" in hub_error_message(hf.LocalEntryNotFoundError("x"), "a/b", "v1")
     assert "cannot download" in hub_error_message(httpx2.ConnectError("refused"), "a/b", "main")
+
+
+def test_cached_hub_weights_must_match_the_hubs_sha256(tmp_path: Path) -> None:
+    from amdet_gate.source import ModelSource, WeightFile, check_hub_sha256
+
+    listed = ModelSource("org/name", tmp_path, hub_id="org/name", resolved_sha="c" * 40,
+                         hub_sha256=(("model.safetensors", "a" * 64),))
+    check_hub_sha256(listed, [WeightFile("model.safetensors", "a" * 64, 1)])
+    with pytest.raises(LoadError, match="the Hub lists"):
+        check_hub_sha256(listed, [WeightFile("model.safetensors", "b" * 64, 1)])
+    check_hub_sha256(ModelSource("local", tmp_path), [WeightFile("model.safetensors", "b" * 64, 1)])  # no listing
