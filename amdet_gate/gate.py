@@ -168,7 +168,12 @@ def clear_outputs(out: Path) -> None:
     """Remove what an earlier scan wrote into `out`, so that a failed run never leaves a stale verdict."""
     from amdet_gate.outputs import output_paths
 
-    stale = [*output_paths(out).values(), *(out / "images").glob("*.png")] if out.is_dir() else []
+    if not out.is_dir():
+        return
+    # Only the names this tool writes: --out may be a folder that holds other files too.
+    images = [p for pattern in ("tokens.png", "diffusion_*.png", "clip_vision_*.png")
+              for p in (out / "images").glob(pattern)]
+    stale = [*output_paths(out).values(), *images]
     for path in stale:
         try:
             if path.is_file() or path.is_symlink():
