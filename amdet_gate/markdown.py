@@ -53,9 +53,10 @@ def render_markdown(result: dict) -> str:
         lines += [f"**Policy** {md_text(policy['note'])}", ""]
     gates = {k: v for k, v in (result.get("gates") or {}).items() if isinstance(v, dict)}
     if gates:
-        lines += ["| gate | value | threshold | result |", "|---|---|---|---|"]
+        # A passed gate is evidence of a backdoor: the column says whether the gate's condition held.
+        lines += ["| gate | value | threshold | gate passed (evidence of a backdoor) |", "|---|---|---|---|"]
         for name, gate in gates.items():
-            mark = "pass" if gate.get("passed") else "**fail**"
+            mark = "**yes**" if gate.get("passed") else "no"
             lines.append(f"| {md_text(name)} | {_num(gate.get('value'))} | {_num(gate.get('threshold'))} | {mark} |")
         lines.append("")
     reversed_target = result.get("reversed_target") or {}
