@@ -149,3 +149,31 @@ def test_api_and_report_refuse_bad_input(tiny_dir: Path, tmp_path: Path) -> None
                       "    expires: '2099-01-01'\n")
     code, _, stderr = run_cli("policy", "validate", policy)
     assert code == ExitCode.USAGE and "line 3" in stderr
+
+
+def test_pipeline_scan_renders_the_target_through_diffusion(tmp_path: Path) -> None:
+    """A diffusers pipeline end to end: text encoder by subfolder, its sibling tokenizer, diffusion images."""
+    from tests.tiny_pipelines import save_tiny_sd_pipeline
+
+    pipe = save_tiny_sd_pipeline(tmp_path / "pipe")
+    code, _, stderr = run_cli("scan", pipe, "--subfolder", "text_encoder", "--pipeline", pipe, "--render",
+                              "diffusion", "--render-steps", "2", *PASS, "--out", tmp_path / "o")
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["model"]["tokenizer"] == "model folder"  # pipe/tokenizer, beside text_encoder
+    images = [i["path"] for i in result["reversed_target"]["images"]]
+    assert images == [f"images/diffusion_{i}.png" for i in range(4)] + ["images/tokens.png"]
+    assert all((tmp_path / "o" / p).is_file() for p in images)
+    assert (tmp_path / "o" / "report.html").read_text().count("data:image/png;base64,") == 5
+
+
+def test_full_clip_checkpoint_renders_through_its_vision_tower(tmp_path: Path) -> None:
+    from tests.tiny_pipelines import save_tiny_clip
+
+    clip = tmp_path / "clip"
+    save_tiny_clip(clip)
+    code, _, stderr = run_cli("scan", clip, "--render-steps", "2", *PASS, "--out", tmp_path / "o")
+    assert code == 0, stderr
+    renderers = {i["renderer"] for i in json.loads((tmp_path / "o" / "result.json").read_text())[
+        "reversed_target"]["images"]}
+    assert renderers == {"clip-vision", "tokens"}
