@@ -33,7 +33,7 @@ from amdet_gate.engine import (
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.prompts import builtin_prompts, read_prompt_file
 from amdet_gate.reverse import reverse_target
-from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder
+from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder, weight_identities
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 from amdet_gate.verdict import Decision, check_score, decide, gate_margins
 
@@ -106,6 +106,9 @@ def as_source(model: ModelSource | Path, subfolder: str | None) -> ModelSource:
 def load_models(model: ModelSource, anchor_source: ModelSource | None, device: torch.device,
                 weights: list[WeightFile] | None = None) -> tuple[LoadedEncoder, LoadedEncoder | None]:
     suspect = load_encoder(model.root, model.subfolder, weights)
+    if weights is not None and weight_identities(model.folder) != weights:
+        # Hashed by the caller, then read here: the bytes scanned must be the bytes identified.
+        raise LoadError(f"the weights in {model.folder} changed while they were being scanned")
     anchor = None
     if anchor_source is not None:
         anchor = load_encoder(anchor_source.root, anchor_source.subfolder)

@@ -177,3 +177,15 @@ def test_full_clip_checkpoint_renders_through_its_vision_tower(tmp_path: Path) -
     renderers = {i["renderer"] for i in json.loads((tmp_path / "o" / "result.json").read_text())[
         "reversed_target"]["images"]}
     assert renderers == {"clip-vision", "tokens"}
+
+
+def test_weights_swapped_between_hashing_and_loading_are_refused(tiny_dir: Path) -> None:
+    from amdet_gate.errors import LoadError
+    from amdet_gate.scanner import ScanRequest, scan_model
+    from amdet_gate.settings import SearchSettings
+    from amdet_gate.source import WeightFile
+
+    hashed_earlier = [WeightFile("model.safetensors", "0" * 64, 1)]  # what the gate hashed before loading
+    with pytest.raises(LoadError, match="changed while"):
+        scan_model(ScanRequest(model=tiny_dir, n_prompts=40, settings=SearchSettings(max_steps=1)),
+                   weights=hashed_earlier)
