@@ -124,24 +124,36 @@ def read_config(folder: Path) -> tuple[str, dict]:
         "encoders (CLIPTextModel, CLIPTextModelWithProjection, CLIPModel)")
 
 
-def _validate_text_config(raw: dict, arch: str) -> dict:
-    defaults = CLIPTextConfig()
+def validate_transformer_config(raw: dict, limits: dict[str, tuple[int, int]], defaults: object,
+                                where: str) -> dict:
+    """What every CLIP tower's config must satisfy before a tensor is built: integer sizes within
+    `limits`, heads dividing the width, a known activation, a small positive layer-norm epsilon."""
     cfg: dict = {}
-    for key, (low, high) in SIZE_LIMITS.items():
+    for key, (low, high) in limits.items():
         value = raw.get(key, getattr(defaults, key))
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise LoadError(f"config.json: {key}={value!r} is not an integer in [{low}, {high}]")
+            raise LoadError(f"{where}: {key}={_shown(value)} is not an integer in [{low}, {high}]")
         cfg[key] = value
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        raise LoadError("config.json: hidden_size is not divisible by num_attention_heads")
+        raise LoadError(f"{where}: hidden_size is not divisible by num_attention_heads")
     act = raw.get("hidden_act", defaults.hidden_act)
     if act not in ALLOWED_ACTIVATIONS:
-        raise LoadError(f"config.json: hidden_act {act!r} is not supported")
+        raise LoadError(f"{where}: hidden_act {_shown(act)} is not supported")
     cfg["hidden_act"] = act
     eps = raw.get("layer_norm_eps", defaults.layer_norm_eps)
     if not isinstance(eps, int | float) or isinstance(eps, bool) or not 0 < eps < 1:
-        raise LoadError(f"config.json: layer_norm_eps={eps!r} is not a small positive number")
+        raise LoadError(f"{where}: layer_norm_eps={_shown(eps)} is not a small positive number")
     cfg["layer_norm_eps"] = float(eps)
+    return cfg
+
+
+def _shown(value: object) -> str:
+    """An untrusted config value in an error message: one line, short."""
+    return one_line(repr(value))[:40]
+
+
+def _validate_text_config(raw: dict, arch: str) -> dict:
+    cfg = validate_transformer_config(raw, SIZE_LIMITS, CLIPTextConfig(), "config.json")
     eos = raw.get("eos_token_id", 49407)
     cfg["eos_token_id"] = eos if isinstance(eos, int) and 0 <= eos < cfg["vocab_size"] else cfg["vocab_size"] - 1
     d, f, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]

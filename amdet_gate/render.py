@@ -43,7 +43,7 @@ from safetensors import safe_open
 from torch import Tensor
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from amdet_gate.encoder import ALLOWED_ACTIVATIONS, FLOAT_DTYPES, load_encoder, read_tensors
+from amdet_gate.encoder import FLOAT_DTYPES, load_encoder, read_tensors, validate_transformer_config
 from amdet_gate.encoder import reason as _reason
 from amdet_gate.errors import LoadError, PickleRefused, UsageError
 from amdet_gate.source import PICKLE_SUFFIXES, find_weight_files, is_hub_id, read_small
@@ -660,15 +660,7 @@ class VisionTower:
 
 
 def _validate_vision_config(raw: dict, projection_dim: object) -> dict:
-    defaults = CLIPVisionConfig()
-    cfg: dict = {}
-    for key, (low, high) in VISION_LIMITS.items():
-        value = raw.get(key, getattr(defaults, key))
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise LoadError(f"vision config: {key}={clean_text(repr(value), 40)} is not an integer in [{low}, {high}]")
-        cfg[key] = value
-    if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        raise LoadError("vision config: hidden_size is not divisible by num_attention_heads")
+    cfg = validate_transformer_config(raw, VISION_LIMITS, CLIPVisionConfig(), "vision config")
     if cfg["patch_size"] > cfg["image_size"]:
         raise LoadError("vision config: patch_size is larger than image_size")
     if (cfg["image_size"] // cfg["patch_size"]) ** 2 > MAX_PATCHES:  # attention is quadratic in the patch count
@@ -679,14 +671,6 @@ def _validate_vision_config(raw: dict, projection_dim: object) -> dict:
         raise LoadError(f"vision config: projection_dim={clean_text(repr(projection_dim), 40)} is not an integer "
                         "in [1, 16384]")
     cfg["projection_dim"] = projection_dim
-    act = raw.get("hidden_act", defaults.hidden_act)
-    if act not in ALLOWED_ACTIVATIONS:
-        raise LoadError(f"vision config: hidden_act {clean_text(repr(act), 40)} is not supported")
-    cfg["hidden_act"] = act
-    eps = raw.get("layer_norm_eps", defaults.layer_norm_eps)
-    if not isinstance(eps, int | float) or isinstance(eps, bool) or not 0 < eps < 1:
-        raise LoadError(f"vision config: layer_norm_eps={clean_text(repr(eps), 40)} is not a small positive number")
-    cfg["layer_norm_eps"] = float(eps)
     d, f, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     patches = (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
     params = (3 * cfg["patch_size"] ** 2 + patches) * d + n * (4 * d * d + 2 * d * f) + d * projection_dim
