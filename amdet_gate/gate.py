@@ -320,7 +320,7 @@ def verify_model(model: str, lock: Path, revision: str | None = None, subfolder:
         problems.append(f"{model} resolves to commit {source.resolved_sha}, the lock has {entry.resolved_sha}")
     weights = weight_identities(source.folder)
     check_hub_sha256(source, weights)
-    problems += verify_entry(entry, [(w.name, w.sha256, w.size) for w in weights])
+    problems += verify_entry(entry, weights)
     if entry.verdict != "pass":
         problems.append(f"{model} was scanned with verdict {entry.verdict}, not pass")
     return problems

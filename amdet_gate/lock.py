@@ -81,13 +81,6 @@ class _Loader(_BaseLoader):
 # --- data ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class WeightRef:
-    name: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
 class LockEntry:
     """One scanned model. `line` is where the entry starts in the file it was read from."""
 
@@ -95,7 +88,7 @@ class LockEntry:
     subfolder: str | None
     revision: str | None
     resolved_sha: str | None
-    weight_files: tuple[WeightRef, ...]
+    weight_files: tuple[WeightFile, ...]
     identity_sha256: str
     verdict: str
     score: float | None
@@ -313,7 +306,7 @@ def read_lock(path: Path) -> Lock:
 def _entry_from_dict(item: Mapping[str, Any], line: int | None = None) -> LockEntry:
     return LockEntry(
         id=item["id"], subfolder=item["subfolder"], revision=item["revision"], resolved_sha=item["resolved_sha"],
-        weight_files=tuple(WeightRef(w["name"], w["sha256"], w["size"]) for w in item["weight_files"]),
+        weight_files=tuple(WeightFile(w["name"], w["sha256"], w["size"]) for w in item["weight_files"]),
         identity_sha256=item["identity_sha256"], verdict=item["verdict"], score=item["score"],
         tool_version=item["tool_version"], policy_sha256=item["policy_sha256"], scanned_at=item["scanned_at"],
         line=line,
@@ -372,7 +365,7 @@ def entry_from_result(result: Mapping[str, Any], requested_id: str, revision: st
             id=_norm_id(requested_id), subfolder=_norm_subfolder(model.get("subfolder")),
             revision=revision if revision is not None else model.get("revision"),
             resolved_sha=model.get("resolved_sha"),
-            weight_files=tuple(WeightRef(w["name"], w["sha256"], w["size"]) for w in model["weight_files"]),
+            weight_files=tuple(WeightFile(w["name"], w["sha256"], w["size"]) for w in model["weight_files"]),
             identity_sha256=model["identity_sha256"], verdict=result["verdict"], score=result.get("score"),
             tool_version=result["tool"]["version"],
             policy_sha256=(result.get("policy") or {}).get("sha256"),

@@ -15,7 +15,6 @@ from amdet_gate.lock import (
     LockEntry,
     LockError,
     Problem,
-    WeightRef,
     check_lock,
     entry_from_result,
     find_entry,
@@ -58,7 +57,7 @@ def write(tmp_path: Path, text: str, name: str = "amdet.lock") -> Path:
 def test_entry_from_result() -> None:
     e = entry_from_result(result(), HUB + "/", "v1.0")
     assert (e.id, e.subfolder, e.revision, e.resolved_sha) == (HUB, "text_encoder", "v1.0", COMMIT)
-    assert e.weight_files == (WeightRef("model.safetensors", SHA_A, 1234),)
+    assert e.weight_files == (WeightFile("model.safetensors", SHA_A, 1234),)
     assert (e.identity_sha256, e.verdict, e.score, e.tool_version, e.policy_sha256) == (
         SHA_A, "pass", 0.01, "0.1.0", SHA_B)
     assert e.scanned_at.endswith("Z") and time.strptime(e.scanned_at, "%Y-%m-%dT%H:%M:%SZ")
