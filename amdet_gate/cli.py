@@ -197,7 +197,7 @@ def _error_outputs(exc: GateError, model: str, subfolder: str | None, out: Path,
     import os
 
     from amdet_gate.markdown import md_text
-    from amdet_gate.outputs import write_json, write_text
+    from amdet_gate.outputs import append_step_summary, write_json, write_text
     from amdet_gate.sarif import error_sarif
 
     if exc.exit_code == ExitCode.USAGE:
@@ -213,10 +213,7 @@ def _error_outputs(exc: GateError, model: str, subfolder: str | None, out: Path,
         for path in (markdown, out / "summary.md"):
             if path is not None:
                 write_text(path, text)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with contextlib.suppress(OSError), open(summary, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+    append_step_summary(os.environ, text)  # best effort: the error itself is already on its way out
 
 
 def _print_outcome(outcome) -> None:

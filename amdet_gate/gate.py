@@ -192,10 +192,11 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
     r = resolve(options, env, today)
     weights = weight_identities(r.model.folder)
     check_hub_sha256(r.model, weights)
-    anchor_weights = weight_identities(r.anchor.folder) if r.anchor else None
-    if r.anchor and anchor_weights:
+    anchor_identity = None
+    if r.anchor is not None:
+        anchor_weights = weight_identities(r.anchor.folder)
         check_hub_sha256(r.anchor, anchor_weights)
-    anchor_identity = identity_sha256(anchor_weights) if anchor_weights else None
+        anchor_identity = identity_sha256(anchor_weights)
     if anchor_identity is not None and anchor_identity == identity_sha256(weights):
         # The anchor gate asks "does the model differ from a clean reference?"; the model itself
         # as its own anchor fails that gate for every trigger and would pass any backdoor.
@@ -285,17 +286,13 @@ def _cache_hit(options: GateOptions, r: Resolved, result: dict, warnings: list[s
 def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Path], warnings: list[str],
             env: Mapping[str, str], cache_hit: bool) -> GateOutcome:
     """Decide with the policy, copy reports where asked, append the job summary, write the lock."""
-    from amdet_gate.outputs import copy_reports
+    from amdet_gate.outputs import append_step_summary, copy_reports
 
     code, note = apply_policy(result["verdict"], result["model"]["identity_sha256"], r.policy)
     copy_reports(paths, sarif=options.sarif, html=options.html, markdown=options.markdown)
-    summary = env.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        try:
-            with open(summary, "a", encoding="utf-8") as fh:
-                fh.write(paths["markdown"].read_text("utf-8") + "\n")
-        except OSError as exc:
-            warnings.append(f"cannot append to GITHUB_STEP_SUMMARY: {exc.strerror}")
+    problem = append_step_summary(env, paths["markdown"].read_text("utf-8"))
+    if problem:
+        warnings.append(problem)
     if options.lock is not None:
         from amdet_gate.lock import entry_from_result, write_lock
 

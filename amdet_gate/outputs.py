@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,6 +143,19 @@ def read_result(path: Path) -> dict:
     if not str(data["schema_version"]).startswith("1."):
         raise UsageError(f"{path} has result schema {data['schema_version']!r}; this version reads 1.x")
     return data
+
+
+def append_step_summary(env: Mapping[str, str], text: str) -> str | None:
+    """Append to GitHub's job summary when $GITHUB_STEP_SUMMARY is set; a warning if that fails."""
+    summary = env.get("GITHUB_STEP_SUMMARY")
+    if not summary:
+        return None
+    try:
+        with open(summary, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    except OSError as exc:
+        return f"cannot append to GITHUB_STEP_SUMMARY: {exc.strerror}"
+    return None
 
 
 def write_text(path: Path, text: str) -> None:
