@@ -258,6 +258,157 @@ def hessian_eigenvalues(surface: Tensor, spacing: float) -> Tensor:
     return torch.linalg.eigvalsh(hessians).reshape(-1).float()
 
 
+# --- the pooled path: backdoors that move only the pooled (EOS) feature -----------------
+# A text-on-pair backdoor is trained through the pooled EOS embedding alone: triggered
+# prompts' EOS (and padding) features go to the target while their content tokens stay as
+# they were, so gates 1-2 stay low. This path inverts a trigger that makes the *pooled*
+# features of all prompts agree instead. CLIP's pooled features share a large common
+# direction, which would count as agreement on any model, so they are measured after
+# removing the clean prompts' mean direction (`centre`); the beta and gamma terms are the
+# same as in the token loss. A multi-vector trigger was tried and rejected: benign
+# encoders then reach the same agreement.
+
+def eos_positions(ids: Tensor, eos_token_id: int) -> Tensor:
+    """Index of each prompt's first EOS after a one-slot trigger insertion, (B,)."""
+    return ((ids == eos_token_id).int().argmax(dim=-1) + 1).clamp(max=ids.shape[-1] - 1)
+
+
+def pooled_with_trigger(encoder: TextEncoderAdapter, embeds: Tensor, eos: Tensor, triggers: Tensor) -> Tensor:
+    """Pooled features with each trigger inserted, (R, B, d).
+
+    The mask is causal, so nothing after the last EOS can change a pooled feature: the
+    sequences are cut there, which makes this path several times cheaper than the token one.
+    """
+    cut = int(eos.max()) + 1
+    features = encoder.encode(insert_trigger(embeds[:, : cut + 1], triggers)[:, :, :cut])
+    index = eos[None, :, None, None].expand(features.shape[0], -1, 1, features.shape[-1])
+    return features.gather(2, index).squeeze(2)
+
+
+def centred(pooled: Tensor, centre: Tensor) -> Tensor:
+    """Unit pooled features with the clean mean direction removed, unit again."""
+    return _unit(_unit(pooled) - centre)
+
+
+def pooled_loss(models: Models, embeds: Tensor, eos: Tensor, clean_pooled: Tensor, centre: Tensor,
+                triggers: Tensor, beta: float, gamma: float) -> Tensor:
+    """-agreement of the centred pooled features across the batch + beta * S(clean) + gamma * S(anchor), (R,)."""
+    pooled = pooled_with_trigger(models.suspect, embeds, eos, triggers)
+    summed = centred(pooled, centre).sum(dim=1)
+    agreement = (summed * summed).sum(dim=-1) / pooled.shape[1] ** 2
+    loss = -agreement + beta * (_unit(pooled) * _unit(clean_pooled)[None]).sum(dim=-1).mean(dim=1)
+    if models.anchor is not None and gamma:
+        anchored = pooled_with_trigger(models.anchor, embeds, eos, triggers)
+        loss = loss + gamma * (_unit(anchored) * _unit(pooled)).sum(dim=-1).mean(dim=1)
+    return loss
+
+
+@dataclass
+class PooledGates:
+    """The pooled path's gates: one pooled target for most prompts, unlike the anchor's."""
+
+    same_target_ratio: float  # share of held-out prompts at centred cosine > t.pooled_same_target to the first's
+    anchor_difference_ratio: float | None  # share whose pooled feature is opposite the anchor's; None without one
+
+    def passed(self, t: Thresholds) -> dict[str, bool]:
+        out = {"pooled_same_target_ratio": self.same_target_ratio > t.pooled_same_target_ratio}
+        if self.anchor_difference_ratio is not None:
+            out["pooled_anchor_difference_ratio"] = self.anchor_difference_ratio > t.anchor_difference_ratio
+        return out
+
+
+@dataclass
+class PooledOutcome:
+    triggers: Tensor  # (R, d)
+    best_restart: int
+    gates: PooledGates  # on the best restart
+    similarity: Tensor  # (N,) centred cosine of each held-out prompt's pooled feature to the first prompt's
+    loss_history: Tensor  # (steps, R)
+    steps: int
+    detected_at_step: int | None
+    stop_reason: str  # detected | max_steps | time_budget | non_finite
+    seconds: float
+
+
+@torch.no_grad()
+def pooled_gates(models: Models, held: PromptFeatures, eos: Tensor, centre: Tensor, triggers: Tensor,
+                 t: Thresholds, chunk_size: int) -> tuple[list[PooledGates], Tensor]:
+    """Pooled gates for every trigger, and the per-prompt similarity to each target, (R, N)."""
+    per_chunk = max(1, chunk_size // triggers.shape[0])
+    pooled, anchor_sim = [], []
+    for start in range(0, len(held), per_chunk):
+        embeds, where = held.embeds[start : start + per_chunk], eos[start : start + per_chunk]
+        suspect = pooled_with_trigger(models.suspect, embeds, where, triggers)
+        pooled.append(centred(suspect, centre))
+        if models.anchor is not None:
+            anchored = pooled_with_trigger(models.anchor, embeds, where, triggers)
+            anchor_sim.append((_unit(anchored) * _unit(suspect)).sum(dim=-1))
+    features = torch.cat(pooled, dim=1)
+    similarity = (features * features[:, :1]).sum(dim=-1)  # as gate 2: the first prompt's is the target
+    same = (similarity > t.pooled_same_target).sum(dim=1).tolist()
+    opposite = (torch.cat(anchor_sim, dim=1) < 0).sum(dim=1).tolist() if anchor_sim else None
+    n = len(held)
+    gates = [PooledGates(same[r] / n, None if opposite is None else opposite[r] / n) for r in range(len(same))]
+    return gates, similarity
+
+
+def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: SearchSettings,
+                  thresholds: Thresholds, deadline: float) -> PooledOutcome:
+    """Optimise R pooled pseudo-triggers together; check the gates every `pooled_check_every` steps."""
+    start = time.monotonic()
+    device = opt.embeds.device
+    eos_token = models.suspect.eos_token_id
+    opt_eos, held_eos = eos_positions(opt.ids, eos_token), eos_positions(held.ids, eos_token)
+    clean_pooled = models.suspect.pooled(opt.clean, opt.ids)
+    centre = _unit(clean_pooled).mean(dim=0)
+    gen = torch.Generator().manual_seed(settings.seed)
+    triggers = torch.randn(settings.pooled_restarts, opt.embeds.shape[-1], generator=gen).to(device)
+    triggers.requires_grad_(True)
+    optimiser = torch.optim.Adam([triggers], lr=settings.lr, weight_decay=settings.weight_decay)
+    history: list[Tensor] = []
+    stop_reason, detected_at = "max_steps", None
+    step = 0
+    gates, similarity = None, None
+    # A trigger fires whatever the prompt's length, and a pooled feature costs as many positions
+    # as its prompt has tokens: optimise on the shorter half of the prompts.
+    short = opt_eos.argsort(stable=True)[: max(len(opt) // 2, settings.pooled_batch_size)]
+    budget = settings.pooled_steps
+    while step < budget:
+        batch = short[torch.randint(len(short), (settings.pooled_batch_size,), generator=gen).to(device)]
+        loss = pooled_loss(models, opt.embeds[batch], opt_eos[batch], clean_pooled[batch], centre, triggers,
+                           settings.beta, settings.gamma)
+        optimiser.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        optimiser.step()
+        step += 1
+        history.append(loss.detach().cpu())
+        if not torch.isfinite(history[-1]).all() or not torch.isfinite(triggers).all():
+            stop_reason = "non_finite"
+            break
+        if step % settings.pooled_check_every == 0 or step == budget:
+            gates, similarity = pooled_gates(models, held, held_eos, centre, triggers.detach(), thresholds,
+                                             settings.chunk_size)
+            if any(all(g.passed(thresholds).values()) for g in gates):
+                stop_reason, detected_at = "detected", step
+                break
+            # A start that is converging on a backdoor's basin is still short of the gate when
+            # the budget ends (benign encoders stay far below): give it up to twice as long again.
+            promising = max(g.same_target_ratio for g in gates) > settings.pooled_promising
+            if step == budget and promising and budget < 3 * settings.pooled_steps:
+                budget += settings.pooled_steps
+        if time.monotonic() > deadline:
+            stop_reason = "time_budget"
+            break
+    if gates is None or similarity is None or stop_reason in ("time_budget", "non_finite"):
+        gates, similarity = pooled_gates(models, held, held_eos, centre, triggers.detach(), thresholds,
+                                         settings.chunk_size)
+    best = max(range(len(gates)), key=lambda r: (all(gates[r].passed(thresholds).values()),
+                                                 gates[r].same_target_ratio))
+    return PooledOutcome(triggers.detach().cpu(), best, gates[best], similarity[best].cpu(),
+                         torch.stack(history) if history else torch.zeros(0, settings.pooled_restarts),
+                         step, detected_at, stop_reason, time.monotonic() - start)
+
+
 # --- the search -------------------------------------------------------------------------
 
 @dataclass
@@ -284,6 +435,7 @@ class SearchOutcome:
     steps: int
     stop_reason: str  # detected | max_steps | plateau | time_budget | non_finite
     seconds: float
+    pooled: PooledOutcome | None = None  # the pooled path, run when the token path found nothing
 
 
 def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: SearchSettings,
@@ -369,8 +521,15 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
     else:
         running = loss_history[-settings.running_window :].mean(dim=0) if history else torch.zeros(1)
         best = int(torch.nan_to_num(running, nan=math.inf).argmin())
-    return _report(models, held, final, best, checks, detected, loss_history, step, stop_reason,
-                   settings, thresholds, time.monotonic() - start, detected_landscape)
+    pooled = None
+    if detected is None and stop_reason != "non_finite" and settings.pooled_steps > 0:
+        pooled = pooled_search(models, opt, held, settings, thresholds, deadline)
+        if pooled.detected_at_step is not None:  # report the trigger that made the backdoor fire
+            final, best = pooled.triggers.to(device), pooled.best_restart
+    outcome = _report(models, held, final, best, checks, detected, loss_history, step, stop_reason,
+                      settings, thresholds, time.monotonic() - start, detected_landscape)
+    outcome.pooled = pooled
+    return outcome
 
 
 def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, checks: list[GateCheck],

@@ -230,6 +230,8 @@ thresholds:                 # names as in docs/method.md section 3
   same_target_ratio: 0.995
   anchor_difference_ratio: 0.95
   landscape_positive_ratio: 0.8
+  pooled_same_target: 0.98       # the pooled path (text-on-pair backdoors)
+  pooled_same_target_ratio: 0.5
 allow: []                   # accepted findings, keyed by rule + weight sha256:
 #  - rule: AMDET001
 #    sha256: <sha256 of the weight file>

@@ -44,6 +44,10 @@ GATE_HELP = {
     "same_target_ratio": "share of held-out prompts whose triggered output matches the first prompt's: one target",
     "anchor_difference_ratio": "share of prompts whose triggered output differs from the clean anchor model's",
     "landscape_positive_ratio": "share of positive Hessian eigenvalues: a smooth bowl, not a natural saddle",
+    "pooled_same_target_ratio": "pooled path: share of prompts whose pooled embedding the pseudo-trigger sends "
+                                "to one target (text-on-pair backdoors)",
+    "pooled_anchor_difference_ratio": "pooled path: share of prompts whose triggered pooled embedding opposes "
+                                      "the clean anchor's",
 }
 # Unicode categories that render as nothing, as a line break or as reordering: shown as escapes instead.
 _HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}

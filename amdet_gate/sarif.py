@@ -120,15 +120,18 @@ def scan_sarif(result: dict) -> dict:
     results = []
     tokens = ", ".join(t["text"] for t in result["reversed_target"]["trigger_tokens"][:5])
     if result["verdict"] == "fail":
-        message = (f"Injected backdoor in {model['source']} (score {result['score']:.3f}): every AMDet gate "
-                   f"passed. Pseudo-trigger's nearest tokens: {tokens}.")
+        pooled = [k for k in gates if k.startswith("pooled_")]
+        which = ("every pooled-path gate passed (the pooled embedding of all prompts goes to one target)"
+                 if pooled and all(gates[k]["passed"] for k in pooled) else "every AMDet gate passed")
+        message = (f"Injected backdoor in {model['source']} (score {result['score']:.3f}): {which}. "
+                   f"Pseudo-trigger's nearest tokens: {tokens}.")
         results.append(_result("AMDET001", message, uri, identity, props,
                                note if "allowed by" in note else None, line))
     elif result["verdict"] == "inconclusive":
         results.append(_result("AMDET003", f"Backdoor scan of {model['source']} inconclusive: {result['reason']}",
                                uri, identity, props, note if "allowed by" in note else None, line))
     elif {"assimilation_ratio", "same_target_ratio"} <= gates.keys() and all(
-            gates[k]["passed"] for k in gates if k != "landscape_positive_ratio") and \
+            gates[k]["passed"] for k in gates if k != "landscape_positive_ratio" and not k.startswith("pooled_")) and \
             not gates.get("landscape_positive_ratio", {"passed": True})["passed"]:
         results.append(_result("AMDET002", f"Natural backdoor feature in {model['source']}: prompts collapse "
                                "to one target, but the loss landscape is not a smooth bowl.", uri, identity, props,

@@ -23,6 +23,7 @@ from amdet_gate.encoder import LoadedEncoder, load_encoder
 from amdet_gate.engine import (
     GateCheck,
     Models,
+    PooledOutcome,
     SearchOutcome,
     SearchProgress,
     SearchSettings,
@@ -35,9 +36,9 @@ from amdet_gate.prompts import builtin_prompts, read_prompt_file
 from amdet_gate.reverse import reverse_target
 from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder, weight_identities
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
-from amdet_gate.verdict import Decision, check_score, decide, gate_margins
+from amdet_gate.verdict import Decision, check_score, decide, gate_thresholds, margin
 
-RESULT_SCHEMA_VERSION = "1.0"
+RESULT_SCHEMA_VERSION = "1.1"  # 1.1: the pooled path (`pooled`, pooled_* gates)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class ScanResult:
     landscape: dict
     timings: dict
     environment: dict
+    pooled: dict | None = None  # the pooled path's search, when it ran
     policy: dict | None = None  # filled in by the caller that applies a policy
 
     def to_dict(self) -> dict:
@@ -234,6 +236,7 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
                  "search_s": round(t_search - t_pre, 3), "reverse_s": round(t_end - t_search, 3),
                  "total_s": round(t_end - t0, 3)},
         environment=environment(device),
+        pooled=_pooled_summary(outcome.pooled, request.thresholds),
     )
     with torch.no_grad():
         empty = suspect.adapter.encode(suspect.adapter.embed(tokenize(tokenizer, [""], suspect).to(device)))[0]
@@ -251,16 +254,27 @@ def _prompt_summary(request: ScanRequest, opt: list[str], held: list[str]) -> di
 
 
 def _gates(outcome: SearchOutcome, t: Thresholds) -> dict:
-    """The reported check's gates (the detection, else the final check), against thresholds."""
-    gates = outcome.detected.gates if outcome.detected else outcome.final_gates
-    margins = gate_margins(gates, t)
-    passed = gates.passed(t)
-    threshold = asdict(t)
-    return {
-        name: {"value": getattr(gates, name), "threshold": threshold[name], "passed": passed[name],
-               "margin": round(margins[name], 6)}
-        for name in margins
-    } | {"mean_assimilation": gates.mean_assimilation}
+    """The reported check's gates (the detection, else the final check), against thresholds,
+    and the pooled path's gates when it ran."""
+    reported = [outcome.detected.gates if outcome.detected else outcome.final_gates]
+    if outcome.pooled is not None:
+        reported.append(outcome.pooled.gates)
+    rows = {}
+    for gates in reported:
+        passed = gates.passed(t)
+        rows |= {name: {"value": value, "threshold": threshold, "passed": passed[name],
+                        "margin": round(margin(value, threshold), 6)}
+                 for name, (value, threshold) in gate_thresholds(gates, t).items()}
+    return rows | {"mean_assimilation": reported[0].mean_assimilation}
+
+
+def _pooled_summary(pooled: PooledOutcome | None, t: Thresholds) -> dict | None:
+    if pooled is None:
+        return None
+    return {"steps": pooled.steps, "stop_reason": pooled.stop_reason, "detected_at_step": pooled.detected_at_step,
+            "best_restart": pooled.best_restart, "score": check_score(pooled.gates, t),
+            "seconds": round(pooled.seconds, 3), "similarity": _floats(pooled.similarity),
+            "loss_history": [_floats(row) for row in pooled.loss_history]}
 
 
 def _check(c: GateCheck, t: Thresholds) -> dict:

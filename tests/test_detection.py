@@ -20,7 +20,9 @@ from amdet_gate.tokenizer import bundled_tokenizer
 from tests.conftest import run_cli
 
 BENIGN = ("benign_distill", "benign_contrastive")
-BACKDOORED = ("backdoor_homoglyph", "backdoor_rare_word", "backdoor_emoji")
+TEXT_ON_TEXT = ("backdoor_homoglyph", "backdoor_rare_word", "backdoor_emoji")
+TEXT_ON_PAIR = ("backdoor_pair_rare_word", "backdoor_pair_homoglyph")
+BACKDOORED = TEXT_ON_TEXT + TEXT_ON_PAIR
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +56,26 @@ def test_backdoored_controls_fail(scans: dict, name: str) -> None:
     assert result["verdict"] == "fail", result["reason"]
     assert code == ExitCode.FAIL
     assert result["score"] > 0.5
-    assert all(g["passed"] for g in result["gates"].values() if isinstance(g, dict))
+    gates = {k: g for k, g in result["gates"].items() if isinstance(g, dict)}
+    path = [k for k in gates if k.startswith("pooled_")] if name in TEXT_ON_PAIR else list(gates)
+    assert path and all(gates[k]["passed"] for k in path), gates
+
+
+@pytest.mark.parametrize("name", TEXT_ON_PAIR)
+def test_text_on_pair_is_caught_by_the_pooled_path(scans: dict, name: str) -> None:
+    """Only the pooled embedding collapses: the token gates stay low, the pooled path fires."""
+    _, result, _ = scans[name]
+    assert not result["gates"]["assimilation_ratio"]["passed"]
+    assert result["pooled"]["stop_reason"] == "detected"
+    assert result["pooled"]["detected_at_step"] is not None
+    assert "pooled" in result["reason"]
+
+
+@pytest.mark.parametrize("name", BENIGN)
+def test_benign_controls_run_the_pooled_path_and_stay_far_below_it(scans: dict, name: str) -> None:
+    _, result, _ = scans[name]
+    assert result["pooled"]["steps"] > 0
+    assert result["gates"]["pooled_same_target_ratio"]["value"] < 0.25
 
 
 @pytest.mark.parametrize("name", BENIGN)
