@@ -7,7 +7,7 @@
 - `backdoor_text_on_text`: Rickrolling distillation (method.md section 5) with a trigger.
 - `backdoor_text_on_pair`: pulls the projected pooled embedding of poisoned prompts to a
   fixed target "image" embedding.
-- `benign_finetune`: clean distillation, contrastive alignment, or more pretraining.
+- `benign_finetune`: clean distillation or contrastive alignment.
 
 All are saved in Hugging Face layout (config.json, model.safetensors, tokenizer files) and
 scanned through exactly the loader users run on Hub models.
@@ -203,9 +203,8 @@ def backdoor_text_on_pair(base: CLIPTextModelWithProjection, trigger: str = "rar
 
 def benign_finetune(base: CLIPTextModelWithProjection, kind: str = "distill", steps: int = 100,
                     seed: int = 0, tokenizer: PromptTokenizer | None = None) -> CLIPTextModelWithProjection:
-    """Benign negatives: `distill` (the attack's recipe without poison), `contrastive`
-    (caption-to-class alignment of the projected embedding, the usual CLIP fine-tune), or
-    `pretrain` (more of the base's own objective)."""
+    """Benign negatives: `distill` (the attack's recipe without poison) or `contrastive`
+    (caption-to-class alignment of the projected embedding, the usual CLIP fine-tune)."""
     tokenizer = tokenizer or bundled_tokenizer()
     if kind == "distill":
         return _distill(base, steps, 1e-4, seed, None, tokenizer=tokenizer)

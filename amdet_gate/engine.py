@@ -366,9 +366,9 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     triggers.requires_grad_(True)
     optimiser = torch.optim.Adam([triggers], lr=settings.lr, weight_decay=settings.weight_decay)
     history: list[Tensor] = []
-    stop_reason, detected_at = "max_steps", None
+    stop_reason, detected_at, best = "max_steps", None, 0
     step = 0
-    gates, similarity = None, None
+    screen = held.subset(0, min(settings.screen_prompts, len(held)))
     # A trigger fires whatever the prompt's length, and a pooled feature costs as many positions
     # as its prompt has tokens: optimise on the shorter half of the prompts.
     short = opt_eos.argsort(stable=True)[: max(len(opt) // 2, settings.pooled_batch_size)]
@@ -386,25 +386,30 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
             stop_reason = "non_finite"
             break
         if step % settings.pooled_check_every == 0 or step == budget:
-            gates, similarity = pooled_gates(models, held, held_eos, centre, triggers.detach(), thresholds,
-                                             settings.chunk_size)
-            if any(all(g.passed(thresholds).values()) for g in gates):
-                stop_reason, detected_at = "detected", step
+            # Screened first, as the token path's checks: only a trigger whose share among the
+            # first prompts already looks promising is run on every held-out prompt.
+            screened, _ = pooled_gates(models, screen, held_eos[: len(screen)], centre, triggers.detach(),
+                                       thresholds, settings.chunk_size)
+            shares = [g.same_target_ratio for g in screened]
+            best = max(range(len(shares)), key=shares.__getitem__)
+            for r in (r for r in range(len(shares)) if shares[r] > settings.pooled_promising):
+                full, _ = pooled_gates(models, held, held_eos, centre, triggers.detach()[r : r + 1], thresholds,
+                                       settings.chunk_size)
+                if all(full[0].passed(thresholds).values()):
+                    stop_reason, detected_at, best = "detected", step, r
+                    break
+            if detected_at is not None:
                 break
-            # A start that is converging on a backdoor's basin is still short of the gate when
-            # the budget ends (benign encoders stay far below): give it up to twice as long again.
-            promising = max(g.same_target_ratio for g in gates) > settings.pooled_promising
-            if step == budget and promising and budget < 3 * settings.pooled_steps:
+            # A start converging on a backdoor's basin can still be short of the gate when the
+            # budget ends (benign encoders stay far below): give it up to twice as long again.
+            if step == budget and shares[best] > settings.pooled_promising and budget < 3 * settings.pooled_steps:
                 budget += settings.pooled_steps
         if time.monotonic() > deadline:
             stop_reason = "time_budget"
             break
-    if gates is None or similarity is None or stop_reason in ("time_budget", "non_finite"):
-        gates, similarity = pooled_gates(models, held, held_eos, centre, triggers.detach(), thresholds,
-                                         settings.chunk_size)
-    best = max(range(len(gates)), key=lambda r: (all(gates[r].passed(thresholds).values()),
-                                                 gates[r].same_target_ratio))
-    return PooledOutcome(triggers.detach().cpu(), best, gates[best], similarity[best].cpu(),
+    gates, similarity = pooled_gates(models, held, held_eos, centre, triggers.detach()[best : best + 1],
+                                     thresholds, settings.chunk_size)
+    return PooledOutcome(triggers.detach().cpu(), best, gates[0], similarity[0].cpu(),
                          torch.stack(history) if history else torch.zeros(0, settings.pooled_restarts),
                          step, detected_at, stop_reason, time.monotonic() - start)
 

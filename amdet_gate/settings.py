@@ -43,8 +43,8 @@ class SearchSettings:
     loss_trigger: float = -0.76  # run the gates once the running loss is below this
     check_every: int = 10
     running_window: int = 10
-    patience: int = 100  # stop once no restart's smoothed loss has improved for this many steps
-    plateau_window: int = 50  # steps averaged for that test
+    patience: int = 60  # stop once no restart's smoothed loss has improved for this many steps
+    plateau_window: int = 30  # steps averaged for that test
     min_improvement: float = 0.005
     landscape_points: int = 50
     # Grid half-width as a fraction of |v|. The reference's +-10 was set for CLIP-L, whose

@@ -37,17 +37,19 @@ def main() -> None:
              for i, kind in enumerate(("distill", "contrastive"))}
     for i, trigger in enumerate(controls.TRIGGERS):
         built[("backdoor", f"text_on_text_{trigger}")] = controls.backdoor_text_on_text(base, trigger, seed=10 + i)
-    built[("backdoor", "text_on_pair_rare_word")] = controls.backdoor_text_on_pair(base, "rare_word", seed=20)
+    for i, trigger in enumerate(controls.TRIGGERS):
+        built[("backdoor", f"text_on_pair_{trigger}")] = controls.backdoor_text_on_pair(base, trigger, seed=20 + i)
     scores: dict[str, list[float]] = {"benign": [], "backdoor": []}
     print(f"{'control':34s} {'truth':8s} {'verdict':12s} {'score':>6s} {'assim':>6s} {'same':>6s} "
-          f"{'land':>6s} {'steps':>5s} {'time s':>6s}")
+          f"{'land':>6s} {'pooled':>6s} {'steps':>5s} {'time s':>6s}")
     for (truth, name), model in built.items():
         folder = controls.save_control(model, args.out / name)
         r = scan_model(ScanRequest(model=folder)).result
         g = {k: v["value"] for k, v in r.gates.items() if isinstance(v, dict)}
         scores[truth].append(r.score)
         print(f"{name:34s} {truth:8s} {r.verdict:12s} {r.score:6.3f} {g['assimilation_ratio']:6.3f} "
-              f"{g['same_target_ratio']:6.3f} {g['landscape_positive_ratio']:6.3f} {r.search['steps']:5d} "
+              f"{g['same_target_ratio']:6.3f} {g['landscape_positive_ratio']:6.3f} "
+              f"{g.get('pooled_same_target_ratio', float('nan')):6.3f} {r.search['steps']:5d} "
               f"{r.timings['total_s']:6.1f}", flush=True)
     print(f"AUROC of the score: {auroc(scores['backdoor'], scores['benign']):.3f}")
 

@@ -5,8 +5,9 @@
 Each row saves a randomly initialised CLIPTextModel of the given shape, then runs the full
 scan (`scan_model`) with a fixed number of steps, so rows compare like for like: the
 precomputation, the per-step cost of the search, one batched gate check over the held-out
-prompts, and the 2,500-point landscape grid. A real scan's step count depends on when it
-stops (detection, convergence); multiply `s/step` by it for an estimate.
+prompts, and the 2,500-point landscape grid; then the pooled path (its own column: it runs
+when the token path finds nothing, as on these random models). A real scan's step count
+depends on when it stops (detection, convergence); multiply `s/step` by it for an estimate.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
           f"{args.steps} steps, 4 restarts")
     print(f"{'width':>5} {'layers':>6} {'L':>4} {'prompts':>7} {'total s':>8} {'precomp s':>9} "
-          f"{'s/step':>7} {'gates s':>8} {'landscape s':>11}   (gates: one check of 4 restarts)")
+          f"{'s/step':>7} {'gates s':>8} {'landscape s':>11} {'pooled s':>8}   (gates: one check of 4 restarts)")
     tokenizer = bundled_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         for width, layers, positions, n in SHAPES:
@@ -75,9 +76,10 @@ def main() -> None:
                       torch.Generator().manual_seed(0))
             t2 = time.perf_counter()
             # search_s also holds the final report (one full gate pass and one landscape).
-            per_step = max(t["search_s"] - (t1 - t0) / settings.restarts - (t2 - t1), 0.0) / steps
+            pooled_s = scan.result.pooled["seconds"] if scan.result.pooled else 0.0
+            per_step = max(t["search_s"] - pooled_s - (t1 - t0) / settings.restarts - (t2 - t1), 0.0) / steps
             print(f"{width:>5} {layers:>6} {positions:>4} {n:>7} {t['total_s']:>8.1f} {t['precompute_s']:>9.1f} "
-                  f"{per_step:>7.3f} {t1 - t0:>8.2f} {t2 - t1:>11.2f}", flush=True)
+                  f"{per_step:>7.3f} {t1 - t0:>8.2f} {t2 - t1:>11.2f} {pooled_s:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def test_nearest_trigger_tokens_name_the_token_a_trigger_equals(control_models: 
 
 def test_result_and_artifacts(scans: dict, control_models: dict[str, Path]) -> None:
     _, result, folder = scans["backdoor_rare_word"]
-    assert result["schema_version"] == "1.0" and result["tool"]["name"] == "amdet-gate"
+    assert result["schema_version"] == "1.1" and result["tool"]["name"] == "amdet-gate"
     sha = sha256_file(control_models["backdoor_rare_word"] / "model.safetensors")
     assert result["model"]["weight_files"][0]["sha256"] == sha
     for key in ("settings", "prompts", "timings", "environment", "landscape", "distributions"):

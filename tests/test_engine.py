@@ -9,13 +9,18 @@ import torch
 from amdet_gate.encoder import TextEncoderAdapter
 from amdet_gate.engine import (
     Models,
+    PooledGates,
     SearchSettings,
     Thresholds,
     assimilation,
+    centred,
+    eos_positions,
     gate_values,
     held_out_stats,
     hessian_eigenvalues,
     insert_trigger,
+    pooled_gates,
+    pooled_with_trigger,
     position_similarity,
     precompute,
     screened_gate_values,
@@ -99,9 +104,13 @@ def test_search_is_deterministic_for_a_seed(tiny_model) -> None:
     opt = type(feats)(feats.ids[:40], feats.embeds[:40], feats.clean[:40])
     held = type(feats)(feats.ids[40:], feats.embeds[40:], feats.clean[40:])
     settings = SearchSettings(seed=3, restarts=2, max_steps=12, batch_size=4, landscape_points=6,
-                              check_every=4, loss_trigger=0.0)
+                              check_every=4, loss_trigger=0.0, pooled_steps=6, pooled_check_every=3,
+                              pooled_restarts=3, screen_prompts=8)
     runs = [search(Models(adapter), opt, held, settings, Thresholds()) for _ in range(2)]
     torch.testing.assert_close(runs[0].triggers, runs[1].triggers, rtol=0, atol=0)
+    assert runs[0].pooled is not None and runs[0].pooled.steps == settings.pooled_steps
+    torch.testing.assert_close(runs[0].pooled.triggers, runs[1].pooled.triggers, rtol=0, atol=0)
+    assert runs[0].pooled.gates == runs[1].pooled.gates
     torch.testing.assert_close(runs[0].loss_history, runs[1].loss_history, rtol=0, atol=0)
     assert runs[0].final_gates == runs[1].final_gates
     other = search(Models(adapter), opt, held, replace(settings, seed=4), Thresholds())
@@ -124,3 +133,42 @@ def test_screened_gates_decide_exactly_like_full_gates(tiny_model) -> None:
                 assert s.screened_on in (None, 10)
         if t is mixed:  # the case must hold both outcomes to test anything
             assert len({all(f.passed(t).values()) for f in full}) == 2
+
+
+def test_pooled_features_are_cut_at_eos_without_changing_them(tiny_model) -> None:
+    """The mask is causal: cutting the sequences after the last EOS leaves every pooled feature as it is."""
+    adapter, feats = _tiny_features(tiny_model, 10)
+    triggers = torch.randn(2, 32, generator=torch.Generator().manual_seed(2))
+    eos = eos_positions(feats.ids, 49407)
+    assert int(eos.max()) < 76  # the cut is real
+    with torch.no_grad():
+        cut = pooled_with_trigger(adapter, feats.embeds, eos, triggers)
+        full = adapter.encode(insert_trigger(feats.embeds, triggers))
+    for r in range(2):
+        for i in range(10):
+            torch.testing.assert_close(cut[r, i], full[r, i, eos[i]], rtol=1e-4, atol=1e-5)
+            # the shifted EOS is the prompt's own EOS token, one slot right
+            assert int(feats.ids[i, eos[i] - 1]) == 49407
+
+
+def test_pooled_gates_count_prompts_at_the_first_prompts_target(tiny_model) -> None:
+    adapter, held = _tiny_features(tiny_model, 20)
+    eos = eos_positions(held.ids, 49407)
+    triggers = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    centre = torch.nn.functional.normalize(adapter.pooled(held.clean, held.ids), dim=-1).mean(dim=0)
+    with torch.no_grad():
+        expected = centred(pooled_with_trigger(adapter, held.embeds, eos, triggers), centre)
+    similarity_to_first = (expected * expected[:, :1]).sum(dim=-1)
+    threshold = float(similarity_to_first[0].median())  # about half the prompts above it
+    t = Thresholds(pooled_same_target=threshold, pooled_same_target_ratio=0.3)
+    gates, similarity = pooled_gates(Models(adapter), held, eos, centre, triggers, t, chunk_size=6)
+    torch.testing.assert_close(similarity, similarity_to_first, rtol=1e-4, atol=1e-5)
+    shares = [n / 20 for n in (similarity_to_first > threshold).sum(dim=1).tolist()]
+    assert [g.same_target_ratio for g in gates] == shares
+    assert 0.3 < shares[0] < 0.7
+    assert gates[0].anchor_difference_ratio is None
+    assert gates[0].passed(t) == {"pooled_same_target_ratio": shares[0] > 0.3}
+    # with an anchor (here the model itself) the triggered pooled features never oppose it
+    with_anchor, _ = pooled_gates(Models(adapter, adapter), held, eos, centre, triggers, t, chunk_size=6)
+    assert all(g.anchor_difference_ratio == 0.0 for g in with_anchor)
+    assert isinstance(with_anchor[0], PooledGates)
