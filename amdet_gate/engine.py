@@ -290,16 +290,25 @@ def centred(pooled: Tensor, centre: Tensor) -> Tensor:
     return _unit(_unit(pooled) - centre)
 
 
-def pooled_loss(models: Models, embeds: Tensor, eos: Tensor, clean_pooled: Tensor, centre: Tensor,
+@dataclass
+class Centres:
+    """Mean direction of the clean prompts' unit pooled features, per model."""
+
+    suspect: Tensor
+    anchor: Tensor | None  # the anchor's, fed the suspect's input embeddings as in the token loss
+
+
+def pooled_loss(models: Models, embeds: Tensor, eos: Tensor, clean_pooled: Tensor, centres: Centres,
                 triggers: Tensor, beta: float, gamma: float) -> Tensor:
     """-agreement of the centred pooled features across the batch + beta * S(clean) + gamma * S(anchor), (R,)."""
     pooled = pooled_with_trigger(models.suspect, embeds, eos, triggers)
-    summed = centred(pooled, centre).sum(dim=1)
+    suspect = centred(pooled, centres.suspect)
+    summed = suspect.sum(dim=1)
     agreement = (summed * summed).sum(dim=-1) / pooled.shape[1] ** 2
     loss = -agreement + beta * (_unit(pooled) * _unit(clean_pooled)[None]).sum(dim=-1).mean(dim=1)
-    if models.anchor is not None and gamma:
-        anchored = pooled_with_trigger(models.anchor, embeds, eos, triggers)
-        loss = loss + gamma * (_unit(anchored) * _unit(pooled)).sum(dim=-1).mean(dim=1)
+    if models.anchor is not None and centres.anchor is not None and gamma:
+        anchored = centred(pooled_with_trigger(models.anchor, embeds, eos, triggers), centres.anchor)
+        loss = loss + gamma * (anchored * suspect).sum(dim=-1).mean(dim=1)
     return loss
 
 
@@ -308,7 +317,9 @@ class PooledGates:
     """The pooled path's gates: one pooled target for most prompts, unlike the anchor's."""
 
     same_target_ratio: float  # share of held-out prompts at centred cosine > t.pooled_same_target to the first's
-    anchor_difference_ratio: float | None  # share whose pooled feature is opposite the anchor's; None without one
+    # Share of prompts at which the anchor, given the same trigger, does *not* land on its first
+    # prompt's pooled feature: the collapse is the suspect's, not a natural one of the base.
+    anchor_difference_ratio: float | None  # None without an anchor
 
     def passed(self, t: Thresholds) -> dict[str, bool]:
         out = {"pooled_same_target_ratio": self.same_target_ratio > t.pooled_same_target_ratio}
@@ -331,24 +342,26 @@ class PooledOutcome:
 
 
 @torch.no_grad()
-def pooled_gates(models: Models, held: PromptFeatures, eos: Tensor, centre: Tensor, triggers: Tensor,
+def pooled_gates(models: Models, held: PromptFeatures, eos: Tensor, centres: Centres, triggers: Tensor,
                  t: Thresholds, chunk_size: int) -> tuple[list[PooledGates], Tensor]:
     """Pooled gates for every trigger, and the per-prompt similarity to each target, (R, N)."""
     per_chunk = max(1, chunk_size // triggers.shape[0])
-    pooled, anchor_sim = [], []
+    pooled, anchored = [], []
     for start in range(0, len(held), per_chunk):
         embeds, where = held.embeds[start : start + per_chunk], eos[start : start + per_chunk]
-        suspect = pooled_with_trigger(models.suspect, embeds, where, triggers)
-        pooled.append(centred(suspect, centre))
-        if models.anchor is not None:
-            anchored = pooled_with_trigger(models.anchor, embeds, where, triggers)
-            anchor_sim.append((_unit(anchored) * _unit(suspect)).sum(dim=-1))
+        pooled.append(centred(pooled_with_trigger(models.suspect, embeds, where, triggers), centres.suspect))
+        if models.anchor is not None and centres.anchor is not None:
+            anchored.append(centred(pooled_with_trigger(models.anchor, embeds, where, triggers), centres.anchor))
     features = torch.cat(pooled, dim=1)
     similarity = (features * features[:, :1]).sum(dim=-1)  # as gate 2: the first prompt's is the target
     same = (similarity > t.pooled_same_target).sum(dim=1).tolist()
-    opposite = (torch.cat(anchor_sim, dim=1) < 0).sum(dim=1).tolist() if anchor_sim else None
+    differ = None
+    if anchored:
+        anchor_features = torch.cat(anchored, dim=1)
+        anchor_similarity = (anchor_features * anchor_features[:, :1]).sum(dim=-1)
+        differ = (anchor_similarity <= t.pooled_same_target).sum(dim=1).tolist()
     n = len(held)
-    gates = [PooledGates(same[r] / n, None if opposite is None else opposite[r] / n) for r in range(len(same))]
+    gates = [PooledGates(same[r] / n, None if differ is None else differ[r] / n) for r in range(len(same))]
     return gates, similarity
 
 
@@ -360,7 +373,14 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     eos_token = models.suspect.eos_token_id
     opt_eos, held_eos = eos_positions(opt.ids, eos_token), eos_positions(held.ids, eos_token)
     clean_pooled = models.suspect.pooled(opt.clean, opt.ids)
-    centre = _unit(clean_pooled).mean(dim=0)
+    centres = Centres(_unit(clean_pooled).mean(dim=0), None)
+    if models.anchor is not None:
+        with torch.no_grad():  # on up to 512 prompts, cut after EOS
+            sample = slice(0, min(len(opt), 512))
+            first_eos = (opt.ids[sample] == eos_token).int().argmax(dim=-1)
+            features = models.anchor.encode(opt.embeds[sample, : int(first_eos.max()) + 1])
+            anchor_pooled = features[torch.arange(features.shape[0], device=device), first_eos]
+        centres.anchor = _unit(anchor_pooled).mean(dim=0)
     gen = torch.Generator().manual_seed(settings.seed)
     triggers = torch.randn(settings.pooled_restarts, opt.embeds.shape[-1], generator=gen).to(device)
     triggers.requires_grad_(True)
@@ -375,7 +395,7 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     budget = settings.pooled_steps
     while step < budget:
         batch = short[torch.randint(len(short), (settings.pooled_batch_size,), generator=gen).to(device)]
-        loss = pooled_loss(models, opt.embeds[batch], opt_eos[batch], clean_pooled[batch], centre, triggers,
+        loss = pooled_loss(models, opt.embeds[batch], opt_eos[batch], clean_pooled[batch], centres, triggers,
                            settings.beta, settings.gamma)
         optimiser.zero_grad(set_to_none=True)
         loss.sum().backward()
@@ -388,12 +408,12 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
         if step % settings.pooled_check_every == 0 or step == budget:
             # Screened first, as the token path's checks: only a trigger whose share among the
             # first prompts already looks promising is run on every held-out prompt.
-            screened, _ = pooled_gates(models, screen, held_eos[: len(screen)], centre, triggers.detach(),
+            screened, _ = pooled_gates(models, screen, held_eos[: len(screen)], centres, triggers.detach(),
                                        thresholds, settings.chunk_size)
             shares = [g.same_target_ratio for g in screened]
             best = max(range(len(shares)), key=shares.__getitem__)
             for r in (r for r in range(len(shares)) if shares[r] > settings.pooled_promising):
-                full, _ = pooled_gates(models, held, held_eos, centre, triggers.detach()[r : r + 1], thresholds,
+                full, _ = pooled_gates(models, held, held_eos, centres, triggers.detach()[r : r + 1], thresholds,
                                        settings.chunk_size)
                 if all(full[0].passed(thresholds).values()):
                     stop_reason, detected_at, best = "detected", step, r
@@ -407,7 +427,7 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
         if time.monotonic() > deadline:
             stop_reason = "time_budget"
             break
-    gates, similarity = pooled_gates(models, held, held_eos, centre, triggers.detach()[best : best + 1],
+    gates, similarity = pooled_gates(models, held, held_eos, centres, triggers.detach()[best : best + 1],
                                      thresholds, settings.chunk_size)
     return PooledOutcome(triggers.detach().cpu(), best, gates[0], similarity[0].cpu(),
                          torch.stack(history) if history else torch.zeros(0, settings.pooled_restarts),

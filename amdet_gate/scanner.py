@@ -139,6 +139,8 @@ def tokenize(tokenizer: PromptTokenizer, prompts: list[str], encoder: LoadedEnco
     vocab = encoder.config["vocab_size"]
     if int(ids.max()) >= vocab:
         raise LoadError(f"tokenizer produces id {int(ids.max())} but the model's vocabulary has {vocab} entries")
+    if not (ids == tokenizer.tokenizer.eos_token_id).any(dim=1).all():
+        raise LoadError("the tokenizer does not end every prompt with its EOS token")
     return ids
 
 
@@ -180,6 +182,11 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     anchor_source = None if request.anchor is None else as_source(request.anchor, request.anchor_subfolder)
     suspect, anchor = load_models(model, anchor_source, device, weights)
     tokenizer = load_tokenizer(tokenizer_folder(model))
+    # Where EOS sits in the ids is the tokenizer's business: Stable Diffusion 1.x configs still
+    # carry the legacy eos_token_id 2, which is not their vocabulary's end-of-text token.
+    for enc in (suspect, anchor):
+        if enc is not None:
+            enc.adapter.eos_token_id = tokenizer.tokenizer.eos_token_id
     t_load = time.monotonic()
 
     stage("preparing prompts")

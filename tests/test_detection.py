@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,27 @@ def test_exit_zero_turns_a_finding_into_zero_only(control_models: dict[str, Path
 def test_bad_threshold_is_a_usage_error(control_models: dict[str, Path]) -> None:
     code, _, stderr = run_cli("scan", control_models["base"], "--threshold", "nonsense=1", "-q")
     assert code == ExitCode.USAGE and "--threshold" in stderr
+
+
+def test_legacy_eos_token_id_in_config_does_not_fake_a_pooled_target(
+        control_models: dict[str, Path], tmp_path: Path) -> None:
+    """SD 1.x configs say eos_token_id 2; pooling at token 2 would pool BOS, the same for every prompt."""
+    folder = tmp_path / "legacy"
+    shutil.copytree(control_models["benign_distill"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, stderr = run_cli("scan", folder, "--out", tmp_path / "out", "--quiet")
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert code == ExitCode.PASS, stderr
+    assert result["gates"]["pooled_same_target_ratio"]["value"] < 0.25
+
+
+def test_text_on_pair_with_the_clean_base_as_anchor_still_fails(control_models: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    """With an anchor the pooled path also asks that the base model not collapse on the same trigger."""
+    code, _, _ = run_cli("scan", control_models["backdoor_pair_rare_word"], "--anchor", control_models["base"],
+                              "--out", tmp_path, "--quiet")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert code == ExitCode.FAIL, (result["reason"], result["gates"])
+    assert result["gates"]["pooled_anchor_difference_ratio"]["passed"]

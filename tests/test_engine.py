@@ -8,6 +8,7 @@ import torch
 
 from amdet_gate.encoder import TextEncoderAdapter
 from amdet_gate.engine import (
+    Centres,
     Models,
     PooledGates,
     SearchSettings,
@@ -161,14 +162,16 @@ def test_pooled_gates_count_prompts_at_the_first_prompts_target(tiny_model) -> N
     similarity_to_first = (expected * expected[:, :1]).sum(dim=-1)
     threshold = float(similarity_to_first[0].median())  # about half the prompts above it
     t = Thresholds(pooled_same_target=threshold, pooled_same_target_ratio=0.3)
-    gates, similarity = pooled_gates(Models(adapter), held, eos, centre, triggers, t, chunk_size=6)
+    centres = Centres(centre, None)
+    gates, similarity = pooled_gates(Models(adapter), held, eos, centres, triggers, t, chunk_size=6)
     torch.testing.assert_close(similarity, similarity_to_first, rtol=1e-4, atol=1e-5)
     shares = [n / 20 for n in (similarity_to_first > threshold).sum(dim=1).tolist()]
     assert [g.same_target_ratio for g in gates] == shares
     assert 0.3 < shares[0] < 0.7
     assert gates[0].anchor_difference_ratio is None
     assert gates[0].passed(t) == {"pooled_same_target_ratio": shares[0] > 0.3}
-    # with an anchor (here the model itself) the triggered pooled features never oppose it
-    with_anchor, _ = pooled_gates(Models(adapter, adapter), held, eos, centre, triggers, t, chunk_size=6)
-    assert all(g.anchor_difference_ratio == 0.0 for g in with_anchor)
-    assert isinstance(with_anchor[0], PooledGates)
+    # An anchor identical to the model collapses exactly where the model does: the anchor gate
+    # counts the prompts where it does not, the complement of the same-target share.
+    with_anchor, _ = pooled_gates(Models(adapter, adapter), held, eos, Centres(centre, centre), triggers, t, 6)
+    assert [g.anchor_difference_ratio for g in with_anchor] == [(20 - round(x * 20)) / 20 for x in shares]
+    assert isinstance(with_anchor[0], PooledGates) and "pooled_anchor_difference_ratio" in with_anchor[0].passed(t)

@@ -184,3 +184,25 @@ def test_hostile_tokenizer_config_is_one_line_exit_2(tiny_dir: Path) -> None:
     code, stdout, stderr = run_cli("scan", tiny_dir, "--quiet", "--out", tiny_dir / "out")
     assert code == ExitCode.ERROR and "tokenizer_config.json" in stderr
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr + stdout
+
+
+def test_prompts_without_the_tokenizers_eos_are_refused(tiny_dir: Path) -> None:
+    """The pooled features are read at EOS: a tokenizer that never emits it cannot be scanned."""
+    from types import SimpleNamespace
+
+    from amdet_gate.scanner import tokenize
+    from amdet_gate.tokenizer import bundled_tokenizer
+
+    real = bundled_tokenizer()
+    encoder = load_encoder(tiny_dir)
+    assert tokenize(real, ["a cat"], encoder).shape == (1, 77)
+
+    class Tokenizer:
+        tokenizer = SimpleNamespace(eos_token_id=real.tokenizer.eos_token_id)
+
+        def __call__(self, prompts: list[str], length: int) -> torch.Tensor:
+            ids = real(prompts, length)
+            return torch.where(ids == real.tokenizer.eos_token_id, torch.zeros_like(ids), ids)
+
+    with pytest.raises(LoadError, match="EOS"):
+        tokenize(Tokenizer(), ["a cat"], encoder)
