@@ -382,7 +382,8 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
             anchor_pooled = features[torch.arange(features.shape[0], device=device), first_eos]
         centres.anchor = _unit(anchor_pooled).mean(dim=0)
     gen = torch.Generator().manual_seed(settings.seed)
-    triggers = torch.randn(settings.pooled_restarts, opt.embeds.shape[-1], generator=gen).to(device)
+    restarts = 2 * settings.restarts
+    triggers = torch.randn(restarts, opt.embeds.shape[-1], generator=gen).to(device)
     triggers.requires_grad_(True)
     optimiser = torch.optim.Adam([triggers], lr=settings.lr, weight_decay=settings.weight_decay)
     history: list[Tensor] = []
@@ -392,7 +393,7 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     # A trigger fires whatever the prompt's length, and a pooled feature costs as many positions
     # as its prompt has tokens: optimise on the shorter half of the prompts.
     short = opt_eos.argsort(stable=True)[: max(len(opt) // 2, settings.pooled_batch_size)]
-    budget = settings.pooled_steps
+    budget = min(settings.pooled_steps, settings.max_steps)
     while step < budget:
         batch = short[torch.randint(len(short), (settings.pooled_batch_size,), generator=gen).to(device)]
         loss = pooled_loss(models, opt.embeds[batch], opt_eos[batch], clean_pooled[batch], centres, triggers,
@@ -422,15 +423,16 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
                 break
             # A start converging on a backdoor's basin can still be short of the gate when the
             # budget ends (benign encoders stay far below): give it up to twice as long again.
-            if step == budget and shares[best] > settings.pooled_promising and budget < 3 * settings.pooled_steps:
-                budget += settings.pooled_steps
+            longest = min(3 * settings.pooled_steps, settings.max_steps)
+            if step == budget and shares[best] > settings.pooled_promising and budget < longest:
+                budget = min(budget + settings.pooled_steps, longest)
         if time.monotonic() > deadline:
             stop_reason = "time_budget"
             break
     gates, similarity = pooled_gates(models, held, held_eos, centres, triggers.detach()[best : best + 1],
                                      thresholds, settings.chunk_size)
     return PooledOutcome(triggers.detach().cpu(), best, gates[0], similarity[0].cpu(),
-                         torch.stack(history) if history else torch.zeros(0, settings.pooled_restarts),
+                         torch.stack(history) if history else torch.zeros(0, restarts),
                          step, detected_at, stop_reason, time.monotonic() - start)
 
 

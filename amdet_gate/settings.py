@@ -54,10 +54,10 @@ class SearchSettings:
     time_budget_s: float = 900.0
     chunk_size: int = 64  # sequences per no-grad forward
     screen_prompts: int = 100  # held-out prompts a check runs before dropping triggers that cannot pass
-    pooled_steps: int = 200  # the pooled path's budget (0 turns the path off)
-    # A multi-token trigger's pooled basin is found by about one random start in three, so
-    # this path runs more starts than the token path; its truncated sequences keep them cheap.
-    pooled_restarts: int = 8
+    # The pooled path's budget (0 turns the path off), capped by max_steps. It runs twice as many
+    # starts as the token path: a multi-token trigger's pooled basin is found by about one start
+    # in three, and its sequences, cut after EOS, keep the starts cheap.
+    pooled_steps: int = 200
     pooled_batch_size: int = 8
     pooled_check_every: int = 50
     pooled_promising: float = 0.2  # a pooled share above this extends the budget (benign controls: < 0.1)

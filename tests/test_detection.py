@@ -153,7 +153,8 @@ def test_legacy_eos_token_id_in_config_does_not_fake_a_pooled_target(
     config = json.loads((folder / "config.json").read_text())
     config["eos_token_id"] = 2
     (folder / "config.json").write_text(json.dumps(config))
-    code, _, stderr = run_cli("scan", folder, "--out", tmp_path / "out", "--quiet")
+    # Pooling BOS would agree at once: a short budget shows it as well as a full one.
+    code, _, stderr = run_cli("scan", folder, "--out", tmp_path / "out", "--quiet", "--max-steps", "50")
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert code == ExitCode.PASS, stderr
     assert result["gates"]["pooled_same_target_ratio"]["value"] < 0.25
@@ -163,7 +164,7 @@ def test_text_on_pair_with_the_clean_base_as_anchor_still_fails(control_models: 
                                                                  tmp_path: Path) -> None:
     """With an anchor the pooled path also asks that the base model not collapse on the same trigger."""
     code, _, _ = run_cli("scan", control_models["backdoor_pair_rare_word"], "--anchor", control_models["base"],
-                              "--out", tmp_path, "--quiet")
+                              "--out", tmp_path, "--quiet", "--max-steps", "100")
     result = json.loads((tmp_path / "result.json").read_text())
     assert code == ExitCode.FAIL, (result["reason"], result["gates"])
     assert result["gates"]["pooled_anchor_difference_ratio"]["passed"]

@@ -106,10 +106,11 @@ def test_search_is_deterministic_for_a_seed(tiny_model) -> None:
     held = type(feats)(feats.ids[40:], feats.embeds[40:], feats.clean[40:])
     settings = SearchSettings(seed=3, restarts=2, max_steps=12, batch_size=4, landscape_points=6,
                               check_every=4, loss_trigger=0.0, pooled_steps=6, pooled_check_every=3,
-                              pooled_restarts=3, screen_prompts=8)
+                              screen_prompts=8)
     runs = [search(Models(adapter), opt, held, settings, Thresholds()) for _ in range(2)]
     torch.testing.assert_close(runs[0].triggers, runs[1].triggers, rtol=0, atol=0)
     assert runs[0].pooled is not None and runs[0].pooled.steps == settings.pooled_steps
+    assert runs[0].pooled.triggers.shape == (2 * settings.restarts, 32)
     torch.testing.assert_close(runs[0].pooled.triggers, runs[1].pooled.triggers, rtol=0, atol=0)
     assert runs[0].pooled.gates == runs[1].pooled.gates
     torch.testing.assert_close(runs[0].loss_history, runs[1].loss_history, rtol=0, atol=0)
