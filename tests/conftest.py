@@ -74,7 +74,6 @@ def control_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "backdoor_rare_word": controls.backdoor_text_on_text(base, "rare_word", seed=4),
         "backdoor_emoji": controls.backdoor_text_on_text(base, "emoji", seed=5),
         "backdoor_pair_rare_word": controls.backdoor_text_on_pair(base, "rare_word", seed=20),
-        "backdoor_pair_homoglyph": controls.backdoor_text_on_pair(base, "homoglyph", seed=21),
     }
     out = {"base": controls.save_control(base, root / "base")}
     for name, model in built.items():

@@ -22,7 +22,7 @@ from tests.conftest import run_cli
 
 BENIGN = ("benign_distill", "benign_contrastive")
 TEXT_ON_TEXT = ("backdoor_homoglyph", "backdoor_rare_word", "backdoor_emoji")
-TEXT_ON_PAIR = ("backdoor_pair_rare_word", "backdoor_pair_homoglyph")
+TEXT_ON_PAIR = ("backdoor_pair_rare_word",)  # every trigger style: bench/detection.py
 BACKDOORED = TEXT_ON_TEXT + TEXT_ON_PAIR
 
 
