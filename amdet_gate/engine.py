@@ -106,14 +106,21 @@ class GateValues:
     mean_assimilation: float = 0.0
     screened_on: int | None = None  # prompts behind the values when a check stopped early, else None
 
+    def measured(self, t: Thresholds) -> dict[str, tuple[float, float]]:
+        """Each measured gate's (value, threshold), by gate name; gates not measured are left out."""
+        return _measured({
+            "assimilation_ratio": (self.assimilation_ratio, t.assimilation_ratio),
+            "same_target_ratio": (self.same_target_ratio, t.same_target_ratio),
+            "anchor_difference_ratio": (self.anchor_difference_ratio, t.anchor_difference_ratio),
+            "landscape_positive_ratio": (self.landscape_positive_ratio, t.landscape_positive_ratio),
+        })
+
     def passed(self, t: Thresholds) -> dict[str, bool]:
-        out = {"assimilation_ratio": self.assimilation_ratio > t.assimilation_ratio,
-               "same_target_ratio": self.same_target_ratio > t.same_target_ratio}
-        if self.anchor_difference_ratio is not None:
-            out["anchor_difference_ratio"] = self.anchor_difference_ratio > t.anchor_difference_ratio
-        if self.landscape_positive_ratio is not None:
-            out["landscape_positive_ratio"] = self.landscape_positive_ratio > t.landscape_positive_ratio
-        return out
+        return {name: value > threshold for name, (value, threshold) in self.measured(t).items()}
+
+
+def _measured(values: dict[str, tuple[float | None, float]]) -> dict[str, tuple[float, float]]:
+    return {name: (v, th) for name, (v, th) in values.items() if v is not None}
 
 
 @dataclass
@@ -258,6 +265,17 @@ def hessian_eigenvalues(surface: Tensor, spacing: float) -> Tensor:
     return torch.linalg.eigvalsh(hessians).reshape(-1).float()
 
 
+# --- one optimiser step, shared by both searches ---------------------------------------
+
+def descend(optimiser: torch.optim.Optimizer, loss: Tensor, triggers: Tensor, history: list[Tensor]) -> bool:
+    """One step on the per-restart losses (R,); records them. False once a loss or trigger is non-finite."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.sum().backward()  # restarts are independent: each v only moves its own loss
+    optimiser.step()
+    history.append(loss.detach().cpu())
+    return bool(torch.isfinite(history[-1]).all() and torch.isfinite(triggers).all())
+
+
 # --- the pooled path: backdoors that move only the pooled (EOS) feature -----------------
 # A text-on-pair backdoor is trained through the pooled EOS embedding alone: triggered
 # prompts' EOS (and padding) features go to the target while their content tokens stay as
@@ -321,11 +339,15 @@ class PooledGates:
     # prompt's pooled feature: the collapse is the suspect's, not a natural one of the base.
     anchor_difference_ratio: float | None  # None without an anchor
 
+    def measured(self, t: Thresholds) -> dict[str, tuple[float, float]]:
+        """Each measured gate's (value, threshold), by gate name; gates not measured are left out."""
+        return _measured({
+            "pooled_same_target_ratio": (self.same_target_ratio, t.pooled_same_target_ratio),
+            "pooled_anchor_difference_ratio": (self.anchor_difference_ratio, t.anchor_difference_ratio),
+        })
+
     def passed(self, t: Thresholds) -> dict[str, bool]:
-        out = {"pooled_same_target_ratio": self.same_target_ratio > t.pooled_same_target_ratio}
-        if self.anchor_difference_ratio is not None:
-            out["pooled_anchor_difference_ratio"] = self.anchor_difference_ratio > t.anchor_difference_ratio
-        return out
+        return {name: value > threshold for name, (value, threshold) in self.measured(t).items()}
 
 
 @dataclass
@@ -377,9 +399,9 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     if models.anchor is not None:
         with torch.no_grad():  # on up to 512 prompts, cut after EOS
             sample = slice(0, min(len(opt), 512))
-            first_eos = (opt.ids[sample] == eos_token).int().argmax(dim=-1)
-            features = models.anchor.encode(opt.embeds[sample, : int(first_eos.max()) + 1])
-            anchor_pooled = features[torch.arange(features.shape[0], device=device), first_eos]
+            cut = int((opt.ids[sample] == eos_token).int().argmax(dim=-1).max()) + 1
+            anchor_pooled = models.anchor.pooled(models.anchor.encode(opt.embeds[sample, :cut]),
+                                                 opt.ids[sample, :cut])
         centres.anchor = _unit(anchor_pooled).mean(dim=0)
     gen = torch.Generator().manual_seed(settings.seed)
     restarts = 2 * settings.restarts
@@ -398,12 +420,8 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
         batch = short[torch.randint(len(short), (settings.pooled_batch_size,), generator=gen).to(device)]
         loss = pooled_loss(models, opt.embeds[batch], opt_eos[batch], clean_pooled[batch], centres, triggers,
                            settings.beta, settings.gamma)
-        optimiser.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        optimiser.step()
         step += 1
-        history.append(loss.detach().cpu())
-        if not torch.isfinite(history[-1]).all() or not torch.isfinite(triggers).all():
+        if not descend(optimiser, loss, triggers, history):
             stop_reason = "non_finite"
             break
         if step % settings.pooled_check_every == 0 or step == budget:
@@ -495,12 +513,8 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
         cursor += settings.batch_size
         loss = inversion_loss(models, opt.embeds[batch], opt.clean[batch], triggers,
                               settings.beta, settings.gamma).mean(dim=1)
-        optimiser.zero_grad(set_to_none=True)
-        loss.sum().backward()  # restarts are independent: each v only moves its own loss
-        optimiser.step()
         step += 1
-        history.append(loss.detach().cpu())
-        if not torch.isfinite(history[-1]).all() or not torch.isfinite(triggers).all():
+        if not descend(optimiser, loss, triggers, history):
             stop_reason = "non_finite"
             break
         running = torch.stack(history[-settings.running_window :]).mean(dim=0)

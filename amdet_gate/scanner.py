@@ -36,7 +36,7 @@ from amdet_gate.prompts import builtin_prompts, read_prompt_file
 from amdet_gate.reverse import reverse_target
 from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder, weight_identities
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
-from amdet_gate.verdict import Decision, check_score, decide, gate_thresholds, margin
+from amdet_gate.verdict import Decision, check_score, decide, margin
 
 RESULT_SCHEMA_VERSION = "1.1"  # 1.1: the pooled path (`pooled`, pooled_* gates)
 
@@ -271,7 +271,7 @@ def _gates(outcome: SearchOutcome, t: Thresholds) -> dict:
         passed = gates.passed(t)
         rows |= {name: {"value": value, "threshold": threshold, "passed": passed[name],
                         "margin": round(margin(value, threshold), 6)}
-                 for name, (value, threshold) in gate_thresholds(gates, t).items()}
+                 for name, (value, threshold) in gates.measured(t).items()}
     return rows | {"mean_assimilation": reported[0].mean_assimilation}
 
 

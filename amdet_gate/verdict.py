@@ -20,25 +20,8 @@ def margin(value: float, threshold: float) -> float:
     return (value - threshold) / max(threshold, 1e-9)
 
 
-def gate_thresholds(gates: GateValues | PooledGates, t: Thresholds) -> dict[str, tuple[float, float]]:
-    """Each measured gate's (value, threshold), by gate name; gates not measured are left out."""
-    if isinstance(gates, PooledGates):
-        values = {
-            "pooled_same_target_ratio": (gates.same_target_ratio, t.pooled_same_target_ratio),
-            "pooled_anchor_difference_ratio": (gates.anchor_difference_ratio, t.anchor_difference_ratio),
-        }
-    else:
-        values = {
-            "assimilation_ratio": (gates.assimilation_ratio, t.assimilation_ratio),
-            "same_target_ratio": (gates.same_target_ratio, t.same_target_ratio),
-            "anchor_difference_ratio": (gates.anchor_difference_ratio, t.anchor_difference_ratio),
-            "landscape_positive_ratio": (gates.landscape_positive_ratio, t.landscape_positive_ratio),
-        }
-    return {name: (v, th) for name, (v, th) in values.items() if v is not None}
-
-
 def gate_margins(gates: GateValues | PooledGates, t: Thresholds) -> dict[str, float]:
-    return {name: margin(v, th) for name, (v, th) in gate_thresholds(gates, t).items()}
+    return {name: margin(v, th) for name, (v, th) in gates.measured(t).items()}
 
 
 def check_score(gates: GateValues | PooledGates, t: Thresholds) -> float:
