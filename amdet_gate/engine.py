@@ -410,6 +410,7 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     optimiser = torch.optim.Adam([triggers], lr=settings.lr, weight_decay=settings.weight_decay)
     history: list[Tensor] = []
     stop_reason, detected_at, best = "max_steps", None, 0
+    found = None  # the detected trigger's gates on every held-out prompt
     step = 0
     screen = held.subset(0, min(settings.screen_prompts, len(held)))
     # A trigger fires whatever the prompt's length, and a pooled feature costs as many positions
@@ -432,10 +433,10 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
             shares = [g.same_target_ratio for g in screened]
             best = max(range(len(shares)), key=shares.__getitem__)
             for r in (r for r in range(len(shares)) if shares[r] > settings.pooled_promising):
-                full, _ = pooled_gates(models, held, held_eos, centres, triggers.detach()[r : r + 1], thresholds,
-                                       settings.chunk_size)
-                if all(full[0].passed(thresholds).values()):
-                    stop_reason, detected_at, best = "detected", step, r
+                full = pooled_gates(models, held, held_eos, centres, triggers.detach()[r : r + 1], thresholds,
+                                    settings.chunk_size)
+                if all(full[0][0].passed(thresholds).values()):
+                    stop_reason, detected_at, best, found = "detected", step, r, full
                     break
             if detected_at is not None:
                 break
@@ -447,8 +448,8 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
         if time.monotonic() > deadline:
             stop_reason = "time_budget"
             break
-    gates, similarity = pooled_gates(models, held, held_eos, centres, triggers.detach()[best : best + 1],
-                                     thresholds, settings.chunk_size)
+    gates, similarity = found or pooled_gates(models, held, held_eos, centres, triggers.detach()[best : best + 1],
+                                              thresholds, settings.chunk_size)
     return PooledOutcome(triggers.detach().cpu(), best, gates[0], similarity[0].cpu(),
                          torch.stack(history) if history else torch.zeros(0, restarts),
                          step, detected_at, stop_reason, time.monotonic() - start)
