@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -72,25 +72,39 @@ def inversion_loss(models: Models, embeds: Tensor, clean: Tensor, triggers: Tens
 
 @dataclass
 class PromptFeatures:
-    """Input embeddings H and clean outputs F_orig of a prompt set, kept in memory."""
+    """Input embeddings H and clean outputs F_orig of a prompt set, kept in memory.
+
+    `clean` is None for the optimisation prompts: a search draws fewer than half of them, so
+    their clean outputs are computed batch by batch (`clean_features`) instead of all up front.
+    """
 
     ids: Tensor
     embeds: Tensor
-    clean: Tensor
+    clean: Tensor | None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def subset(self, start: int, stop: int) -> PromptFeatures:
-        return PromptFeatures(self.ids[start:stop], self.embeds[start:stop], self.clean[start:stop])
+        clean = None if self.clean is None else self.clean[start:stop]
+        return PromptFeatures(self.ids[start:stop], self.embeds[start:stop], clean)
 
 
 @torch.no_grad()
-def precompute(encoder: TextEncoderAdapter, ids: Tensor, chunk_size: int) -> PromptFeatures:
+def precompute(encoder: TextEncoderAdapter, ids: Tensor, chunk_size: int, clean: bool = True) -> PromptFeatures:
     ids = ids.to(encoder.device)
     embeds = torch.cat([encoder.embed(c) for c in ids.split(chunk_size)])
-    clean = torch.cat([encoder.encode(c) for c in embeds.split(chunk_size)])
-    return PromptFeatures(ids, embeds, clean)
+    if not clean:
+        return PromptFeatures(ids, embeds, None)
+    return PromptFeatures(ids, embeds, torch.cat([encoder.encode(c) for c in embeds.split(chunk_size)]))
+
+
+@torch.no_grad()
+def clean_features(encoder: TextEncoderAdapter, prompts: PromptFeatures, index: Tensor) -> Tensor:
+    """F_orig of the indexed prompts: the stored ones, else computed now."""
+    if prompts.clean is not None:
+        return prompts.clean[index]
+    return encoder.encode(prompts.embeds[index])
 
 
 # --- verification gates -----------------------------------------------------------------
@@ -308,12 +322,25 @@ def centred(pooled: Tensor, centre: Tensor) -> Tensor:
     return _unit(_unit(pooled) - centre)
 
 
+@torch.no_grad()
+def clean_pooled(encoder: TextEncoderAdapter, embeds: Tensor, ids: Tensor) -> Tensor:
+    """Pooled features without a trigger, (B, d), cut after the last EOS as above."""
+    cut = int((ids == encoder.eos_token_id).int().argmax(dim=-1).max()) + 1
+    return encoder.pooled(encoder.encode(embeds[:, :cut]), ids[:, :cut])
+
+
 @dataclass
 class Centres:
     """Mean direction of the clean prompts' unit pooled features, per model."""
 
     suspect: Tensor
     anchor: Tensor | None  # the anchor's, fed the suspect's input embeddings as in the token loss
+
+    @classmethod
+    def of(cls, models: Models, prompts: PromptFeatures, sample: int = 512) -> Centres:
+        ids, embeds = prompts.ids[:sample], prompts.embeds[:sample]
+        anchor = None if models.anchor is None else _unit(clean_pooled(models.anchor, embeds, ids)).mean(dim=0)
+        return cls(_unit(clean_pooled(models.suspect, embeds, ids)).mean(dim=0), anchor)
 
 
 def pooled_loss(models: Models, embeds: Tensor, eos: Tensor, clean_pooled: Tensor, centres: Centres,
@@ -368,18 +395,21 @@ def pooled_gates(models: Models, held: PromptFeatures, eos: Tensor, centres: Cen
                  t: Thresholds, chunk_size: int) -> tuple[list[PooledGates], Tensor]:
     """Pooled gates for every trigger, and the per-prompt similarity to each target, (R, N)."""
     per_chunk = max(1, chunk_size // triggers.shape[0])
+    # Chunks of prompts of similar length: each chunk is cut after its longest prompt's EOS.
+    order = eos.argsort(stable=True)
     pooled, anchored = [], []
-    for start in range(0, len(held), per_chunk):
-        embeds, where = held.embeds[start : start + per_chunk], eos[start : start + per_chunk]
+    for index in order.split(per_chunk):
+        embeds, where = held.embeds[index], eos[index]
         pooled.append(centred(pooled_with_trigger(models.suspect, embeds, where, triggers), centres.suspect))
         if models.anchor is not None and centres.anchor is not None:
             anchored.append(centred(pooled_with_trigger(models.anchor, embeds, where, triggers), centres.anchor))
-    features = torch.cat(pooled, dim=1)
+    unsort = order.argsort()
+    features = torch.cat(pooled, dim=1)[:, unsort]
     similarity = (features * features[:, :1]).sum(dim=-1)  # as gate 2: the first prompt's is the target
     same = (similarity > t.pooled_same_target).sum(dim=1).tolist()
     differ = None
     if anchored:
-        anchor_features = torch.cat(anchored, dim=1)
+        anchor_features = torch.cat(anchored, dim=1)[:, unsort]
         anchor_similarity = (anchor_features * anchor_features[:, :1]).sum(dim=-1)
         differ = (anchor_similarity <= t.pooled_same_target).sum(dim=1).tolist()
     n = len(held)
@@ -394,20 +424,12 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     device = opt.embeds.device
     eos_token = models.suspect.eos_token_id
     opt_eos, held_eos = eos_positions(opt.ids, eos_token), eos_positions(held.ids, eos_token)
-    clean_pooled = models.suspect.pooled(opt.clean, opt.ids)
-    centres = Centres(_unit(clean_pooled).mean(dim=0), None)
-    if models.anchor is not None:
-        with torch.no_grad():  # on up to 512 prompts, cut after EOS
-            sample = slice(0, min(len(opt), 512))
-            cut = int((opt.ids[sample] == eos_token).int().argmax(dim=-1).max()) + 1
-            anchor_pooled = models.anchor.pooled(models.anchor.encode(opt.embeds[sample, :cut]),
-                                                 opt.ids[sample, :cut])
-        centres.anchor = _unit(anchor_pooled).mean(dim=0)
+    centres = Centres.of(models, held)
     gen = torch.Generator().manual_seed(settings.seed)
     restarts = 2 * settings.restarts
     triggers = torch.randn(restarts, opt.embeds.shape[-1], generator=gen).to(device)
     triggers.requires_grad_(True)
-    optimiser = torch.optim.Adam([triggers], lr=settings.lr, weight_decay=settings.weight_decay)
+    optimiser = torch.optim.Adam([triggers], lr=settings.pooled_lr, weight_decay=settings.weight_decay)
     history: list[Tensor] = []
     stop_reason, detected_at, best = "max_steps", None, 0
     found = None  # the detected trigger's gates on every held-out prompt
@@ -419,7 +441,8 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     budget = min(settings.pooled_steps, settings.max_steps)
     while step < budget:
         batch = short[torch.randint(len(short), (settings.pooled_batch_size,), generator=gen).to(device)]
-        loss = pooled_loss(models, opt.embeds[batch], opt_eos[batch], clean_pooled[batch], centres, triggers,
+        clean = clean_pooled(models.suspect, opt.embeds[batch], opt.ids[batch])
+        loss = pooled_loss(models, opt.embeds[batch], opt_eos[batch], clean, centres, triggers,
                            settings.beta, settings.gamma)
         step += 1
         if not descend(optimiser, loss, triggers, history):
@@ -512,7 +535,7 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
             order, cursor = torch.randperm(len(opt), generator=gen), 0
         batch = order[cursor : cursor + settings.batch_size].to(device)
         cursor += settings.batch_size
-        loss = inversion_loss(models, opt.embeds[batch], opt.clean[batch], triggers,
+        loss = inversion_loss(models, opt.embeds[batch], clean_features(models.suspect, opt, batch), triggers,
                               settings.beta, settings.gamma).mean(dim=1)
         step += 1
         if not descend(optimiser, loss, triggers, history):
@@ -581,14 +604,18 @@ def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, c
     """All four gates and the landscape on the reported trigger, for the result and the report.
 
     A detection's landscape was just computed for this trigger at this step: it is reused.
+    When gates 1-3 fail on the trigger, gate 4 cannot make the verdict `fail`: its landscape is
+    drawn for the report on the coarser `report_landscape_points` grid (a quarter of the cost).
     """
     trigger = triggers[best]
     stats = held_out_stats(models, held, trigger[None], settings.chunk_size)
     final_gates = gate_values(stats, thresholds)[0]
-    # Same direction seed as a check at this step, so the grid is the one a check would draw.
     land = known_landscape
     if land is None:
-        land = landscape(models, held.embeds[:1], held.clean[:1], trigger, settings,
+        grid = settings if all(final_gates.passed(thresholds).values()) else \
+            replace(settings, landscape_points=min(settings.report_landscape_points, settings.landscape_points))
+        # Same direction seed as a check at this step, so the grid is the one a check would draw.
+        land = landscape(models, held.embeds[:1], held.clean[:1], trigger, grid,
                          torch.Generator().manual_seed(settings.seed + steps))
     final_gates.landscape_positive_ratio = land.positive_ratio(thresholds.eigenvalue_floor)
     return SearchOutcome(

@@ -195,7 +195,7 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
                                               request.settings.seed)
     chunk = request.settings.chunk_size
     with torch.no_grad():
-        opt = precompute(suspect.adapter, tokenize(tokenizer, opt_prompts, suspect), chunk)
+        opt = precompute(suspect.adapter, tokenize(tokenizer, opt_prompts, suspect), chunk, clean=False)
         held = precompute(suspect.adapter, tokenize(tokenizer, held_prompts, suspect), chunk)
     t_pre = time.monotonic()
 
@@ -209,7 +209,7 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     target = outcome.held_out.mean_feature[0]
     tok = tokenizer.tokenizer
     specials = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
-    reversed_target = reverse_target(outcome.triggers[outcome.best_restart], target, opt, opt_prompts,
+    reversed_target = reverse_target(outcome.triggers[outcome.best_restart], target, held, held_prompts,
                                      suspect.adapter.token_embedding.detach(), tokenizer, specials)
     t_end = time.monotonic()
 

@@ -35,7 +35,7 @@ class SearchSettings:
     seed: int = 0
     restarts: int = 4
     max_steps: int = 640
-    batch_size: int = 10
+    batch_size: int = 5
     lr: float = 0.08
     weight_decay: float = 1e-5
     beta: float = 0.1  # push away from the prompt's clean meaning
@@ -43,22 +43,26 @@ class SearchSettings:
     loss_trigger: float = -0.76  # run the gates once the running loss is below this
     check_every: int = 10
     running_window: int = 10
-    patience: int = 60  # stop once no restart's smoothed loss has improved for this many steps
+    patience: int = 40  # stop once no restart's smoothed loss has improved for this many steps
     plateau_window: int = 30  # steps averaged for that test
-    min_improvement: float = 0.005
+    min_improvement: float = 0.01
     landscape_points: int = 50
     # Grid half-width as a fraction of |v|. The reference's +-10 was set for CLIP-L, whose
     # triggers start at N(0, 1) scale, |v| ~ sqrt(768); 10 / sqrt(768) ~ 0.36 keeps that
     # geometry for any width and embedding scale.
     landscape_radius: float = 0.36
+    report_landscape_points: int = 25  # the report's grid when gates 1-3 already fail (engine._report)
     time_budget_s: float = 900.0
     chunk_size: int = 64  # sequences per no-grad forward
     screen_prompts: int = 100  # held-out prompts a check runs before dropping triggers that cannot pass
     # The pooled path's budget (0 turns the path off), capped by max_steps. It runs twice as many
     # starts as the token path: a multi-token trigger's pooled basin is found by about one start
     # in three, and its sequences, cut after EOS, keep the starts cheap.
-    pooled_steps: int = 200
-    pooled_batch_size: int = 8
+    pooled_steps: int = 150
+    pooled_batch_size: int = 4
+    # Its own step size: a pooled basin is reached in about a third of the steps at 0.3 as at
+    # the token path's 0.08, and benign encoders stay as far from the gate (bench/detection.py).
+    pooled_lr: float = 0.3
     pooled_check_every: int = 50
     pooled_promising: float = 0.2  # a pooled share above this extends the budget (benign controls: < 0.1)
 

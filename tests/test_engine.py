@@ -15,6 +15,7 @@ from amdet_gate.engine import (
     Thresholds,
     assimilation,
     centred,
+    clean_pooled,
     eos_positions,
     gate_values,
     held_out_stats,
@@ -117,6 +118,27 @@ def test_search_is_deterministic_for_a_seed(tiny_model) -> None:
     assert runs[0].final_gates == runs[1].final_gates
     other = search(Models(adapter), opt, held, replace(settings, seed=4), Thresholds())
     assert not torch.equal(other.triggers, runs[0].triggers)
+
+
+def test_lazy_clean_features_give_the_stored_ones_result(tiny_model) -> None:
+    # The scan keeps no clean outputs for the optimisation prompts: each batch's are computed
+    # when drawn. The search must not notice the difference.
+    adapter, feats = _tiny_features(tiny_model, 60)
+    held = feats.subset(40, 60)
+    settings = SearchSettings(seed=1, restarts=2, max_steps=8, batch_size=4, landscape_points=6,
+                              loss_trigger=0.0, check_every=4, pooled_steps=4, screen_prompts=8)
+    stored = search(Models(adapter), feats.subset(0, 40), held, settings, Thresholds())
+    lazy_opt = precompute(adapter, feats.ids[:40], 16, clean=False)
+    assert lazy_opt.clean is None
+    lazy = search(Models(adapter), lazy_opt, held, settings, Thresholds())
+    torch.testing.assert_close(lazy.loss_history, stored.loss_history, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lazy.triggers, stored.triggers, rtol=1e-4, atol=1e-5)
+
+
+def test_clean_pooled_cut_after_eos_equals_the_full_sequences(tiny_model) -> None:
+    adapter, feats = _tiny_features(tiny_model, 10)
+    torch.testing.assert_close(clean_pooled(adapter, feats.embeds, feats.ids), adapter.pooled(feats.clean, feats.ids),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_screened_gates_decide_exactly_like_full_gates(tiny_model) -> None:
