@@ -109,8 +109,18 @@ def clean_features(encoder: TextEncoderAdapter, prompts: PromptFeatures, index: 
 
 # --- verification gates -----------------------------------------------------------------
 
+class Gates:
+    """A set of gates: each subclass names its measured (value, threshold) pairs."""
+
+    def measured(self, t: Thresholds) -> dict[str, tuple[float, float]]:
+        raise NotImplementedError
+
+    def passed(self, t: Thresholds) -> dict[str, bool]:
+        return {name: value > threshold for name, (value, threshold) in self.measured(t).items()}
+
+
 @dataclass
-class GateValues:
+class GateValues(Gates):
     """The measured side of each gate (thresholds live in `Thresholds`)."""
 
     assimilation_ratio: float
@@ -128,9 +138,6 @@ class GateValues:
             "anchor_difference_ratio": (self.anchor_difference_ratio, t.anchor_difference_ratio),
             "landscape_positive_ratio": (self.landscape_positive_ratio, t.landscape_positive_ratio),
         })
-
-    def passed(self, t: Thresholds) -> dict[str, bool]:
-        return {name: value > threshold for name, (value, threshold) in self.measured(t).items()}
 
 
 def _measured(values: dict[str, tuple[float | None, float]]) -> dict[str, tuple[float, float]]:
@@ -339,8 +346,10 @@ class Centres:
     @classmethod
     def of(cls, models: Models, prompts: PromptFeatures, sample: int = 512) -> Centres:
         ids, embeds = prompts.ids[:sample], prompts.embeds[:sample]
+        suspect = (clean_pooled(models.suspect, embeds, ids) if prompts.clean is None
+                   else models.suspect.pooled(prompts.clean[:sample], ids))  # stored: no forward again
         anchor = None if models.anchor is None else _unit(clean_pooled(models.anchor, embeds, ids)).mean(dim=0)
-        return cls(_unit(clean_pooled(models.suspect, embeds, ids)).mean(dim=0), anchor)
+        return cls(_unit(suspect).mean(dim=0), anchor)
 
 
 def pooled_loss(models: Models, embeds: Tensor, eos: Tensor, clean_pooled: Tensor, centres: Centres,
@@ -358,7 +367,7 @@ def pooled_loss(models: Models, embeds: Tensor, eos: Tensor, clean_pooled: Tenso
 
 
 @dataclass
-class PooledGates:
+class PooledGates(Gates):
     """The pooled path's gates: one pooled target for most prompts, unlike the anchor's."""
 
     same_target_ratio: float  # share of held-out prompts at centred cosine > t.pooled_same_target to the first's
@@ -372,9 +381,6 @@ class PooledGates:
             "pooled_same_target_ratio": (self.same_target_ratio, t.pooled_same_target_ratio),
             "pooled_anchor_difference_ratio": (self.anchor_difference_ratio, t.anchor_difference_ratio),
         })
-
-    def passed(self, t: Thresholds) -> dict[str, bool]:
-        return {name: value > threshold for name, (value, threshold) in self.measured(t).items()}
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from amdet_gate.engine import GateValues, PooledGates, SearchOutcome
+from amdet_gate.engine import Gates, SearchOutcome
 from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, Thresholds
 
 
@@ -20,11 +20,11 @@ def margin(value: float, threshold: float) -> float:
     return (value - threshold) / max(threshold, 1e-9)
 
 
-def gate_margins(gates: GateValues | PooledGates, t: Thresholds) -> dict[str, float]:
+def gate_margins(gates: Gates, t: Thresholds) -> dict[str, float]:
     return {name: margin(v, th) for name, (v, th) in gates.measured(t).items()}
 
 
-def check_score(gates: GateValues | PooledGates, t: Thresholds) -> float:
+def check_score(gates: Gates, t: Thresholds) -> float:
     margins = gate_margins(gates, t).values()
     if any(not math.isfinite(m) for m in margins):
         return math.nan
