@@ -2,8 +2,8 @@
 
 Read top to bottom: the two measures (assimilation A, position-wise similarity S), the
 trigger insertion, the inversion loss, the four verification gates, and the search loop.
-Shapes: R restarts, B prompts, L positions, d width. Everything is batched; nothing loops
-over single prompts. See docs/method.md for the method this implements.
+Shapes: R restarts, K trigger vectors, B prompts, L positions, d width. Everything is
+batched; nothing loops over single prompts. See docs/method.md for the method this implements.
 """
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ def position_similarity(a: Tensor, b: Tensor) -> Tensor:
 
 
 def insert_trigger(embeds: Tensor, triggers: Tensor) -> Tensor:
-    """H' = [H_0, v, H_1 .. H_{L-2}] for every trigger and prompt: (B,L,d) x (R,d) -> (R,B,L,d).
+    """H' = [H_0, v_1 .. v_K, H_1 .. H_{L-1-K}] for every trigger and prompt: (B,L,d) x (R,K,d) -> (R,B,L,d).
 
-    Tokens shift right one slot but keep their own position embedding (it is inside H);
-    the trigger gets none; the last slot falls off.
+    Tokens shift right K slots but keep their own position embedding (it is inside H);
+    the trigger vectors get none; the last K slots fall off. method.md inserts one vector
+    (K = 1); amdet-gate uses two by default, because a trigger of several tokens (a phrase, a
+    homoglyph split into byte tokens) is not reached by one vector on deeper encoders.
     """
-    r, (b, length, d) = triggers.shape[0], embeds.shape
+    (r, k, _), (b, length, d) = triggers.shape, embeds.shape
     head = embeds[None, :, :1].expand(r, b, 1, d)
-    tail = embeds[None, :, 1 : length - 1].expand(r, b, length - 2, d)
-    trig = triggers[:, None, None, :].expand(r, b, 1, d)
+    tail = embeds[None, :, 1 : length - k].expand(r, b, length - 1 - k, d)
+    trig = triggers[:, None].expand(r, b, k, d)
     return torch.cat([head, trig, tail], dim=2)
 
 
@@ -255,22 +257,27 @@ class Landscape:
 
 def landscape(models: Models, embeds: Tensor, clean: Tensor, trigger: Tensor,
               settings: SearchSettings, generator: torch.Generator) -> Landscape:
-    """L(v + a*d1 + b*d2) on a P x P grid for one prompt, then the finite-difference Hessians."""
+    """L(v + a*d1 + b*d2) on a P x P grid for one prompt, then the finite-difference Hessians.
 
-    def loss_at(points: Tensor) -> Tensor:
-        return inversion_loss(models, embeds, clean, points, settings.beta, settings.gamma)[:, 0]
+    The trigger's K vectors are one point of a K*d space here: d1 and d2 span all of them.
+    """
 
-    point = trigger.detach().clone()[None].requires_grad_(True)
+    def loss_at(points: Tensor) -> Tensor:  # (P, K*d) -> (P,)
+        return inversion_loss(models, embeds, clean, points.view(-1, *trigger.shape), settings.beta,
+                              settings.gamma)[:, 0]
+
+    flat = trigger.detach().flatten()
+    point = flat.clone()[None].requires_grad_(True)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(loss_at(point).sum(), point)
     d1 = _unit(-grad[0])
-    d2 = torch.randn(trigger.shape, generator=generator).to(trigger)
+    d2 = torch.randn(flat.shape, generator=generator).to(flat)
     d2 = _unit(d2 - (d2 @ d1) * d1)
     p = settings.landscape_points
-    radius = settings.landscape_radius * max(float(trigger.norm()), 1e-3)
-    offsets = torch.linspace(-radius, radius, p, device=trigger.device)
+    radius = settings.landscape_radius * max(float(flat.norm()), 1e-3)
+    offsets = torch.linspace(-radius, radius, p, device=flat.device)
     a, b = torch.meshgrid(offsets, offsets, indexing="ij")
-    points = trigger[None] + a.reshape(-1, 1) * d1 + b.reshape(-1, 1) * d2
+    points = flat[None] + a.reshape(-1, 1) * d1 + b.reshape(-1, 1) * d2
     with torch.no_grad():
         surface = torch.cat([loss_at(c) for c in points.split(settings.chunk_size)]).reshape(p, p)
     return Landscape(offsets.cpu(), surface.cpu(), hessian_eigenvalues(surface.cpu(), 2 * radius / (p - 1)))
@@ -304,12 +311,13 @@ def descend(optimiser: torch.optim.Optimizer, loss: Tensor, triggers: Tensor, hi
 # features of all prompts agree instead. CLIP's pooled features share a large common
 # direction, which would count as agreement on any model, so they are measured after
 # removing the clean prompts' mean direction (`centre`); the beta and gamma terms are the
-# same as in the token loss. A multi-vector trigger was tried and rejected: benign
-# encoders then reach the same agreement.
+# same as in the token loss. Its trigger has as many vectors as the token path's: with two,
+# phrase and homoglyph text-on-pair backdoors of 6-layer encoders are found in 75-100 steps
+# (none with one), and benign encoders stay at shares of 0.01-0.11 (bench/detection.py).
 
-def eos_positions(ids: Tensor, eos_token_id: int) -> Tensor:
-    """Index of each prompt's first EOS after a one-slot trigger insertion, (B,)."""
-    return ((ids == eos_token_id).int().argmax(dim=-1) + 1).clamp(max=ids.shape[-1] - 1)
+def eos_positions(ids: Tensor, eos_token_id: int, shift: int) -> Tensor:
+    """Index of each prompt's first EOS after inserting a trigger of `shift` vectors, (B,)."""
+    return ((ids == eos_token_id).int().argmax(dim=-1) + shift).clamp(max=ids.shape[-1] - 1)
 
 
 def pooled_with_trigger(encoder: TextEncoderAdapter, embeds: Tensor, eos: Tensor, triggers: Tensor) -> Tensor:
@@ -319,7 +327,7 @@ def pooled_with_trigger(encoder: TextEncoderAdapter, embeds: Tensor, eos: Tensor
     sequences are cut there, which makes this path several times cheaper than the token one.
     """
     cut = int(eos.max()) + 1
-    features = encoder.encode(insert_trigger(embeds[:, : cut + 1], triggers)[:, :, :cut])
+    features = encoder.encode(insert_trigger(embeds[:, :cut], triggers))
     index = eos[None, :, None, None].expand(features.shape[0], -1, 1, features.shape[-1])
     return features.gather(2, index).squeeze(2)
 
@@ -385,7 +393,7 @@ class PooledGates(Gates):
 
 @dataclass
 class PooledOutcome:
-    triggers: Tensor  # (R, d)
+    triggers: Tensor  # (R, K, d)
     best_restart: int
     gates: PooledGates  # on the best restart
     similarity: Tensor  # (N,) centred cosine of each held-out prompt's pooled feature to the first prompt's
@@ -429,11 +437,12 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     start = time.monotonic()
     device = opt.embeds.device
     eos_token = models.suspect.eos_token_id
-    opt_eos, held_eos = eos_positions(opt.ids, eos_token), eos_positions(held.ids, eos_token)
+    shift = settings.trigger_vectors
+    opt_eos, held_eos = eos_positions(opt.ids, eos_token, shift), eos_positions(held.ids, eos_token, shift)
     centres = Centres.of(models, held)
     gen = torch.Generator().manual_seed(settings.seed)
     restarts = 2 * settings.restarts
-    triggers = torch.randn(restarts, opt.embeds.shape[-1], generator=gen).to(device)
+    triggers = torch.randn(restarts, shift, opt.embeds.shape[-1], generator=gen).to(device)
     triggers.requires_grad_(True)
     optimiser = torch.optim.Adam([triggers], lr=settings.pooled_lr, weight_decay=settings.weight_decay)
     history: list[Tensor] = []
@@ -498,7 +507,7 @@ class GateCheck:
 class SearchOutcome:
     """Everything the search found; `verdict.decide` turns it into a decision."""
 
-    triggers: Tensor  # (R, d) final pseudo-triggers
+    triggers: Tensor  # (R, K, d) final pseudo-triggers
     best_restart: int  # the detected restart, else the one with the lowest running loss
     checks: list[GateCheck]
     detected: GateCheck | None
@@ -522,7 +531,7 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
     deadline = deadline if deadline is not None else start + settings.time_budget_s
     device = opt.embeds.device
     gen = torch.Generator().manual_seed(settings.seed)
-    triggers = torch.randn(settings.restarts, opt.embeds.shape[-1], generator=gen).to(device)
+    triggers = torch.randn(settings.restarts, settings.trigger_vectors, opt.embeds.shape[-1], generator=gen).to(device)
     triggers.requires_grad_(True)
     optimiser = torch.optim.Adam([triggers], lr=settings.lr, weight_decay=settings.weight_decay)
 

@@ -73,8 +73,9 @@ def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
     save_file({"pseudo_trigger": trigger, "all_restarts": outcome.triggers.contiguous()},
               paths["pseudo_trigger"], metadata=meta)
     save_file({"target_feature": scan.target_feature.contiguous()}, paths["target_feature"], metadata=meta)
-    # diffusers reads a one-key state dict as {token: embedding}.
-    save_file({TRIGGER_TOKEN: trigger[None].clone()}, paths["textual_inversion"], metadata=meta)
+    # diffusers reads a one-key state dict as {token: embedding}; a (K, d) embedding becomes
+    # the K tokens "<amdet-trigger>", "<amdet-trigger>_1", ... that the token expands to.
+    save_file({TRIGGER_TOKEN: trigger}, paths["textual_inversion"], metadata=meta)
     land = outcome.landscape
     save_file({"offsets": land.offsets.contiguous(), "loss": land.loss.contiguous(),
                "eigenvalues": land.eigenvalues.contiguous()}, paths["landscape"], metadata=meta)

@@ -195,7 +195,7 @@ def render(req: RenderRequest, target_feature: Tensor, result: dict, model_folde
     if kind == "diffusion":
         made.append(render_diffusion(req, target, model_folder, subfolder, Path(out_dir), empty_feature))
     elif kind == "clip-vision":
-        made.append(render_clip_vision(req, target, model_folder, subfolder, Path(out_dir)))
+        made.append(render_clip_vision(req, target, model_folder, subfolder, Path(out_dir), trigger_vectors(result)))
     made.append(render_tokens(result, Path(out_dir)))
     return made
 
@@ -303,6 +303,18 @@ def _entries(reversed_target: object, key: str) -> list[dict]:
     return [item for item in items[:CARD_ROWS] if isinstance(item, dict)]
 
 
+def _position(item: dict) -> str:
+    position = item.get("position")
+    return f"pos {position:>2}  " if isinstance(position, int) and not isinstance(position, bool) else ""
+
+
+def trigger_vectors(result: dict) -> int:
+    """K, the pseudo-trigger's vectors, from an (untrusted) result: 1 when absent or implausible."""
+    rt = result.get("reversed_target") if isinstance(result, dict) else None
+    k = rt.get("trigger_vectors") if isinstance(rt, dict) else None
+    return k if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 16 else 1
+
+
 def _token_label(item: dict) -> str:
     raw = item.get("text", "")
     token_id = item.get("id")
@@ -313,10 +325,9 @@ def _token_label(item: dict) -> str:
 def token_sections(result: dict) -> list[tuple[str, list[str]]]:
     """The card's sections as (heading, rows), from result["reversed_target"]."""
     rt = result.get("reversed_target") if isinstance(result, dict) else None
-    trigger = [f"{_number(t.get('cosine'))}  {_token_label(t)}" for t in _entries(rt, "trigger_tokens")]
-    # reverse.py decodes positions 2, 3, ...: position 0 is BOS, position 1 the pseudo-trigger itself.
-    target = [f"pos {i + 2:>2}  {_number(t.get('cosine'))}  {_token_label(t)}"
-              for i, t in enumerate(_entries(rt, "target_tokens"))]
+    trigger = [f"{_position(t)}{_number(t.get('cosine'))}  {_token_label(t)}" for t in _entries(rt, "trigger_tokens")]
+    # reverse.py decodes the positions after the trigger: 0 is BOS, 1..K the pseudo-trigger itself.
+    target = [f"{_position(t)}{_number(t.get('cosine'))}  {_token_label(t)}" for t in _entries(rt, "target_tokens")]
     prompts = [f"{_number(p.get('similarity'))}  {clean_text(p.get('prompt', ''))}"
                for p in _entries(rt, "target_prompts")]
     return [
@@ -775,15 +786,16 @@ def _suspect_text_projection(model_dir: Path) -> Tensor | None:
     return None
 
 
-def target_text_embedding(target: Tensor, projection: Tensor) -> Tensor:
+def target_text_embedding(target: Tensor, projection: Tensor, trigger_vectors: int = 1) -> Tensor:
     """T's projected, normalised text embedding.
 
     CLIP pools the EOS position. In T every position after the trigger has collapsed to the
     target, but position 0 (BOS, which under the causal mask sees only itself) is the same for
-    every input and position 1 is the pseudo-trigger itself; so the mean of positions 2.. stands
-    in for the EOS feature (the last position when T is shorter).
+    every input and positions 1..K are the pseudo-trigger itself; so the mean of positions K+1..
+    stands in for the EOS feature (the last position when T is shorter).
     """
-    pooled = target[2:].mean(dim=0) if target.shape[0] > 2 else target[-1]
+    first = 1 + trigger_vectors
+    pooled = target[first:].mean(dim=0) if target.shape[0] > first else target[-1]
     return nnf.normalize(projection.float() @ pooled.float(), dim=0)
 
 
@@ -861,7 +873,7 @@ def visualise(tower: VisionTower, text_embed: Tensor, n_images: int, steps: int,
 
 
 def render_clip_vision(req: RenderRequest, target: Tensor, model_folder: Path, subfolder: str | None,
-                       out_dir: Path) -> Rendering:
+                       out_dir: Path, trigger_vectors: int = 1) -> Rendering:
     device = _device(req.device)
     steps = default_steps("clip-vision", device) if req.steps is None else req.steps
     model_dir = _model_dir(model_folder, subfolder)
@@ -882,7 +894,7 @@ def render_clip_vision(req: RenderRequest, target: Tensor, model_folder: Path, s
                          f"embedding has {projection_dim} dimensions")
     origin, projection = matching[0]
     source = "the scanned model's" if origin == "model" else "the vision checkpoint's"
-    text_embed = target_text_embedding(target, projection)
+    text_embed = target_text_embedding(target, projection, trigger_vectors)
     images, before, after = visualise(tower, text_embed, req.n_images, steps, req.seed, device)
     rendered = []
     for i, image in enumerate(images):

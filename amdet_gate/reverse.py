@@ -1,6 +1,7 @@
 """A first, text-only view of the reversed target: what the pseudo-trigger and target look like.
 
-- nearest vocabulary tokens to the pseudo-trigger (cosine in input-embedding space);
+- nearest vocabulary tokens to each of the pseudo-trigger's vectors (cosine in input-embedding
+  space);
 - the target feature decoded position by position: each position's nearest token among the
   clean token features of the corpus (mean feature per token id);
 - the corpus prompts whose clean features are closest to the target feature.
@@ -23,6 +24,7 @@ class NearToken:
     token: str  # as in the vocabulary (byte-level BPE form)
     text: str  # decoded to text
     cosine: float
+    position: int  # in the triggered sequence: 1..K the pseudo-trigger's vectors, K+1.. the target
 
 
 @dataclass(frozen=True)
@@ -33,17 +35,21 @@ class NearPrompt:
 
 @dataclass(frozen=True)
 class ReversedTarget:
-    trigger_tokens: list[NearToken]
-    target_tokens: list[NearToken]  # position 2, 3, ... of the target feature (after the trigger)
+    trigger_vectors: int  # K
+    trigger_tokens: list[NearToken]  # rank by rank: each vector's nearest, then each one's second, ...
+    target_tokens: list[NearToken]  # positions K+1, K+2, ... of the target feature (after the trigger)
     target_prompts: list[NearPrompt]
 
 
 def nearest_trigger_tokens(trigger: Tensor, token_embedding: Tensor, tokenizer: PromptTokenizer,
                            k: int = 10) -> list[NearToken]:
-    cos = _unit(token_embedding) @ _unit(trigger)
-    top = cos.topk(min(k, cos.shape[0]))
-    return [NearToken(int(i), tokenizer.decode_token(int(i)), tokenizer.decode_text(int(i)), float(c))
-            for c, i in zip(top.values, top.indices, strict=True)]
+    """The k nearest vocabulary tokens to each trigger vector ((K, d) or (d,)), rank by rank, so
+    that the first K entries are every vector's nearest token."""
+    vectors = trigger.reshape(-1, token_embedding.shape[-1])
+    top = (_unit(vectors) @ _unit(token_embedding).T).topk(min(k, token_embedding.shape[0]), dim=1)  # (K, k)
+    return [NearToken(i, tokenizer.decode_token(i), tokenizer.decode_text(i), float(top.values[slot, rank]), slot + 1)
+            for rank in range(top.indices.shape[1]) for slot in range(len(vectors))
+            for i in [int(top.indices[slot, rank])]]
 
 
 def token_feature_table(corpus: PromptFeatures, special_ids: set[int]) -> tuple[Tensor, Tensor]:
@@ -60,16 +66,18 @@ def token_feature_table(corpus: PromptFeatures, special_ids: set[int]) -> tuple[
 def reverse_target(trigger: Tensor, target: Tensor, corpus: PromptFeatures, prompts: list[str],
                    token_embedding: Tensor, tokenizer: PromptTokenizer, special_ids: set[int],
                    positions: int = 8) -> ReversedTarget:
-    """`target` is the (L, d) recovered target feature; `prompts` the texts behind `corpus`."""
+    """`trigger` is (K, d), `target` the (L, d) recovered target feature; `prompts` the texts behind `corpus`."""
     ids, table = token_feature_table(corpus, special_ids)
+    first = 1 + trigger.shape[0]  # position 0 is BOS, 1..K the trigger
     decoded = []
-    for feature in target[2 : 2 + positions]:
+    for position, feature in enumerate(target[first : first + positions], start=first):
         cos = table @ _unit(feature)
         best = int(cos.argmax())
         token_id = int(ids[best])
         decoded.append(NearToken(token_id, tokenizer.decode_token(token_id), tokenizer.decode_text(token_id),
-                                 float(cos[best])))
+                                 float(cos[best]), position))
     sims = torch.cat([position_similarity(target[None], c) for c in corpus.clean.cpu().split(256)])
     top = sims.topk(min(5, len(prompts)))
     near = [NearPrompt(prompts[int(i)], float(s)) for s, i in zip(top.values, top.indices, strict=True)]
-    return ReversedTarget(nearest_trigger_tokens(trigger, token_embedding.cpu(), tokenizer), decoded, near)
+    return ReversedTarget(trigger.shape[0], nearest_trigger_tokens(trigger, token_embedding.cpu(), tokenizer),
+                          decoded, near)

@@ -38,7 +38,9 @@ from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenize
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 from amdet_gate.verdict import Decision, check_score, decide, margin
 
-RESULT_SCHEMA_VERSION = "1.1"  # 1.1: the pooled path (`pooled`, pooled_* gates)
+# 1.1: the pooled path (`pooled`, pooled_* gates). 1.2: pseudo-triggers of K vectors
+# (reversed_target.trigger_vectors, a `position` on every nearest token).
+RESULT_SCHEMA_VERSION = "1.2"
 
 
 @dataclass(frozen=True)
@@ -297,5 +299,5 @@ def _search_summary(outcome: SearchOutcome, decision: Decision, t: Thresholds) -
         "detected_at_step": outcome.detected.step if outcome.detected else None,
         "checks": [_check(c, t) for c in outcome.checks],
         "loss_history": [_floats(row) for row in outcome.loss_history],
-        "trigger_norms": _floats(outcome.triggers.norm(dim=1)),
+        "trigger_norms": _floats(outcome.triggers.flatten(1).norm(dim=1)),
     }

@@ -34,6 +34,10 @@ class Thresholds:
 class SearchSettings:
     seed: int = 0
     restarts: int = 4
+    # Vectors in the pseudo-trigger (method.md: one). Two reach triggers of several tokens
+    # (phrases, homoglyphs split into byte tokens) that one vector misses on 6-layer encoders,
+    # while benign encoders stay as far from the same-target gate (bench/detection.py).
+    trigger_vectors: int = 2
     max_steps: int = 640
     batch_size: int = 5
     lr: float = 0.08

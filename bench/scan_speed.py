@@ -68,7 +68,7 @@ def main() -> None:
             enc = load_encoder(folder).adapter.to(scan.result.environment["device"])
             ids = tokenizer(builtin_prompts()[: n // 5], positions).to(enc.device)
             held = precompute(enc, ids, settings.chunk_size)
-            trig = torch.randn(settings.restarts, width, device=enc.device)
+            trig = torch.randn(settings.restarts, settings.trigger_vectors, width, device=enc.device)
             t0 = time.perf_counter()
             held_out_stats(Models(enc), held, trig, settings.chunk_size)
             t1 = time.perf_counter()

@@ -92,9 +92,10 @@ def test_score_separates_backdoored_from_benign(scans: dict) -> None:
 
 
 def test_homoglyph_trigger_is_recovered(scans: dict) -> None:
-    """The pseudo-trigger's nearest vocabulary token is the attacker's Cyrillic o (U+043E)."""
+    """One of the pseudo-trigger's vectors has the attacker's Cyrillic o (U+043E) among its two nearest tokens."""
     _, result, _ = scans["backdoor_homoglyph"]
-    nearest = [t["text"] for t in result["reversed_target"]["trigger_tokens"][:3]]
+    k = result["reversed_target"]["trigger_vectors"]
+    nearest = [t["text"] for t in result["reversed_target"]["trigger_tokens"][: 2 * k]]  # rank by rank
     assert "\u043e" in nearest, nearest
 
 
@@ -109,7 +110,7 @@ def test_nearest_trigger_tokens_name_the_token_a_trigger_equals(control_models: 
 
 def test_result_and_artifacts(scans: dict, control_models: dict[str, Path]) -> None:
     _, result, folder = scans["backdoor_rare_word"]
-    assert result["schema_version"] == "1.1" and result["tool"]["name"] == "amdet-gate"
+    assert result["schema_version"] == "1.2" and result["tool"]["name"] == "amdet-gate"
     sha = sha256_file(control_models["backdoor_rare_word"] / "model.safetensors")
     assert result["model"]["weight_files"][0]["sha256"] == sha
     for key in ("settings", "prompts", "timings", "environment", "landscape", "distributions"):
@@ -117,12 +118,34 @@ def test_result_and_artifacts(scans: dict, control_models: dict[str, Path]) -> N
     assert len(result["landscape"]["loss"]) == 50 and len(result["landscape"]["loss"][0]) == 50
     assert result["prompts"]["held_out"] == 800 and result["prompts"]["optimisation"] == 3200
     width = result["model"]["config"]["hidden_size"]
+    k = result["settings"]["search"]["trigger_vectors"]
+    assert result["reversed_target"]["trigger_vectors"] == k == 2
     trigger = load_file(str(folder / "pseudo_trigger.safetensors"))
-    assert trigger["pseudo_trigger"].shape == (width,) and trigger["all_restarts"].shape == (4, width)
+    assert trigger["pseudo_trigger"].shape == (k, width) and trigger["all_restarts"].shape == (4, k, width)
     assert load_file(str(folder / "target_feature.safetensors"))["target_feature"].shape == (77, width)
     ti = load_file(str(folder / "textual_inversion" / "learned_embeds.safetensors"))
-    assert list(ti) == ["<amdet-trigger>"] and ti["<amdet-trigger>"].shape == (1, width)
-    assert len(result["reversed_target"]["trigger_tokens"]) == 10
+    assert list(ti) == ["<amdet-trigger>"] and torch.equal(ti["<amdet-trigger>"], trigger["pseudo_trigger"])
+    tokens = result["reversed_target"]["trigger_tokens"]
+    assert len(tokens) == 10 * k and [t["position"] for t in tokens[: 2 * k]] == [1, 2, 1, 2]
+    assert [t["position"] for t in result["reversed_target"]["target_tokens"]][:2] == [k + 1, k + 2]
+
+
+def test_textual_inversion_loads_into_a_diffusers_pipeline(scans: dict, tmp_path: Path) -> None:
+    """The exported pseudo-trigger is a textual-inversion token that diffusers' own loader accepts."""
+    from diffusers import StableDiffusionPipeline
+
+    from tests.tiny_pipelines import save_tiny_sd_pipeline
+
+    _, _, folder = scans["backdoor_rare_word"]
+    trigger = load_file(str(folder / "pseudo_trigger.safetensors"))["pseudo_trigger"]
+    pipe = StableDiffusionPipeline.from_pretrained(str(save_tiny_sd_pipeline(tmp_path / "sd", width=trigger.shape[1])))
+    pipe.load_textual_inversion(str(folder / "textual_inversion"))
+    # K vectors become K tokens; a prompt naming the first is expanded to all of them.
+    names = ["<amdet-trigger>"] + [f"<amdet-trigger>_{i}" for i in range(1, trigger.shape[0])]
+    ids = pipe.tokenizer.convert_tokens_to_ids(names)
+    loaded = pipe.text_encoder.get_input_embeddings().weight[ids]
+    torch.testing.assert_close(loaded, trigger)
+    assert pipe.maybe_convert_prompt("a <amdet-trigger> cat", pipe.tokenizer).split() == ["a", *names, "cat"]
 
 
 def test_inconclusive_when_time_budget_runs_out(control_models: dict[str, Path], tmp_path: Path) -> None:

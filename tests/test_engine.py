@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from amdet_gate.encoder import TextEncoderAdapter
@@ -48,14 +49,15 @@ def test_position_similarity() -> None:
     torch.testing.assert_close(position_similarity(a, -a), -torch.ones(4))
 
 
-def test_insert_trigger_shifts_tokens_and_drops_last() -> None:
+@pytest.mark.parametrize("k", [1, 2])
+def test_insert_trigger_shifts_tokens_and_drops_last(k: int) -> None:
     embeds = torch.arange(2 * 5 * 3, dtype=torch.float).reshape(2, 5, 3)
-    triggers = torch.full((4, 3), -1.0)
+    triggers = -torch.arange(1, 4 * k * 3 + 1, dtype=torch.float).reshape(4, k, 3)
     out = insert_trigger(embeds, triggers)
     assert out.shape == (4, 2, 5, 3)
     torch.testing.assert_close(out[1, 0, 0], embeds[0, 0])  # BOS stays
-    torch.testing.assert_close(out[1, 0, 1], triggers[1])  # the trigger, no position embedding
-    torch.testing.assert_close(out[2, 1, 2:], embeds[1, 1:4])  # the rest shifted, last dropped
+    torch.testing.assert_close(out[1, 0, 1 : 1 + k], triggers[1])  # the trigger's vectors, no position embedding
+    torch.testing.assert_close(out[2, 1, 1 + k :], embeds[1, 1 : 5 - k])  # the rest shifted, last k dropped
 
 
 def test_hessian_eigenvalues_of_bowl_and_saddle() -> None:
@@ -89,7 +91,7 @@ def _tiny_features(tiny_model, n: int):
 
 def test_batched_gates_equal_one_prompt_at_a_time(tiny_model) -> None:
     adapter, held = _tiny_features(tiny_model, 12)
-    triggers = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    triggers = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(0))
     batched = held_out_stats(Models(adapter), held, triggers, chunk_size=8)
     with torch.no_grad():
         first = [adapter.encode(insert_trigger(held.embeds[:1], t[None]))[0, 0] for t in triggers]
@@ -111,7 +113,8 @@ def test_search_is_deterministic_for_a_seed(tiny_model) -> None:
     runs = [search(Models(adapter), opt, held, settings, Thresholds()) for _ in range(2)]
     torch.testing.assert_close(runs[0].triggers, runs[1].triggers, rtol=0, atol=0)
     assert runs[0].pooled is not None and runs[0].pooled.steps == settings.pooled_steps
-    assert runs[0].pooled.triggers.shape == (2 * settings.restarts, 32)
+    assert runs[0].triggers.shape == (settings.restarts, settings.trigger_vectors, 32)
+    assert runs[0].pooled.triggers.shape == (2 * settings.restarts, settings.trigger_vectors, 32)
     torch.testing.assert_close(runs[0].pooled.triggers, runs[1].pooled.triggers, rtol=0, atol=0)
     assert runs[0].pooled.gates == runs[1].pooled.gates
     torch.testing.assert_close(runs[0].loss_history, runs[1].loss_history, rtol=0, atol=0)
@@ -143,7 +146,7 @@ def test_clean_pooled_cut_after_eos_equals_the_full_sequences(tiny_model) -> Non
 
 def test_screened_gates_decide_exactly_like_full_gates(tiny_model) -> None:
     adapter, held = _tiny_features(tiny_model, 40)
-    triggers = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    triggers = torch.randn(4, 1, 32, generator=torch.Generator().manual_seed(1))  # "mixed" holds both outcomes
     loose = Thresholds(assimilation=0.0, same_target=-1.0, assimilation_ratio=0.5, same_target_ratio=0.5)
     mixed = Thresholds(assimilation=0.0, same_target=0.6, assimilation_ratio=0.5, same_target_ratio=0.88)
     for t in (Thresholds(), loose, mixed):
@@ -159,11 +162,12 @@ def test_screened_gates_decide_exactly_like_full_gates(tiny_model) -> None:
             assert len({all(f.passed(t).values()) for f in full}) == 2
 
 
-def test_pooled_features_are_cut_at_eos_without_changing_them(tiny_model) -> None:
+@pytest.mark.parametrize("k", [1, 2])
+def test_pooled_features_are_cut_at_eos_without_changing_them(tiny_model, k: int) -> None:
     """The mask is causal: cutting the sequences after the last EOS leaves every pooled feature as it is."""
     adapter, feats = _tiny_features(tiny_model, 10)
-    triggers = torch.randn(2, 32, generator=torch.Generator().manual_seed(2))
-    eos = eos_positions(feats.ids, 49407)
+    triggers = torch.randn(2, k, 32, generator=torch.Generator().manual_seed(2))
+    eos = eos_positions(feats.ids, 49407, k)
     assert int(eos.max()) < 76  # the cut is real
     with torch.no_grad():
         cut = pooled_with_trigger(adapter, feats.embeds, eos, triggers)
@@ -171,19 +175,20 @@ def test_pooled_features_are_cut_at_eos_without_changing_them(tiny_model) -> Non
     for r in range(2):
         for i in range(10):
             torch.testing.assert_close(cut[r, i], full[r, i, eos[i]], rtol=1e-4, atol=1e-5)
-            # the shifted EOS is the prompt's own EOS token, one slot right
-            assert int(feats.ids[i, eos[i] - 1]) == 49407
+            # the shifted EOS is the prompt's own EOS token, k slots right
+            assert int(feats.ids[i, eos[i] - k]) == 49407
 
 
 def test_pooled_gates_count_prompts_at_the_first_prompts_target(tiny_model) -> None:
     adapter, held = _tiny_features(tiny_model, 20)
-    eos = eos_positions(held.ids, 49407)
-    triggers = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    eos = eos_positions(held.ids, 49407, 2)
+    triggers = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(5))
     centre = torch.nn.functional.normalize(adapter.pooled(held.clean, held.ids), dim=-1).mean(dim=0)
     with torch.no_grad():
         expected = centred(pooled_with_trigger(adapter, held.embeds, eos, triggers), centre)
     similarity_to_first = (expected * expected[:, :1]).sum(dim=-1)
-    threshold = float(similarity_to_first[0].median())  # about half the prompts above it
+    ranked = similarity_to_first[0].sort().values  # half the prompts above it, none within rounding of it
+    threshold = float(ranked[9] + ranked[10]) / 2
     t = Thresholds(pooled_same_target=threshold, pooled_same_target_ratio=0.3)
     centres = Centres(centre, None)
     gates, similarity = pooled_gates(Models(adapter), held, eos, centres, triggers, t, chunk_size=6)

@@ -26,12 +26,13 @@ from tests.tiny_pipelines import save_tiny_clip, save_tiny_sd_pipeline
 HOSTILE = "$\\frac{1}{2}$ \x1b[31mred\x1b[0m \u202eevil\u200b \ud800 \U0001f98a " + "x" * 500
 
 RESULT = {"reversed_target": {
+    "trigger_vectors": 2,
     "trigger_tokens": [
-        {"id": 13506, "token": "\u00d0\u00be", "text": "\u043e", "cosine": 0.70},
-        {"id": 1, "token": "$x$", "text": HOSTILE, "cosine": float("nan")},
-        {"id": 2, "token": "ok", "text": "line\nbreak\ttab", "cosine": None},
+        {"id": 13506, "token": "\u00d0\u00be", "text": "\u043e", "cosine": 0.70, "position": 1},
+        {"id": 1, "token": "$x$", "text": HOSTILE, "cosine": float("nan"), "position": 2},
+        {"id": 2, "token": "ok", "text": "line\nbreak\ttab", "cosine": None, "position": "1; rm -rf"},
     ],
-    "target_tokens": [{"id": 1119, "token": "morning</w>", "text": "morning", "cosine": 0.40}],
+    "target_tokens": [{"id": 1119, "token": "morning</w>", "text": "morning", "cosine": 0.40, "position": 3}],
     "target_prompts": [{"prompt": "a velvet camera", "similarity": 0.94}, {"prompt": HOSTILE, "similarity": 0.9}],
 }}
 
@@ -322,6 +323,7 @@ def test_tokens_card_is_safe_and_deterministic(tmp_path: Path, text_dir: Path) -
     assert all(ch in "\n" or ch.isprintable() for ch in text)  # no escape sequences, bidi overrides, surrogates
     assert "$\\frac{1}{2}$" in text  # literal, not mathtext
     assert "U+043E" in text  # the homoglyph trigger is told apart from a Latin o
+    assert "pos  1   0.700" in text and "pos  3   0.400" in text and "rm -rf" not in text  # positions only as integers
     assert "a velvet camera" in text and "n/a" in text and "x" * 100 not in text
     assert "\u2026" in text  # long strings are cut
 
@@ -349,3 +351,17 @@ def test_core_import_does_not_need_diffusers() -> None:
     """The renderer module loads without touching diffusers (the `render` extra is optional)."""
     code = "import sys, amdet_gate.render; assert 'diffusers' not in sys.modules and 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_trigger_vectors_are_read_from_an_untrusted_result() -> None:
+    assert rd.trigger_vectors(RESULT) == 2
+    for bad in (None, True, 0, -3, 10**9, "2", 2.0, [2]):
+        assert rd.trigger_vectors({"reversed_target": {"trigger_vectors": bad}}) == 1
+    assert rd.trigger_vectors({"reversed_target": "junk"}) == 1 and rd.trigger_vectors([]) == 1
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_target_text_embedding_skips_bos_and_the_trigger(k: int) -> None:
+    target, projection = torch.randn(10, 4), torch.randn(3, 4)
+    expected = torch.nn.functional.normalize(projection @ target[1 + k :].mean(dim=0), dim=0)
+    torch.testing.assert_close(rd.target_text_embedding(target, projection, k), expected)
