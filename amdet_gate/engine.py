@@ -53,6 +53,11 @@ def insert_trigger(embeds: Tensor, triggers: Tensor) -> Tensor:
     return torch.cat([head, trig, tail], dim=2)
 
 
+def eos_positions(ids: Tensor, eos_token_id: int, shift: int) -> Tensor:
+    """Index of each prompt's first EOS after inserting a trigger of `shift` vectors, (B,)."""
+    return ((ids == eos_token_id).int().argmax(dim=-1) + shift).clamp(max=ids.shape[-1] - 1)
+
+
 @dataclass
 class Models:
     suspect: TextEncoderAdapter
@@ -102,11 +107,27 @@ def precompute(encoder: TextEncoderAdapter, ids: Tensor, chunk_size: int, clean:
 
 
 @torch.no_grad()
-def clean_features(encoder: TextEncoderAdapter, prompts: PromptFeatures, index: Tensor) -> Tensor:
-    """F_orig of the indexed prompts: the stored ones, else computed now."""
+def clean_features(encoder: TextEncoderAdapter, prompts: PromptFeatures, index: Tensor, length: int) -> Tensor:
+    """F_orig of the indexed prompts' first `length` positions: the stored ones, else computed now."""
     if prompts.clean is not None:
-        return prompts.clean[index]
-    return encoder.encode(prompts.embeds[index])
+        return prompts.clean[index, :length]
+    return encoder.encode(prompts.embeds[index, :length])
+
+
+def optimisation_length(ids: Tensor, eos_token_id: int, settings: SearchSettings) -> int:
+    """Positions a token-path step runs for these prompts: up to the last EOS after the trigger's
+    shift, plus `pad_positions` of padding (all of them when that is negative).
+
+    The mask is causal, so the kept positions are exactly what the full sequences would give.
+    Prompts are ~20 tokens of 77 (or 248): the steps cost a third (a tenth) as much. What is
+    left out is padding, whose features follow the prompt's; the gates and the landscape see
+    every position.
+    """
+    length = ids.shape[-1]
+    if settings.pad_positions < 0:
+        return length
+    last_eos = int(eos_positions(ids, eos_token_id, settings.trigger_vectors).max())
+    return min(length, last_eos + 1 + settings.pad_positions)
 
 
 # --- verification gates -----------------------------------------------------------------
@@ -195,52 +216,57 @@ def _hits(stats: HeldOutStats, t: Thresholds) -> dict[str, Tensor]:
     return hits
 
 
-def _values(hit_counts: dict[str, list[int]], total: int, mean_assimilation: list[float]) -> list[GateValues]:
-    # Exact counts, not float32 means: 796/800 must not round past 0.995.
-    anchor = hit_counts.get("anchor_difference_ratio")
-    return [GateValues(hit_counts["assimilation_ratio"][r] / total, hit_counts["same_target_ratio"][r] / total,
-                       None if anchor is None else anchor[r] / total, mean_assimilation=mean_assimilation[r])
-            for r in range(len(mean_assimilation))]
+def _gate_values(hits: dict[str, Tensor], ran: Tensor, assimilation_sum: Tensor, total: int) -> list[GateValues]:
+    """Shares from per-trigger hit counts over the `ran` prompts each trigger ran, (R,) tensors.
+
+    Exact counts, not float32 means: 796/800 must not round past 0.995.
+    """
+    shares = {name: [int(h) / int(n) for h, n in zip(count, ran, strict=True)] for name, count in hits.items()}
+    anchor = shares.get("anchor_difference_ratio")
+    return [GateValues(shares["assimilation_ratio"][i], shares["same_target_ratio"][i],
+                       None if anchor is None else anchor[i], mean_assimilation=float(assimilation_sum[i]) / int(n),
+                       screened_on=None if int(n) == total else int(n))
+            for i, n in enumerate(ran)]
 
 
 def gate_values(stats: HeldOutStats, t: Thresholds) -> list[GateValues]:
     """Gates 1-3 per trigger: shares of held-out prompts beyond each per-prompt threshold."""
-    counts = {name: hits.sum(dim=1).tolist() for name, hits in _hits(stats, t).items()}
-    return _values(counts, stats.assimilation.shape[1], stats.assimilation.mean(dim=1).tolist())
+    r, n = stats.assimilation.shape
+    hits = {name: gate_hits.sum(dim=1).cpu() for name, gate_hits in _hits(stats, t).items()}
+    return _gate_values(hits, torch.full((r,), n), stats.assimilation.sum(dim=1).cpu(), n)
 
 
 def screened_gate_values(models: Models, held: PromptFeatures, triggers: Tensor, t: Thresholds,
                          chunk_size: int, screen: int) -> list[GateValues]:
     """Gates 1-3, stopping early for triggers that can no longer pass.
 
-    A gate passes when hits / N exceed its threshold, so (1 - threshold) * N misses among the
-    first `screen` prompts already fail it, whatever the rest hold. Such triggers are not run
-    on the rest; their values are the shares among the screened prompts (`screened_on`).
-    This is exact for the decision and saves most of the cost of checks that fail.
+    A gate passes when hits / N exceed its threshold, so (1 - threshold) * N misses already
+    fail it, whatever the other prompts hold. The prompts are run `screen` at a time, and a
+    trigger is dropped as soon as it has that many misses of any gate; its values are the
+    shares among the prompts it ran (`screened_on`). This is exact for the decision and saves
+    most of the cost of checks that fail: a same-target share of 0.97 is out after ~130 of 800.
     """
-    total = len(held)
+    total, r = len(held), triggers.shape[0]
     if screen >= total:
         return gate_values(held_out_stats(models, held, triggers, chunk_size), t)
-    head = held_out_stats(models, held.subset(0, screen), triggers, chunk_size)
-    head_hits = _hits(head, t)
-    hopeless = torch.zeros(triggers.shape[0], dtype=torch.bool)
-    for name, hits in head_hits.items():  # gate names are the Thresholds field names
-        hopeless |= ((~hits).sum(dim=1) >= (1 - getattr(t, name)) * total).cpu()
-    values = _values({name: hits.sum(dim=1).tolist() for name, hits in head_hits.items()}, screen,
-                     head.assimilation.mean(dim=1).tolist())
-    for v in values:
-        v.screened_on = screen
-    alive = (~hopeless).nonzero().flatten().tolist()
-    if alive:
-        tail = held_out_stats(models, held.subset(screen, total), triggers[alive], chunk_size, head.first[alive])
-        both = HeldOutStats(torch.cat([head.assimilation[alive], tail.assimilation], dim=1),
-                            torch.cat([head.same_target[alive], tail.same_target], dim=1),
-                            None if tail.anchor_similarity is None else
-                            torch.cat([head.anchor_similarity[alive], tail.anchor_similarity], dim=1),
-                            tail.mean_feature, tail.first)
-        for r, full in zip(alive, gate_values(both, t), strict=True):
-            values[r] = full
-    return values
+    hits: dict[str, Tensor] = {}  # per gate, per trigger: prompts that hit it so far
+    ran, assimilation_sum = torch.zeros(r, dtype=torch.long), torch.zeros(r)
+    alive, first = torch.arange(r), None
+    for start in range(0, total, screen):
+        part = held_out_stats(models, held.subset(start, start + screen), triggers[alive.to(triggers.device)],
+                              chunk_size, None if first is None else first[alive.to(first.device)])
+        first = part.first if first is None else first  # the first prompt's output, for every trigger
+        for name, gate_hits in _hits(part, t).items():
+            hits.setdefault(name, torch.zeros(r, dtype=torch.long))[alive] += gate_hits.sum(dim=1).cpu()
+        ran[alive] += part.assimilation.shape[1]
+        assimilation_sum[alive] += part.assimilation.sum(dim=1).cpu()
+        hopeless = torch.zeros(r, dtype=torch.bool)
+        for name, count in hits.items():  # gate names are the Thresholds field names
+            hopeless |= (ran - count) >= (1 - getattr(t, name)) * total
+        alive = alive[~hopeless[alive]]
+        if len(alive) == 0:
+            break
+    return _gate_values(hits, ran, assimilation_sum, total)
 
 
 @dataclass
@@ -314,11 +340,6 @@ def descend(optimiser: torch.optim.Optimizer, loss: Tensor, triggers: Tensor, hi
 # same as in the token loss. Its trigger has as many vectors as the token path's: with two,
 # phrase and homoglyph text-on-pair backdoors of 6-layer encoders are found in 75-100 steps
 # (none with one), and benign encoders stay at shares of 0.01-0.11 (bench/detection.py).
-
-def eos_positions(ids: Tensor, eos_token_id: int, shift: int) -> Tensor:
-    """Index of each prompt's first EOS after inserting a trigger of `shift` vectors, (B,)."""
-    return ((ids == eos_token_id).int().argmax(dim=-1) + shift).clamp(max=ids.shape[-1] - 1)
-
 
 def pooled_with_trigger(encoder: TextEncoderAdapter, embeds: Tensor, eos: Tensor, triggers: Tensor) -> Tensor:
     """Pooled features with each trigger inserted, (R, B, d).
@@ -550,8 +571,9 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
             order, cursor = torch.randperm(len(opt), generator=gen), 0
         batch = order[cursor : cursor + settings.batch_size].to(device)
         cursor += settings.batch_size
-        loss = inversion_loss(models, opt.embeds[batch], clean_features(models.suspect, opt, batch), triggers,
-                              settings.beta, settings.gamma).mean(dim=1)
+        length = optimisation_length(opt.ids[batch], models.suspect.eos_token_id, settings)
+        loss = inversion_loss(models, opt.embeds[batch, :length], clean_features(models.suspect, opt, batch, length),
+                              triggers, settings.beta, settings.gamma).mean(dim=1)
         step += 1
         if not descend(optimiser, loss, triggers, history):
             stop_reason = "non_finite"

@@ -40,6 +40,9 @@ class SearchSettings:
     trigger_vectors: int = 2
     max_steps: int = 640
     batch_size: int = 5
+    # Padding positions a token-path step keeps after its prompts' last EOS (-1: every position);
+    # the gates and the landscape always run every position (engine.optimisation_length).
+    pad_positions: int = 8
     lr: float = 0.08
     weight_decay: float = 1e-5
     beta: float = 0.1  # push away from the prompt's clean meaning
@@ -58,11 +61,11 @@ class SearchSettings:
     report_landscape_points: int = 25  # the report's grid when gates 1-3 already fail (engine._report)
     time_budget_s: float = 900.0
     chunk_size: int = 64  # sequences per no-grad forward
-    screen_prompts: int = 100  # held-out prompts a check runs before dropping triggers that cannot pass
+    screen_prompts: int = 50  # a check runs held-out prompts this many at a time, dropping hopeless triggers
     # The pooled path's budget (0 turns the path off), capped by max_steps. It runs twice as many
     # starts as the token path: a multi-token trigger's pooled basin is found by about one start
     # in three, and its sequences, cut after EOS, keep the starts cheap.
-    pooled_steps: int = 150
+    pooled_steps: int = 100
     pooled_batch_size: int = 4
     # Its own step size: a pooled basin is reached in about a third of the steps at 0.3 as at
     # the token path's 0.08, and benign encoders stay as far from the gate (bench/detection.py).

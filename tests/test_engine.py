@@ -22,6 +22,7 @@ from amdet_gate.engine import (
     held_out_stats,
     hessian_eigenvalues,
     insert_trigger,
+    optimisation_length,
     pooled_gates,
     pooled_with_trigger,
     position_similarity,
@@ -154,12 +155,40 @@ def test_screened_gates_decide_exactly_like_full_gates(tiny_model) -> None:
         screened = screened_gate_values(Models(adapter), held, triggers, t, 16, screen=10)
         for f, s in zip(full, screened, strict=True):
             assert f.passed(t) == s.passed(t)
-            if all(f.passed(t).values()):  # survivors are computed in full
-                assert s == f
-            else:
-                assert s.screened_on in (None, 10)
+            if all(f.passed(t).values()):  # survivors are computed in full (the mean summed slice by slice)
+                assert replace(s, mean_assimilation=0.0) == replace(f, mean_assimilation=0.0)
+                assert abs(s.mean_assimilation - f.mean_assimilation) < 1e-5
+            else:  # dropped after a whole number of 10-prompt slices, or run to the end
+                assert s.screened_on is None or s.screened_on in (10, 20, 30)
         if t is mixed:  # the case must hold both outcomes to test anything
             assert len({all(f.passed(t).values()) for f in full}) == 2
+
+
+def test_screening_drops_a_trigger_once_it_has_enough_misses(tiny_model) -> None:
+    adapter, held = _tiny_features(tiny_model, 40)
+    triggers = torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(3))
+    full = gate_values(held_out_stats(Models(adapter), held, triggers, 16), Thresholds())
+    assert all(f.same_target_ratio < 0.9 for f in full)  # random triggers: most prompts miss
+    # 0.995 of 40 prompts: one miss fails the gate, so the first 10-prompt slice decides.
+    screened = screened_gate_values(Models(adapter), held, triggers, Thresholds(), 16, screen=10)
+    assert [s.screened_on for s in screened] == [10, 10]
+    assert all(not s.passed(Thresholds())["same_target_ratio"] for s in screened)
+
+
+def test_optimisation_steps_run_to_the_last_eos_plus_padding(tiny_model) -> None:
+    adapter, feats = _tiny_features(tiny_model, 10)
+    last_eos = int((feats.ids == 49407).int().argmax(dim=-1).max())
+    settings = SearchSettings(trigger_vectors=2, pad_positions=3)
+    assert optimisation_length(feats.ids, 49407, settings) == last_eos + 2 + 1 + 3
+    assert optimisation_length(feats.ids, 49407, replace(settings, pad_positions=-1)) == 77
+    assert optimisation_length(feats.ids, 49407, replace(settings, pad_positions=500)) == 77
+    # The mask is causal: the kept positions are the full sequences' own.
+    triggers = torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(4))
+    length = optimisation_length(feats.ids, 49407, settings)
+    with torch.no_grad():
+        cut = adapter.encode(insert_trigger(feats.embeds[:, :length], triggers))
+        full = adapter.encode(insert_trigger(feats.embeds, triggers))
+    torch.testing.assert_close(cut, full[:, :, :length], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [1, 2])
