@@ -561,6 +561,7 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
     detected: GateCheck | None = None
     detected_landscape: Landscape | None = None
     last_checked_loss = torch.full((settings.restarts,), math.inf)
+    best_share = [0.0] * settings.restarts  # best same-target share at a check that passed gate 1
     best_loss, best_step = math.inf, 0
     stop_reason = "max_steps"
     order = torch.randperm(len(opt), generator=gen)
@@ -590,6 +591,11 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
                 for r, gates in zip(candidates, values, strict=True):
                     last_checked_loss[r] = running[r]
                     check = GateCheck(step, r, float(running[r]), gates)
+                    # A restart whose prompts all collapse and that comes nearer one target is still
+                    # converging, however slowly its loss moves: that is progress for the plateau rule.
+                    if (gates.passed(thresholds)["assimilation_ratio"]
+                            and gates.same_target_ratio >= best_share[r] + settings.min_share_gain):
+                        best_share[r], best_step = gates.same_target_ratio, step
                     if all(gates.passed(thresholds).values()):  # gate 4 only when 1-3 pass: it is costly
                         land = landscape(models, held.embeds[:1], held.clean[:1], triggers.detach()[r],
                                          settings, torch.Generator().manual_seed(settings.seed + step))

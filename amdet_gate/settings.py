@@ -53,6 +53,10 @@ class SearchSettings:
     patience: int = 40  # stop once no restart's smoothed loss has improved for this many steps
     plateau_window: int = 30  # steps averaged for that test
     min_improvement: float = 0.01
+    # A check that passes gate 1 with a same-target share this much above the restart's best also
+    # counts as improvement: a multi-token backdoor's share can climb 0.1 -> 0.97 over 70 steps
+    # while its loss moves by less than min_improvement per patience.
+    min_share_gain: float = 0.05
     landscape_points: int = 50
     # Grid half-width as a fraction of |v|. The reference's +-10 was set for CLIP-L, whose
     # triggers start at N(0, 1) scale, |v| ~ sqrt(768); 10 / sqrt(768) ~ 0.36 keeps that

@@ -232,3 +232,23 @@ def test_pooled_gates_count_prompts_at_the_first_prompts_target(tiny_model) -> N
     with_anchor, _ = pooled_gates(Models(adapter, adapter), held, eos, Centres(centre, centre), triggers, t, 6)
     assert [g.anchor_difference_ratio for g in with_anchor] == [(20 - round(x * 20)) / 20 for x in shares]
     assert isinstance(with_anchor[0], PooledGates) and "pooled_anchor_difference_ratio" in with_anchor[0].passed(t)
+
+
+def test_gate_progress_counts_as_improvement_for_the_plateau_rule(tiny_model, monkeypatch) -> None:
+    """A check that passes gate 1 and comes nearer one target defers the plateau stop."""
+    import amdet_gate.engine as engine
+
+    adapter, feats = _tiny_features(tiny_model, 40)
+    # min_improvement 10: the loss never counts as improving, so only gate progress can; each
+    # restart is checked once (at step 2), and the plateau stop comes `patience` steps later.
+    settings = SearchSettings(restarts=2, batch_size=4, max_steps=40, check_every=2, loss_trigger=100.0,
+                              min_improvement=10.0, patience=4, plateau_window=2, pooled_steps=0,
+                              landscape_points=4, screen_prompts=8)
+    steps = {}
+    for assimilation_ratio in (0.5, 1.0):  # gate 1 fails / passes; same-target 0.5 either way
+        monkeypatch.setattr(engine, "screened_gate_values", lambda *a, ar=assimilation_ratio, **k: [
+            engine.GateValues(ar, 0.5, None) for _ in range(a[2].shape[0])])
+        out = search(Models(adapter), feats.subset(0, 30), feats.subset(30, 40), settings, Thresholds())
+        assert out.stop_reason == "plateau" and len(out.checks) == 2
+        steps[assimilation_ratio] = out.steps
+    assert steps == {0.5: 5, 1.0: 6}  # best step 1 (first loss) vs 2 (the check's progress), + patience 4
