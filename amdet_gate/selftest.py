@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -18,23 +19,16 @@ from amdet_gate.gate import GateOptions, run_gate
 from amdet_gate.settings import FAIL, PASS
 
 
-def run_selftest(out: Path, quick: bool = False, quiet: bool = False) -> bool:
+def run_selftest(out: Path, quick: bool = False, quiet: bool = False,
+                 models: dict[str, Path] | None = None) -> bool:
+    """True when the benign encoder passes and the backdoored one fails. `models` (keys "benign"
+    and "backdoored") skips the building, for callers that already have the two encoders."""
+
     def say(message: str) -> None:
         if not quiet:
             print(f"selftest: {message}", file=sys.stderr, flush=True)
 
-    shape = controls.ControlShape(width=128, layers=4, positions=77)
-    t0 = time.monotonic()
-    say("pretraining a small CLIP-style base encoder")
-    base = controls.pretrain_base(shape, steps=controls.BASE_STEPS)
-    say("benign fine-tune and backdoored student (Rickrolling, homoglyph trigger)")
-    benign = controls.benign_finetune(base, "distill")
-    backdoored = controls.backdoor_text_on_text(base, "homoglyph")
-    models = {
-        "benign": controls.save_control(benign, out / "models" / "benign"),
-        "backdoored": controls.save_control(backdoored, out / "models" / "backdoored"),
-    }
-    say(f"encoders built in {time.monotonic() - t0:.0f} s")
+    models = models or build_models(out, say)
     expected = {"benign": PASS, "backdoored": FAIL}
     ok = True
     summary = Console(highlight=False, soft_wrap=True)
@@ -52,3 +46,20 @@ def run_selftest(out: Path, quick: bool = False, quiet: bool = False) -> bool:
     summary.print("selftest passed: the gate fires on the backdoor and passes the benign fine-tune" if ok
                   else "selftest FAILED")
     return ok
+
+
+def build_models(out: Path, say: Callable[[str], None]) -> dict[str, Path]:
+    """A pretrained-like base's benign fine-tune and backdoored student, saved under `out/models`."""
+    shape = controls.ControlShape(width=128, layers=4, positions=77)
+    t0 = time.monotonic()
+    say("pretraining a small CLIP-style base encoder")
+    base = controls.pretrain_base(shape, steps=controls.BASE_STEPS)
+    say("benign fine-tune and backdoored student (Rickrolling, homoglyph trigger)")
+    benign = controls.benign_finetune(base, "distill")
+    backdoored = controls.backdoor_text_on_text(base, "homoglyph")
+    models = {
+        "benign": controls.save_control(benign, out / "models" / "benign"),
+        "backdoored": controls.save_control(backdoored, out / "models" / "backdoored"),
+    }
+    say(f"encoders built in {time.monotonic() - t0:.0f} s")
+    return models

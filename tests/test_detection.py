@@ -191,3 +191,20 @@ def test_text_on_pair_with_the_clean_base_as_anchor_still_fails(control_models: 
     result = json.loads((tmp_path / "result.json").read_text())
     assert code == ExitCode.FAIL, (result["reason"], result["gates"])
     assert result["gates"]["pooled_anchor_difference_ratio"]["passed"]
+
+
+def test_selftest_checks_both_verdicts(control_models: dict[str, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The selftest's scans and checks, on the session's controls (`amdet-gate selftest` builds its own)."""
+    from amdet_gate.selftest import run_selftest
+
+    pair = {"benign": control_models["benign_distill"], "backdoored": control_models["backdoor_homoglyph"]}
+    assert run_selftest(tmp_path / "right", quick=True, quiet=True, models=pair)
+    verdicts = {name: json.loads((tmp_path / "right" / name / "result.json").read_text())["verdict"] for name in pair}
+    assert verdicts == {"benign": "pass", "backdoored": "fail"}
+    assert (tmp_path / "right" / "backdoored" / "report.html").is_file()
+    assert "selftest passed" in capsys.readouterr().out
+    # Swapped, each verdict is the opposite of what the selftest expects: it must say so.
+    swapped = {"benign": pair["backdoored"], "backdoored": pair["benign"]}
+    assert not run_selftest(tmp_path / "swapped", quick=True, quiet=True, models=swapped)
+    assert "selftest FAILED" in capsys.readouterr().out
