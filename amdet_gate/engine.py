@@ -361,7 +361,7 @@ def centred(pooled: Tensor, centre: Tensor) -> Tensor:
 @torch.no_grad()
 def clean_pooled(encoder: TextEncoderAdapter, embeds: Tensor, ids: Tensor) -> Tensor:
     """Pooled features without a trigger, (B, d), cut after the last EOS as above."""
-    cut = int((ids == encoder.eos_token_id).int().argmax(dim=-1).max()) + 1
+    cut = int(eos_positions(ids, encoder.eos_token_id, shift=0).max()) + 1
     return encoder.pooled(encoder.encode(embeds[:, :cut]), ids[:, :cut])
 
 
