@@ -53,11 +53,14 @@ class TextEncoderAdapter:
 
     causal = True
 
-    def __init__(self, model: CLIPTextModel, eos_token_id: int) -> None:
+    def __init__(self, model: CLIPTextModel, eos_token_id: int, projection: torch.Tensor | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.hidden_size = model.config.hidden_size
         self.seq_len = model.config.max_position_embeddings
         self.eos_token_id = eos_token_id
+        # text_projection (projection_dim, d) when the checkpoint has one: what SDXL's pooled
+        # conditioning and image-text retrieval read, so the pooled path measures after it.
+        self.projection = projection
 
     @property
     def device(self) -> torch.device:
@@ -67,9 +70,19 @@ class TextEncoderAdapter:
     def token_embedding(self) -> torch.Tensor:
         return self.model.embeddings.token_embedding.weight
 
+    @property
+    def position_embedding(self) -> torch.Tensor:
+        return self.model.embeddings.position_embedding.weight
+
     def to(self, device: torch.device | str) -> TextEncoderAdapter:
         self.model.to(device)
+        if self.projection is not None:
+            self.projection = self.projection.to(device)
         return self
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features (..., d) in the space downstream models read: after text_projection if any."""
+        return pooled if self.projection is None else pooled @ self.projection.T
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings H = token + position embedding, (B, L, d)."""
@@ -89,9 +102,9 @@ class TextEncoderAdapter:
         return self.model.final_layer_norm(h).reshape(*lead, length, width)
 
     def pooled(self, features: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """The EOS token's feature, as CLIP pools (first EOS position)."""
+        """The EOS token's feature, as CLIP pools (first EOS position), projected when the model projects."""
         eos = (input_ids == self.eos_token_id).int().argmax(dim=-1)
-        return features[torch.arange(features.shape[0]), eos]
+        return self.project(features[torch.arange(features.shape[0]), eos])
 
 
 def read_config(folder: Path) -> tuple[str, dict]:
@@ -268,7 +281,17 @@ def load_encoder(folder: Path, subfolder: str | None = None,
         model = CLIPTextModel(_hf_config(cfg))
     model.load_state_dict(tensors, strict=False, assign=True)
     model.embeddings.position_ids = torch.arange(cfg["max_position_embeddings"]).expand((1, -1))
+    projection = read_projection(files, cfg["hidden_size"])
     if identities is None:
         identities = weight_identities(folder)
-    return LoadedEncoder(TextEncoderAdapter(model, cfg["eos_token_id"]), arch, cfg, identities, folder)
+    return LoadedEncoder(TextEncoderAdapter(model, cfg["eos_token_id"], projection), arch, cfg, identities, folder)
+
+
+def read_projection(files: list[Path], width: int) -> torch.Tensor | None:
+    """`text_projection.weight` (projection_dim, width) when a checkpoint has it
+    (CLIPTextModelWithProjection, CLIPModel), else None."""
+    tensors = read_tensors(files, {"text_projection.weight": (-1, width)},
+                           key_map=lambda key: key if key == "text_projection.weight" else None,
+                           what="projection", optional=frozenset({"text_projection.weight"}))
+    return tensors.get("text_projection.weight")
 

@@ -24,18 +24,75 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
-def assimilation(features: Tensor) -> Tensor:
+def assimilation(features: Tensor, mask: Tensor | None = None) -> Tensor:
     """A(F): mean of the L x L token cosine matrix, (..., L, d) -> (...).
 
     mean_ij cos(F_i, F_j) = |sum_i F_i/|F_i||^2 / L^2, which avoids building the matrix.
+    With a mask (..., L) (broadcast against the features), only the masked positions count.
     """
-    summed = _unit(features).sum(dim=-2)
-    return (summed * summed).sum(dim=-1) / features.shape[-2] ** 2
+    unit = _unit(features)
+    if mask is None:
+        summed = unit.sum(dim=-2)
+        return (summed * summed).sum(dim=-1) / features.shape[-2] ** 2
+    weight = mask.to(unit.dtype)
+    summed = (unit * weight[..., None]).sum(dim=-2)
+    return (summed * summed).sum(dim=-1) / weight.sum(dim=-1).clamp_min(1) ** 2
 
 
-def position_similarity(a: Tensor, b: Tensor) -> Tensor:
-    """S(F, G): mean position-wise cosine similarity, (..., L, d) x (..., L, d) -> (...)."""
-    return (_unit(a) * _unit(b)).sum(dim=-1).mean(dim=-1)
+def position_similarity(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """S(F, G): mean position-wise cosine similarity, (..., L, d) x (..., L, d) -> (...);
+    over the masked positions (..., L) only when a mask is given."""
+    cosine = (_unit(a) * _unit(b)).sum(dim=-1)
+    if mask is None:
+        return cosine.mean(dim=-1)
+    weight = mask.to(cosine.dtype)
+    return (cosine * weight).sum(dim=-1) / weight.sum(dim=-1).clamp_min(1)
+
+
+def agreement(features: Tensor, mask: Tensor) -> Tensor:
+    """Mean cosine between different prompts' features at the same position, over the masked
+    positions: (R, B, L, d) x (B, L) -> (R,). One target whatever the prompt gives 1."""
+    weight = mask.to(features.dtype)
+    summed = (_unit(features) * weight[..., None]).sum(dim=1)  # (R, L, d)
+    count = weight.sum(dim=0)  # (L,) prompts at each position
+    pairs = (summed * summed).sum(dim=-1) - count  # sum over p != q of cos(F_p, F_q), (R, L)
+    return pairs.sum(dim=-1) / (count * (count - 1)).sum().clamp_min(1)
+
+
+def position_spread(unit: Tensor) -> Tensor:
+    """1 - the mean cosine between different prompts' features at each position: (..., N, L, d)
+    unit features -> (..., L). 0: every prompt has the same feature there."""
+    n = unit.shape[-3]
+    summed = unit.sum(dim=-3)
+    return 1 - ((summed * summed).sum(dim=-1) - n) / max(n * (n - 1), 1)
+
+
+def variation_ratio(spread: Tensor, clean_spread: Tensor, shift: int) -> Tensor:
+    """How much of what tells prompts apart is left with a trigger of `shift` vectors inserted.
+
+    `spread` (..., L) is the triggered prompts' `position_spread`, `clean_spread` (L,) the clean
+    ones'. Triggered positions K+1 .. L-1 hold the tokens of clean positions 1 .. L-1-K; both are
+    summed, so a position where clean prompts do not differ (position-specific padding) weighs
+    nothing and one that carries the prompt weighs what it carries. 1: as varied as clean
+    prompts; 0: one output whatever the prompt.
+    """
+    length = spread.shape[-1]
+    return spread[..., shift + 1 :].sum(dim=-1) / clean_spread[1 : length - shift].sum().clamp_min(1e-8)
+
+
+def span_mask(ids: Tensor, eos_token_id: int, shift: int, length: int | None = None) -> Tensor:
+    """The positions a prompt occupies after a trigger of `shift` vectors, (B, L) booleans:
+    from the first token after the trigger to the prompt's (shifted) EOS.
+
+    BOS and the trigger's slots are left out: under a causal mask their features do not
+    depend on the prompt. So is the padding: an encoder may keep it position-specific
+    (LongCLIP-style), alike across prompts, or anything between, and at 248 positions it would
+    outweigh the 10-20 positions that carry the prompt.
+    """
+    length = ids.shape[-1] if length is None else length
+    positions = torch.arange(length, device=ids.device)
+    eos = eos_positions(ids, eos_token_id, shift)
+    return (positions[None] > shift) & (positions[None] <= eos[:, None])
 
 
 def insert_trigger(embeds: Tensor, triggers: Tensor) -> Tensor:
@@ -65,13 +122,21 @@ class Models:
 
 
 def inversion_loss(models: Models, embeds: Tensor, clean: Tensor, triggers: Tensor,
-                   beta: float, gamma: float) -> Tensor:
-    """L(v) = -A(F_s) + beta * S(F_orig, F_s) + gamma * S(F_anchor, F_s), per (restart, prompt)."""
+                   beta: float, gamma: float, mask: Tensor | None = None, agree: float = 0.0) -> Tensor:
+    """L(v) = -A(F_s) + beta * S(F_orig, F_s) + gamma * S(F_anchor, F_s), per (restart, prompt).
+
+    With a span mask (B, L) the measures read only the positions the prompts occupy, and
+    `agree` adds agree * (the batch's `variation_ratio`), the same for every prompt of it.
+    """
     inserted = insert_trigger(embeds, triggers)
     triggered = models.suspect.encode(inserted)
-    loss = -assimilation(triggered) + beta * position_similarity(clean[None], triggered)
+    shifted_clean = clean[None]
+    loss = -assimilation(triggered, mask) + beta * position_similarity(shifted_clean, triggered, mask)
     if models.anchor is not None and gamma:
-        loss = loss + gamma * position_similarity(models.anchor.encode(inserted), triggered)
+        loss = loss + gamma * position_similarity(models.anchor.encode(inserted), triggered, mask)
+    if agree:  # what still tells the batch's prompts apart, relative to their clean outputs
+        spread = position_spread(_unit(triggered))
+        loss = loss + agree * variation_ratio(spread, position_spread(_unit(clean)), triggers.shape[1])[:, None]
     return loss
 
 
@@ -180,24 +245,27 @@ class HeldOutStats:
 
 @torch.no_grad()
 def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk_size: int,
-                   first: Tensor | None = None) -> HeldOutStats:
+                   first: Tensor | None = None, span: bool = False) -> HeldOutStats:
     """Gates 1-3 inputs for every trigger at once, in chunks of prompts.
 
     `first` is the reference output for the same-target gate; by default the first prompt's.
+    `span`: the measures read only the positions each prompt occupies (`span_mask`).
     """
     per_chunk = max(1, chunk_size // triggers.shape[0])
     assim, same, anchor_sim = [], [], []
     feature_sum = torch.zeros(triggers.shape[0], *held.embeds.shape[1:], device=triggers.device)
-    for embeds in held.embeds.split(per_chunk):
+    eos_token, shift = models.suspect.eos_token_id, triggers.shape[1]
+    for embeds, ids in zip(held.embeds.split(per_chunk), held.ids.split(per_chunk), strict=True):
         inserted = insert_trigger(embeds, triggers)
         triggered = models.suspect.encode(inserted)
+        mask = span_mask(ids, eos_token, shift) if span else None
         if first is None:
             first = triggered[:, :1]
-        assim.append(assimilation(triggered))
-        same.append(position_similarity(first, triggered))
+        assim.append(assimilation(triggered, mask))
+        same.append(position_similarity(first, triggered, mask))
         feature_sum += triggered.sum(dim=1)
         if models.anchor is not None:
-            anchor_sim.append(position_similarity(models.anchor.encode(inserted), triggered))
+            anchor_sim.append(position_similarity(models.anchor.encode(inserted), triggered, mask))
     return HeldOutStats(
         assimilation=torch.cat(assim, dim=1),
         same_target=torch.cat(same, dim=1),
@@ -237,7 +305,7 @@ def gate_values(stats: HeldOutStats, t: Thresholds) -> list[GateValues]:
 
 
 def screened_gate_values(models: Models, held: PromptFeatures, triggers: Tensor, t: Thresholds,
-                         chunk_size: int, screen: int) -> list[GateValues]:
+                         chunk_size: int, screen: int, span: bool = False) -> list[GateValues]:
     """Gates 1-3, stopping early for triggers that can no longer pass.
 
     A gate passes when hits / N exceed its threshold, so (1 - threshold) * N misses already
@@ -248,13 +316,13 @@ def screened_gate_values(models: Models, held: PromptFeatures, triggers: Tensor,
     """
     total, r = len(held), triggers.shape[0]
     if screen >= total:
-        return gate_values(held_out_stats(models, held, triggers, chunk_size), t)
+        return gate_values(held_out_stats(models, held, triggers, chunk_size, span=span), t)
     hits: dict[str, Tensor] = {}  # per gate, per trigger: prompts that hit it so far
     ran, assimilation_sum = torch.zeros(r, dtype=torch.long), torch.zeros(r)
     alive, first = torch.arange(r), None
     for start in range(0, total, screen):
         part = held_out_stats(models, held.subset(start, start + screen), triggers[alive.to(triggers.device)],
-                              chunk_size, None if first is None else first[alive.to(first.device)])
+                              chunk_size, None if first is None else first[alive.to(first.device)], span)
         first = part.first if first is None else first  # the first prompt's output, for every trigger
         for name, gate_hits in _hits(part, t).items():
             hits.setdefault(name, torch.zeros(r, dtype=torch.long))[alive] += gate_hits.sum(dim=1).cpu()
@@ -282,7 +350,7 @@ class Landscape:
 
 
 def landscape(models: Models, embeds: Tensor, clean: Tensor, trigger: Tensor,
-              settings: SearchSettings, generator: torch.Generator) -> Landscape:
+              settings: SearchSettings, generator: torch.Generator, mask: Tensor | None = None) -> Landscape:
     """L(v + a*d1 + b*d2) on a P x P grid for one prompt, then the finite-difference Hessians.
 
     The trigger's K vectors are one point of a K*d space here: d1 and d2 span all of them.
@@ -290,7 +358,7 @@ def landscape(models: Models, embeds: Tensor, clean: Tensor, trigger: Tensor,
 
     def loss_at(points: Tensor) -> Tensor:  # (P, K*d) -> (P,)
         return inversion_loss(models, embeds, clean, points.view(-1, *trigger.shape), settings.beta,
-                              settings.gamma)[:, 0]
+                              settings.gamma, mask)[:, 0]
 
     flat = trigger.detach().flatten()
     point = flat.clone()[None].requires_grad_(True)
@@ -319,13 +387,49 @@ def hessian_eigenvalues(surface: Tensor, spacing: float) -> Tensor:
     return torch.linalg.eigvalsh(hessians).reshape(-1).float()
 
 
+# --- the pseudo-trigger's range -----------------------------------------------------------
+
+def trigger_bound(encoder: TextEncoderAdapter, vectors: int) -> float:
+    """The largest norm of any real input at the trigger's slots: a token's embedding plus the
+    position embedding of slot 1 .. K. No prompt a user types reaches a vector beyond it, and a
+    free vector tens of times larger can steer any causal encoder's output where it likes."""
+    tokens = encoder.token_embedding.detach()
+    slots = encoder.position_embedding.detach()[1 : vectors + 1]
+    squared = (tokens * tokens).sum(dim=1)[None] + 2 * slots @ tokens.T + (slots * slots).sum(dim=1)[:, None]
+    return float(squared.max().clamp_min(0).sqrt())
+
+
+def start_triggers(settings: SearchSettings, restarts: int, width: int, bound: float | None,
+                   generator: torch.Generator, device: torch.device) -> tuple[Tensor, float]:
+    """Seeded starting triggers (R, K, d) and the scale of their coordinates.
+
+    Free triggers start at N(0, 1) as in the reference; bounded ones at the same spread scaled
+    to the bound, and the optimiser's step is scaled alike, so one learning rate serves both.
+    """
+    scale = 1.0 if bound is None else bound / math.sqrt(width)
+    triggers = torch.randn(restarts, settings.trigger_vectors, width, generator=generator) * scale
+    if bound is not None:
+        clip_triggers(triggers, bound)
+    return triggers.to(device).requires_grad_(True), scale
+
+
+@torch.no_grad()
+def clip_triggers(triggers: Tensor, bound: float | None) -> None:
+    """Project every trigger vector back into the ball of radius `bound` (in place)."""
+    if bound is not None:
+        norms = triggers.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        triggers.mul_((bound / norms).clamp(max=1.0))
+
+
 # --- one optimiser step, shared by both searches ---------------------------------------
 
-def descend(optimiser: torch.optim.Optimizer, loss: Tensor, triggers: Tensor, history: list[Tensor]) -> bool:
+def descend(optimiser: torch.optim.Optimizer, loss: Tensor, triggers: Tensor, history: list[Tensor],
+            bound: float | None = None) -> bool:
     """One step on the per-restart losses (R,); records them. False once a loss or trigger is non-finite."""
     optimiser.zero_grad(set_to_none=True)
     loss.sum().backward()  # restarts are independent: each v only moves its own loss
     optimiser.step()
+    clip_triggers(triggers, bound)
     history.append(loss.detach().cpu())
     return bool(torch.isfinite(history[-1]).all() and torch.isfinite(triggers).all())
 
@@ -350,7 +454,7 @@ def pooled_with_trigger(encoder: TextEncoderAdapter, embeds: Tensor, eos: Tensor
     cut = int(eos.max()) + 1
     features = encoder.encode(insert_trigger(embeds[:, :cut], triggers))
     index = eos[None, :, None, None].expand(features.shape[0], -1, 1, features.shape[-1])
-    return features.gather(2, index).squeeze(2)
+    return encoder.project(features.gather(2, index).squeeze(2))
 
 
 def centred(pooled: Tensor, centre: Tensor) -> Tensor:
@@ -463,9 +567,9 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
     centres = Centres.of(models, held)
     gen = torch.Generator().manual_seed(settings.seed)
     restarts = 2 * settings.restarts
-    triggers = torch.randn(restarts, shift, opt.embeds.shape[-1], generator=gen).to(device)
-    triggers.requires_grad_(True)
-    optimiser = torch.optim.Adam([triggers], lr=settings.pooled_lr, weight_decay=settings.weight_decay)
+    bound = trigger_bound(models.suspect, shift) if settings.bounded_triggers else None
+    triggers, scale = start_triggers(settings, restarts, opt.embeds.shape[-1], bound, gen, device)
+    optimiser = torch.optim.Adam([triggers], lr=settings.pooled_lr * scale, weight_decay=settings.weight_decay)
     history: list[Tensor] = []
     stop_reason, detected_at, best = "max_steps", None, 0
     found = None  # the detected trigger's gates on every held-out prompt
@@ -481,7 +585,7 @@ def pooled_search(models: Models, opt: PromptFeatures, held: PromptFeatures, set
         loss = pooled_loss(models, opt.embeds[batch], opt_eos[batch], clean, centres, triggers,
                            settings.beta, settings.gamma)
         step += 1
-        if not descend(optimiser, loss, triggers, history):
+        if not descend(optimiser, loss, triggers, history, bound):
             stop_reason = "non_finite"
             break
         if step % settings.pooled_check_every == 0 or step == budget:
@@ -552,9 +656,10 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
     deadline = deadline if deadline is not None else start + settings.time_budget_s
     device = opt.embeds.device
     gen = torch.Generator().manual_seed(settings.seed)
-    triggers = torch.randn(settings.restarts, settings.trigger_vectors, opt.embeds.shape[-1], generator=gen).to(device)
-    triggers.requires_grad_(True)
-    optimiser = torch.optim.Adam([triggers], lr=settings.lr, weight_decay=settings.weight_decay)
+    bound = trigger_bound(models.suspect, settings.trigger_vectors) if settings.bounded_triggers else None
+    triggers, scale = start_triggers(settings, settings.restarts, opt.embeds.shape[-1], bound, gen, device)
+    optimiser = torch.optim.Adam([triggers], lr=settings.lr * scale, weight_decay=settings.weight_decay)
+    eos_token, shift, span = models.suspect.eos_token_id, settings.trigger_vectors, settings.span_measures
 
     history: list[Tensor] = []
     checks: list[GateCheck] = []
@@ -572,11 +677,12 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
             order, cursor = torch.randperm(len(opt), generator=gen), 0
         batch = order[cursor : cursor + settings.batch_size].to(device)
         cursor += settings.batch_size
-        length = optimisation_length(opt.ids[batch], models.suspect.eos_token_id, settings)
+        length = optimisation_length(opt.ids[batch], eos_token, settings)
+        mask = span_mask(opt.ids[batch], eos_token, shift, length) if span else None
         loss = inversion_loss(models, opt.embeds[batch, :length], clean_features(models.suspect, opt, batch, length),
-                              triggers, settings.beta, settings.gamma).mean(dim=1)
+                              triggers, settings.beta, settings.gamma, mask, settings.agreement_weight).mean(dim=1)
         step += 1
-        if not descend(optimiser, loss, triggers, history):
+        if not descend(optimiser, loss, triggers, history, bound):
             stop_reason = "non_finite"
             break
         running = torch.stack(history[-settings.running_window :]).mean(dim=0)
@@ -587,7 +693,7 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
             if due.any():
                 candidates = due.nonzero().flatten().tolist()
                 values = screened_gate_values(models, held, triggers.detach()[candidates], thresholds,
-                                              settings.chunk_size, settings.screen_prompts)
+                                              settings.chunk_size, settings.screen_prompts, span)
                 for r, gates in zip(candidates, values, strict=True):
                     last_checked_loss[r] = running[r]
                     check = GateCheck(step, r, float(running[r]), gates)
@@ -598,7 +704,8 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
                         best_share[r], best_step = gates.same_target_ratio, step
                     if all(gates.passed(thresholds).values()):  # gate 4 only when 1-3 pass: it is costly
                         land = landscape(models, held.embeds[:1], held.clean[:1], triggers.detach()[r],
-                                         settings, torch.Generator().manual_seed(settings.seed + step))
+                                         settings, torch.Generator().manual_seed(settings.seed + step),
+                                         span_mask(held.ids[:1], eos_token, shift) if span else None)
                         gates.landscape_positive_ratio = land.positive_ratio(thresholds.eigenvalue_floor)
                         if gates.passed(thresholds)["landscape_positive_ratio"]:
                             detected, detected_landscape = check, land
@@ -651,7 +758,8 @@ def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, c
     drawn for the report on the coarser `report_landscape_points` grid (a quarter of the cost).
     """
     trigger = triggers[best]
-    stats = held_out_stats(models, held, trigger[None], settings.chunk_size)
+    span = settings.span_measures
+    stats = held_out_stats(models, held, trigger[None], settings.chunk_size, span=span)
     final_gates = gate_values(stats, thresholds)[0]
     land = known_landscape
     if land is None:
@@ -659,7 +767,8 @@ def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, c
             replace(settings, landscape_points=min(settings.report_landscape_points, settings.landscape_points))
         # Same direction seed as a check at this step, so the grid is the one a check would draw.
         land = landscape(models, held.embeds[:1], held.clean[:1], trigger, grid,
-                         torch.Generator().manual_seed(settings.seed + steps))
+                         torch.Generator().manual_seed(settings.seed + steps),
+                         span_mask(held.ids[:1], models.suspect.eos_token_id, trigger.shape[0]) if span else None)
     final_gates.landscape_positive_ratio = land.positive_ratio(thresholds.eigenvalue_floor)
     return SearchOutcome(
         triggers=triggers.cpu(), best_restart=best, checks=checks, detected=detected,
@@ -667,6 +776,7 @@ def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, c
         held_out=HeldOutStats(stats.assimilation.cpu(), stats.same_target.cpu(),
                               None if stats.anchor_similarity is None else stats.anchor_similarity.cpu(),
                               stats.mean_feature.cpu(), stats.first.cpu()),
-        clean_assimilation=assimilation(held.clean).cpu(),
+        clean_assimilation=assimilation(held.clean, span_mask(held.ids, models.suspect.eos_token_id, 0)
+                                        if span else None).cpu(),
         loss_history=loss_history, steps=steps, stop_reason=stop_reason, seconds=seconds,
     )

@@ -38,6 +38,12 @@ class SearchSettings:
     # (phrases, homoglyphs split into byte tokens) that one vector misses on 6-layer encoders,
     # while benign encoders stay as far from the same-target gate (bench/detection.py).
     trigger_vectors: int = 2
+    # Keep every pseudo-trigger vector within the norm of a real input (token + position
+    # embedding): engine.trigger_bound. False: free vectors, as the reference.
+    bounded_triggers: bool = True
+    # Token-path measures over the positions each prompt occupies (engine.span_mask), not all L.
+    span_measures: bool = False
+    agreement_weight: float = 0.0  # weight of the cross-prompt agreement term in the token loss
     max_steps: int = 640
     batch_size: int = 5
     # Padding positions a token-path step keeps after its prompts' last EOS (-1: every position);

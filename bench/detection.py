@@ -1,20 +1,50 @@
-"""Detection quality on the built-in controls: verdict, score, gates and time per control.
+"""Detection quality on the benchmark population (bench/population): encoders the detector was
+not tuned on, with a fixed calibration / evaluation split.
 
-    python bench/detection.py [--positions 77] [--width 128] [--layers 4] [--out bench-out]
+    pip install --no-deps clip-benchmark==1.6.2      # the population's training text (CuPL)
+    python bench/detection.py [--split evaluation] [--mode both] [--only SUBSTRING]
 
-Builds a pretrained-like base of the given shape, benign fine-tunes and backdoored students
-(every text-on-text trigger style, and the pooled text-on-pair attack), scans each with the
-default settings and prints one row per control, then the AUROC of the score.
+Builds (once, cached under bench-out/population/) and scans every member of the split with
+the default settings, without an anchor and with the member's clean base as the anchor (a
+base member is its own base: it has no anchor row). Prints one row per scan, then per
+category and overall: TPR on strong backdoors (attack success >= 0.8), FPR (benign blocked,
+exit 1), inconclusive counts, precision, F1, AUROC of the score and seconds per scan.
+Thresholds and rules are chosen on the calibration split; README reports the evaluation split.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from amdet_gate import controls
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from amdet_gate.scanner import ScanRequest, scan_model
+from amdet_gate.settings import FAIL, INCONCLUSIVE
+from bench.population.build import DEFAULT_ROOT, BuiltMember, build
+from bench.population.members import population
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    truth: str
+    category: str
+    base: str
+    mode: str  # plain | anchor
+    attack_success: float | None
+    verdict: str
+    score: float
+    evidence: str  # which path decided, and the real tokens when they reproduced the collapse
+    seconds: float
+
+    @property
+    def strong(self) -> bool:
+        return self.truth == "backdoor" and (self.attack_success or 0.0) >= 0.8
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float:
@@ -22,36 +52,74 @@ def auroc(positives: list[float], negatives: list[float]) -> float:
     return sum(pairs) / len(pairs) if pairs else float("nan")
 
 
+def _evidence(result) -> str:
+    found = result.confirmation if hasattr(result, "confirmation") else None
+    if not found:
+        return result.search.get("stop_reason", "")
+    best = found[0]
+    return f"tokens {best['text']!r} {best['share']:.2f}"
+
+
+def scan(member: BuiltMember, mode: str) -> Row:
+    started = time.monotonic()
+    anchor = member.base_folder if mode == "anchor" else None
+    result = scan_model(ScanRequest(model=member.folder, anchor=anchor)).result
+    return Row(member.member.name, member.member.truth, member.member.category, member.member.base.name, mode,
+               member.attack_success, result.verdict, result.score, _evidence(result),
+               round(time.monotonic() - started, 1))
+
+
+def summary(rows: list[Row], label: str) -> str:
+    strong = [r for r in rows if r.strong]
+    weak = [r for r in rows if r.truth == "backdoor" and not r.strong]
+    benign = [r for r in rows if r.truth == "benign"]
+    tp = sum(r.verdict == FAIL for r in strong)
+    fp = sum(r.verdict == FAIL for r in benign)
+    tpr = tp / len(strong) if strong else float("nan")
+    fpr = fp / len(benign) if benign else float("nan")
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    f1 = 2 * precision * tpr / (precision + tpr) if tp else 0.0
+    area = auroc([r.score for r in strong], [r.score for r in benign])
+    inconclusive = sum(r.verdict == INCONCLUSIVE for r in rows)
+    weak_caught = sum(r.verdict == FAIL for r in weak)
+    seconds = sum(r.seconds for r in rows) / len(rows) if rows else float("nan")
+    return (f"{label:34s} TPR {tp:2d}/{len(strong):<2d} {tpr:5.2f}  FPR {fp:2d}/{len(benign):<2d} {fpr:5.2f}  "
+            f"prec {precision:5.2f}  F1 {f1:5.2f}  AUROC {area:5.3f}  inconcl {inconclusive:2d}  "
+            f"weak caught {weak_caught}/{len(weak)}  {seconds:5.1f} s/scan")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--positions", type=int, default=77)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="evaluation", choices=("calibration", "evaluation", "all"))
+    parser.add_argument("--mode", default="both", choices=("plain", "anchor", "both"))
+    parser.add_argument("--only", default="", help="scan only members whose name contains this")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/detection.json"))
     args = parser.parse_args()
-    shape = controls.ControlShape(args.width, args.layers, args.positions)
-    t0 = time.monotonic()
-    base = controls.pretrain_base(shape)
-    print(f"base {shape} built in {time.monotonic() - t0:.0f} s")
-    built = {("benign", f"finetune_{kind}"): controls.benign_finetune(base, kind, seed=i)
-             for i, kind in enumerate(("distill", "contrastive"))}
-    for i, trigger in enumerate(controls.TRIGGERS):
-        built[("backdoor", f"text_on_text_{trigger}")] = controls.backdoor_text_on_text(base, trigger, seed=10 + i)
-    for i, trigger in enumerate(controls.TRIGGERS):
-        built[("backdoor", f"text_on_pair_{trigger}")] = controls.backdoor_text_on_pair(base, trigger, seed=20 + i)
-    scores: dict[str, list[float]] = {"benign": [], "backdoor": []}
-    print(f"{'control':34s} {'truth':8s} {'verdict':12s} {'score':>6s} {'assim':>6s} {'same':>6s} "
-          f"{'land':>6s} {'pooled':>6s} {'steps':>5s} {'time s':>6s}")
-    for (truth, name), model in built.items():
-        folder = controls.save_control(model, args.out / name)
-        r = scan_model(ScanRequest(model=folder)).result
-        g = {k: v["value"] for k, v in r.gates.items() if isinstance(v, dict)}
-        scores[truth].append(r.score)
-        print(f"{name:34s} {truth:8s} {r.verdict:12s} {r.score:6.3f} {g['assimilation_ratio']:6.3f} "
-              f"{g['same_target_ratio']:6.3f} {g['landscape_positive_ratio']:6.3f} "
-              f"{g.get('pooled_same_target_ratio', float('nan')):6.3f} {r.search['steps']:5d} "
-              f"{r.timings['total_s']:6.1f}", flush=True)
-    print(f"AUROC of the score: {auroc(scores['backdoor'], scores['benign']):.3f}")
+    modes = ("plain", "anchor") if args.mode == "both" else (args.mode,)
+    members = [m for m in population() if args.split in ("all", m.split) and args.only in m.name]
+    built = [build(m, args.root) for m in members]
+    rows: list[Row] = []
+    print(f"{'member':50s} {'mode':6s} {'truth':8s} {'asr':>5s} {'verdict':12s} {'score':>6s} {'s':>6s}  evidence")
+    for member in built:
+        for mode in modes:
+            if mode == "anchor" and member.member.recipe is None:
+                continue  # a clean base is its own anchor
+            row = scan(member, mode)
+            rows.append(row)
+            asr = "" if row.attack_success is None else f"{row.attack_success:.2f}"
+            print(f"{row.name:50s} {mode:6s} {row.truth:8s} {asr:>5s} {row.verdict:12s} {row.score:6.3f} "
+                  f"{row.seconds:6.1f}  {row.evidence}", flush=True)
+    print()
+    for mode in modes:
+        subset = [r for r in rows if r.mode == mode]
+        print(summary(subset, f"overall, {mode}"))
+        for category in sorted({r.category for r in subset}):
+            print(summary([r for r in subset if r.category == category], f"  {category}"))
+        for base in sorted({r.base for r in subset}):
+            print(summary([r for r in subset if r.base == base], f"  base {base}"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The detection benchmark population (bench/detection.py)."""
