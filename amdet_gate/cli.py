@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
@@ -24,7 +23,8 @@ from amdet_gate import __version__
 
 if TYPE_CHECKING:
     from amdet_gate.engine import GateCheck
-from amdet_gate.errors import ExitCode, GateError, UsageError, one_line
+from amdet_gate.errors import ExitCode, GateError, UsageError
+from amdet_gate.sanitise import one_line, visible
 from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, SearchProgress, SearchSettings, Thresholds
 
 
@@ -35,21 +35,30 @@ class _ExitCodeGroup(TyperGroup):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except TyperException as exc:  # bad flags, missing arguments, unknown options
-            message = " ".join(exc.format_message().split())
+            message = one_line(exc.format_message(), 500)  # it quotes the flag's (untrusted) value
             if message:  # empty when help was shown for a bare `amdet-gate`
-                print(f"amdet-gate: error: {message}", file=sys.stderr)
+                say_error(message)
             sys.exit(int(ExitCode.USAGE))
-        except typer.Abort:
-            print("amdet-gate: error: aborted", file=sys.stderr)
+        except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a scan: no outputs to write
+            say_error("interrupted")
             sys.exit(int(ExitCode.ERROR))
         except GateError as exc:
-            print(f"amdet-gate: error: {exc}", file=sys.stderr)
+            say_error(str(exc))
             sys.exit(int(exc.exit_code))
         except Exception as exc:  # never a traceback, never a silent pass: fail closed with exit 2
-            print(f"amdet-gate: error: internal error: {type(exc).__name__}: {one_line(str(exc))[:300]}",
-                  file=sys.stderr)
+            say_error(f"internal error: {type(exc).__name__}: {one_line(exc, 300)}")
             sys.exit(int(ExitCode.ERROR))
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def say(line: str, err: bool = False) -> None:
+    """Print one line we composed. Its untrusted parts went through `one_line` already; `visible`
+    is the belt to those braces: no raw control character ever reaches a terminal or CI log."""
+    print(visible(line), file=sys.stderr if err else sys.stdout, flush=err)
+
+
+def say_error(message: str) -> None:
+    say(f"amdet-gate: error: {one_line(message)}", err=True)
 
 
 app = typer.Typer(cls=_ExitCodeGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -92,7 +101,7 @@ class _Display:
         if self.bar is not None:
             self.bar.update(self.task, description=name)
         elif not self.quiet:
-            print(f"amdet-gate: {name}", file=sys.stderr, flush=True)
+            say(f"amdet-gate: {name}", err=True)
 
     def hooks(self) -> SearchProgress:
         def on_step(step: int, loss: float) -> None:
@@ -102,8 +111,8 @@ class _Display:
         def on_check(check: GateCheck) -> None:
             if not self.quiet and self.bar is None:
                 g = check.gates
-                print(f"amdet-gate: gates at step {check.step} (restart {check.restart}): assimilation "
-                      f"{g.assimilation_ratio:.3f}, same target {g.same_target_ratio:.3f}", file=sys.stderr)
+                say(f"amdet-gate: gates at step {check.step} (restart {check.restart}): assimilation "
+                    f"{g.assimilation_ratio:.3f}, same target {g.same_target_ratio:.3f}", err=True)
 
         return SearchProgress(on_step, on_check)
 
@@ -118,7 +127,7 @@ class _Display:
 
 
 def _fail(exc: GateError) -> typer.Exit:
-    print(f"amdet-gate: error: {exc}", file=sys.stderr)  # one line, never wrapped
+    say_error(str(exc))  # one line, never wrapped
     return typer.Exit(int(exc.exit_code))
 
 
@@ -217,23 +226,28 @@ def _error_outputs(exc: GateError, model: str, subfolder: str | None, out: Path,
 
 
 def _print_outcome(outcome) -> None:
+    """The verdict line and its details. The model's name, reason, tokens, policy note and paths are
+    untrusted (a folder can be named `x\\n::error::y`): each goes through `one_line`."""
+    from rich.text import Text
+
     r = outcome.result
-    console = Console(highlight=False, soft_wrap=True)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
     for warning in outcome.warnings:
-        err.print(f"amdet-gate: warning: {one_line(warning)}", markup=False)
+        say(f"amdet-gate: warning: {one_line(warning)}", err=True)
     cached = "  (verdict cache)" if outcome.cache_hit else ""
-    console.print(f"[{VERDICT_STYLE.get(r['verdict'], 'bold')}]{escape(r['verdict'].upper())}[/] score "
-                  f"{r['score']:.3f}  {escape(r['model']['source'])}  ({escape(r['reason'])}){cached}")
+    verdict = str(r["verdict"])
+    line = Text(visible(verdict.upper()), style=VERDICT_STYLE.get(verdict, "bold"))  # Text: no markup parsing
+    line.append(visible(f" score {r['score']:.3f}  {one_line(r['model']['source'])}  ({one_line(r['reason'])})"
+                        f"{cached}"))
+    Console(highlight=False, soft_wrap=True).print(line)
     for name, gate in r["gates"].items():
         if isinstance(gate, dict) and isinstance(gate.get("value"), int | float):
             mark = "pass" if gate["passed"] else "fail"
-            console.print(f"  {name:26s} {gate['value']:.3f} > {gate['threshold']}  {mark}", markup=False)
-    tokens = ", ".join(repr(t["text"]) for t in r["reversed_target"]["trigger_tokens"][:5])
-    console.print(f"  pseudo-trigger nearest tokens: {tokens}", markup=False)
+            say(f"  {one_line(name, 26):26s} {gate['value']:.3f} > {gate['threshold']}  {mark}")
+    tokens = ", ".join(repr(one_line(t["text"], 40)) for t in r["reversed_target"]["trigger_tokens"][:5])
+    say(f"  pseudo-trigger nearest tokens: {tokens}")
     if outcome.note:  # carries the allow entry's statement: untrusted text
-        console.print(f"  policy: {one_line(outcome.note)}", markup=False)
-    console.print(f"  report: {outcome.paths['html']}", markup=False)
+        say(f"  policy: {one_line(outcome.note)}")
+    say(f"  report: {one_line(outcome.paths['html'])}")
 
 
 policy_app = typer.Typer(help="Validate or create a policy file.", no_args_is_help=True)
@@ -250,10 +264,11 @@ def policy_validate(files: Annotated[list[Path], typer.Argument(help="Policy YAM
         try:
             pol = load_policy(file, {}, date.today())
         except GateError as exc:
-            print(f"amdet-gate: error: {exc}", file=sys.stderr)
+            say_error(str(exc))
             failed = exc
             continue
-        print(f"{file}: valid policy ({len(pol.allow)} allow entries, sha256 {pol.sha256[:12]})")
+        # The file name is untrusted (pre-commit passes the repository's file names): never first on the line.
+        say(f"amdet-gate: {one_line(file)}: valid policy ({len(pol.allow)} allow entries, sha256 {pol.sha256[:12]})")
     if failed is not None:
         raise typer.Exit(int(failed.exit_code))
 
@@ -272,7 +287,7 @@ def policy_init(
         file.write_text(STARTER_POLICY, "utf-8")
     except OSError as exc:
         raise _fail(UsageError(f"cannot write {file}: {exc.strerror}")) from None
-    print(f"wrote {file}")
+    say(f"wrote {one_line(file)}")
 
 
 @app.command()
@@ -294,7 +309,7 @@ def report(
         raise _fail(exc) from None
     for path in (html, sarif, markdown):
         if path is not None:
-            print(f"wrote {path}")
+            say(f"wrote {one_line(path)}")
 
 
 @app.command()
@@ -316,7 +331,8 @@ def fetch(
             if not is_hub_id(spec):
                 raise UsageError(f"{spec!r} is not a Hub id (org/name); local folders need no fetch")
             source = resolve_source(spec, rev, sub)
-            print(f"{spec}@{rev or 'main'} -> {source.resolved_sha}  ({source.folder})")
+            say(f"fetched {one_line(spec)}@{one_line(rev or 'main')} -> {source.resolved_sha}  "
+                f"({one_line(source.folder)})")
     except GateError as exc:
         raise _fail(exc) from None
 
@@ -336,10 +352,10 @@ def verify(
     except GateError as exc:
         raise _fail(exc) from None
     for problem in problems:
-        print(f"amdet-gate: {one_line(problem)}", file=sys.stderr)
+        say(f"amdet-gate: {one_line(problem)}", err=True)
     if problems:
         raise typer.Exit(int(ExitCode.FAIL))
-    print(f"{one_line(model)}: weights match {lock} (scanned, verdict pass)")
+    say(f"amdet-gate: {one_line(model)}: weights match {one_line(lock)} (scanned, verdict pass)")
 
 
 lock_app = typer.Typer(help="Check lock files (amdet.lock).", no_args_is_help=True)
@@ -363,7 +379,7 @@ def _check_files(files: list[Path], problems_of: Callable[[Path], list]) -> None
         except GateError as exc:
             raise _fail(exc) from None
         for problem in problems:
-            print(one_line(str(problem)), file=sys.stderr)
+            say(f"amdet-gate: {one_line(problem)}", err=True)
         bad = bad or bool(problems)
     raise typer.Exit(int(ExitCode.FAIL) if bad else 0)
 
@@ -393,8 +409,8 @@ def cache_list(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cach
     except GateError as exc:
         raise _fail(exc) from None
     for entry in entries:
-        print(entry.row())
-    print(f"{len(entries)} entries in {cache.root}")
+        say(one_line(entry.row()))  # the digest comes first: the source is further along the line
+    say(f"{len(entries)} entries in {one_line(cache.root)}")
 
 
 @cache_app.command("clear")
@@ -409,7 +425,7 @@ def cache_clear(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cac
         removed = cache.clear()
     except GateError as exc:
         raise _fail(exc) from None
-    print(f"removed {removed} entries from {cache.root}")
+    say(f"removed {removed} entries from {one_line(cache.root)}")
 
 
 @app.command()

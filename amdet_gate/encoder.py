@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from amdet_gate.errors import LoadError, UnsupportedModel, one_line
+from amdet_gate.errors import LoadError, UnsupportedModel
+from amdet_gate.sanitise import one_line
 from amdet_gate.source import WeightFile, find_weight_files, read_small, weight_identities
 
 MAX_PARAMETERS = 3_000_000_000
@@ -149,7 +150,7 @@ def validate_transformer_config(raw: dict, limits: dict[str, tuple[int, int]], d
 
 def _shown(value: object) -> str:
     """An untrusted config value in an error message: one line, short."""
-    return one_line(repr(value))[:40]
+    return one_line(repr(value), 40)
 
 
 def _validate_text_config(raw: dict, arch: str) -> dict:
@@ -205,7 +206,7 @@ def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]],
                     name = key_map(key)
                     if name is None:
                         continue
-                    shown = one_line(key)[:80]  # key names are untrusted text
+                    shown = one_line(key, 80)  # key names are untrusted text
                     if name in found:
                         raise LoadError(f"tensor {shown} appears twice in the checkpoint")
                     info = fh.get_slice(key)
@@ -243,8 +244,7 @@ def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]],
 
 def reason(exc: Exception) -> str:
     """A short, one-line reason from an exception raised by untrusted input."""
-    text = " ".join(str(exc).split())
-    return text[:160] if text else type(exc).__name__
+    return one_line(exc, 160) or type(exc).__name__
 
 
 def load_encoder(folder: Path, subfolder: str | None = None,

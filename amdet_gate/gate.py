@@ -22,8 +22,9 @@ from datetime import date
 from pathlib import Path
 
 from amdet_gate import __version__
-from amdet_gate.errors import ExitCode, LoadError, UsageError, one_line
+from amdet_gate.errors import ExitCode, LoadError, UsageError
 from amdet_gate.policy import Policy, apply_policy, load_policy
+from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
 from amdet_gate.source import (
     ModelSource,
@@ -253,7 +254,7 @@ def _render_images(request, scanned, r: Resolved, out: Path, warnings: list[str]
                             r.model.subfolder, out, empty_feature=scanned.empty_feature)
     except Exception as exc:
         renderings = []
-        warnings.append(f"rendering the reversed target failed: {one_line(str(exc))[:300]}")
+        warnings.append(f"rendering the reversed target failed: {one_line(exc, 300)}")
         target["render_error"] = warnings[-1]
     target["images"] = [dataclasses.asdict(i) for rd in renderings for i in rd.images]
     target["renderings"] = [{"renderer": rd.renderer, "text": rd.text, "notes": rd.notes, "metrics": rd.metrics}

@@ -56,6 +56,7 @@ import jsonschema
 import yaml
 
 from amdet_gate.errors import UsageError
+from amdet_gate.sanitise import one_line
 from amdet_gate.source import COMMIT_SHA, WeightFile, identity_sha256, is_hub_id
 
 LOCK_FILE = "amdet.lock"
@@ -259,9 +260,7 @@ def _schema_message(error: jsonschema.ValidationError, data: Any, lines: dict[tu
     while probe and probe not in lines:
         probe = probe[:-1]
     line = lines.get(probe)
-    message = " ".join(error.message.split())
-    if len(message) > 200:  # the message quotes the offending value, which may be huge
-        message = message[:200] + "..."
+    message = one_line(error.message, 200)  # it quotes the offending value, which may be huge
     return f"{source}: " + (f"line {line}: " if line else "") + f"{where or '(top level)'}: {message}"
 
 
@@ -510,7 +509,7 @@ def _load_yaml(text: str, source: str) -> yaml.Node | None:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())[:200]
+        problem = one_line(getattr(exc, "problem", None) or exc, 200)
         raise LockError(f"{source}: {where}not valid YAML ({problem})") from None
     except RecursionError:
         raise LockError(f"{source}: nested too deeply") from None

@@ -12,7 +12,6 @@ import base64
 import importlib.resources
 import math
 import stat
-import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import jinja2
@@ -20,6 +19,7 @@ from markupsafe import Markup
 
 from amdet_gate.charts import render_charts
 from amdet_gate.errors import UsageError
+from amdet_gate.sanitise import visible
 
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 MAX_IMAGES = 32  # render.py makes up to 16 images plus its tokens card
@@ -49,8 +49,6 @@ GATE_HELP = {
     "pooled_anchor_difference_ratio": "pooled path: share of prompts whose triggered pooled embedding opposes "
                                       "the clean anchor's",
 }
-# Unicode categories that render as nothing, as a line break or as reordering: shown as escapes instead.
-_HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}
 CHART_CAPTIONS = {
     "landscape_map": "Loss on a grid around the pseudo-trigger (+). An injected backdoor sits in a smooth bowl.",
     "landscape_surface": "The same grid as a surface: a bowl (injected) versus a rugged or saddle shape (natural).",
@@ -61,18 +59,10 @@ CHART_CAPTIONS = {
 }
 
 
-def _visible(text: str) -> str:
-    """Show control, format (bidi overrides, zero-width) and unusual space characters as \\u escapes."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch == " " or unicodedata.category(ch) not in _HIDDEN else f"\\u{ord(ch):04x}"
-                   for ch in text)
-
-
 def _finalize(value: object) -> object:
     # Applied to every {{ }} before autoescaping; Markup is ours (CSS), never user data.
     if isinstance(value, str) and not isinstance(value, Markup):
-        return _visible(value)
+        return visible(value)
     return value
 
 

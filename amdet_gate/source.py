@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from amdet_gate.errors import ExitCode, GateError, LoadError, PickleRefused, UnsupportedModel, UsageError
+from amdet_gate.sanitise import one_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SINGLE_FILE = "model.safetensors"
@@ -344,5 +345,5 @@ def hub_error_message(exc: Exception, repo_id: str, revision: str) -> str:
     if isinstance(exc, hf.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         return f"{where}: the Hub at {constants.ENDPOINT} answered HTTP {status}"
-    text = " ".join(str(exc).split())[:200]
+    text = one_line(exc, 200)
     return f"{where}: cannot download from {constants.ENDPOINT} ({type(exc).__name__}: {text})"
