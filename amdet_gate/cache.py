@@ -81,7 +81,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
-from amdet_gate.errors import GateError, UsageError
+from amdet_gate.errors import GateError, OutputError, UsageError
+from amdet_gate.files import NotRegular, TooLarge, read_regular_at, write_atomic
 
 FORMAT = 1
 ENTRIES = "v1"
@@ -749,36 +750,21 @@ def _open_dir_at(dir_fd: int, rel: str) -> int:
 
 
 def _read_at(dir_fd: int, rel: str, limit: int) -> bytes:
-    """At most `limit` bytes of the regular file dir_fd/rel, opened without following symlinks.
+    """At most `limit` bytes of the regular file dir_fd/rel, every component opened without
+    following symlinks (files.read_regular_at, the one capped reader).
 
     Raises _NotRegular (symlink, FIFO, ...), _TooLarge (more than `limit` bytes), OSError.
     """
     head, _, name = rel.rpartition("/")
     parent = _open_dir_at(dir_fd, head) if head else os.dup(dir_fd)
     try:
-        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC, dir_fd=parent)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
-            raise _NotRegular(f"{rel} is a symlink") from None
-        raise
+        return read_regular_at(parent, name, limit)
+    except NotRegular as exc:
+        raise _NotRegular(f"{rel} is {exc}") from None
+    except TooLarge:
+        raise _TooLarge(f"{rel} is larger than allowed or recorded") from None
     finally:
         os.close(parent)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _NotRegular(f"{rel} is not a regular file")
-        chunks, left = [], limit + 1  # one byte more than allowed tells "too large" apart
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 22))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise _TooLarge(f"{rel} is larger than allowed or recorded")
-    return data
 
 
 def _walk(dir_fd: int, rel: str) -> dict[str, int]:
@@ -856,18 +842,10 @@ def _restore(files: dict[str, bytes], out_dir: Path) -> None:
     """Write each file to a temporary name, then rename it over the target: no torn files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for rel, data in sorted(files.items()):
-        target = out_dir / PurePosixPath(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would surprise whoever uploads the artifacts
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+            write_atomic(out_dir / PurePosixPath(rel), data)
+        except OutputError as exc:
+            raise OSError(errno.EIO, str(exc)) from None
 
 
 def _remove(path: Path) -> None:

@@ -279,14 +279,15 @@ def policy_init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented starter policy."""
+    from amdet_gate.files import write_atomic
     from amdet_gate.policy import STARTER_POLICY
 
     if file.exists() and not force:
         raise _fail(UsageError(f"{file} exists; use --force to overwrite"))
     try:
-        file.write_text(STARTER_POLICY, "utf-8")
-    except OSError as exc:
-        raise _fail(UsageError(f"cannot write {file}: {exc.strerror}")) from None
+        write_atomic(file, STARTER_POLICY.encode("utf-8"))
+    except GateError as exc:
+        raise _fail(exc) from None
     say(f"wrote {one_line(file)}")
 
 

@@ -98,7 +98,7 @@ class TextEncoderAdapter:
 def read_config(folder: Path) -> tuple[str, dict]:
     """Validated text-tower config and the declared architecture."""
     path = folder / "config.json"
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):  # a FIFO or folder named config.json: read_small refuses it
         raise UnsupportedModel(f"no config.json in {folder}")
     try:
         raw = json.loads(read_small(path))

@@ -25,6 +25,10 @@ class GateError(Exception):
         super().__init__(one_line(message))  # one line, always
 
 
+class OutputError(GateError):
+    """An output could not be written (full disk, read-only folder): exit 2, the scan's verdict is not out."""
+
+
 class LoadError(GateError):
     """The model could not be read: truncated or inconsistent files, NaN weights, ..."""
 

@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 from amdet_gate.errors import ExitCode, UsageError
+from amdet_gate.files import read_capped_text
 from amdet_gate.settings import SearchSettings, Thresholds
 
 MAX_POLICY_BYTES = 1024 * 1024
@@ -168,10 +169,7 @@ def load_policy(path: Path | None, env: Mapping[str, str], today: date) -> Polic
         data: dict = {"version": 1, "_lines": {}}
         source = "built-in default"
     else:
-        try:
-            text = path.read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyError(f"cannot read policy {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        text = read_capped_text(path, MAX_POLICY_BYTES, "policy", PolicyError)
         data = parse_policy(text, str(path))
         source = str(path)
     lines = data.pop("_lines")

@@ -45,6 +45,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from amdet_gate.encoder import FLOAT_DTYPES, load_encoder, read_tensors, validate_transformer_config
 from amdet_gate.encoder import reason as _reason
 from amdet_gate.errors import LoadError, PickleRefused, UsageError
+from amdet_gate.files import write_atomic
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import PICKLE_SUFFIXES, find_weight_files, is_hub_id, read_small
 from amdet_gate.tokenizer import load_tokenizer
@@ -212,12 +213,7 @@ def _check_feature(feature: Tensor, what: str) -> Tensor:
 def _write_image(out_dir: Path, name: str, data: bytes) -> str:
     """Write `images/<name>` under `out_dir`; returns the path relative to `out_dir` (for result.json)."""
     relative = f"{IMAGES_DIR}/{name}"
-    path = Path(out_dir) / relative
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+    write_atomic(Path(out_dir) / relative, data)
     return relative
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from amdet_gate.errors import ExitCode, GateError, LoadError, PickleRefused, UnsupportedModel, UsageError
+from amdet_gate.files import read_capped_text
 from amdet_gate.sanitise import one_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -110,13 +111,9 @@ def resolve_source(spec: str, revision: str | None = None, subfolder: str | None
 
 # --- local files ------------------------------------------------------------------------
 
-def read_small(path: Path) -> str:
-    if path.stat().st_size > MAX_SMALL_FILE_BYTES:
-        raise LoadError(f"{path} is larger than 1 MiB; refusing to parse it")
-    try:
-        return path.read_text("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LoadError(f"{path} is not UTF-8 text") from exc
+def read_small(path: Path, inside: Path | None = None) -> str:
+    """A model's small JSON file (config.json, the shard index): 1 MiB at most, exit 2 if refused."""
+    return read_capped_text(path, MAX_SMALL_FILE_BYTES, path.name, LoadError, inside=inside)
 
 
 def find_weight_files(folder: Path) -> list[Path]:
