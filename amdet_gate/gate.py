@@ -23,7 +23,7 @@ from pathlib import Path
 
 from amdet_gate import __version__
 from amdet_gate.errors import ExitCode, LoadError, UsageError
-from amdet_gate.policy import Policy, apply_policy, load_policy
+from amdet_gate.policy import Policy, apply_policy, load_policy, require_finite
 from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
 from amdet_gate.source import (
@@ -96,6 +96,9 @@ class Resolved:
 def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolved:
     """Policy, effective settings (flag > AMDET_* > policy file > default) and the model files."""
     policy = load_policy(options.policy, env, today)
+    for flag, value in (("--time-budget", options.time_budget), *((f"--threshold {k}", v)
+                                                                  for k, v in options.thresholds.items())):
+        require_finite(flag, value)
     settings = SearchSettings(
         seed=_first(options.seed, policy.scan.seed), restarts=_first(options.restarts, policy.scan.restarts),
         max_steps=_first(options.max_steps, policy.scan.max_steps),
