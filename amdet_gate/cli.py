@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from datetime import date
@@ -170,7 +171,7 @@ def scan(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Scan a text encoder; exit 0 pass, 1 backdoor found, 2 error/inconclusive, 3 nothing scannable, 4 usage."""
-    from amdet_gate.gate import GateOptions, run_gate
+    from amdet_gate.gate import INTERRUPTED, GateOptions, prepare_outputs, run_gate
 
     options = GateOptions(
         model=model, revision=revision, subfolder=subfolder, anchor=anchor, anchor_revision=anchor_revision,
@@ -181,48 +182,25 @@ def scan(
         use_cache=not no_cache, cache_dir=cache_dir)
     try:
         options.thresholds = parse_thresholds(threshold or [])
+    except UsageError as exc:
+        with contextlib.suppress(GateError):
+            prepare_outputs(options, os.environ)  # exit 4 too leaves no earlier verdict at the output paths
+        raise _fail(exc) from None
+    try:
         with _Display(quiet, max_steps or SearchSettings.max_steps) as display:
             outcome = run_gate(options, progress=display.hooks(), stage=display.stage)
-    except GateError as exc:
-        _error_outputs(exc, model, subfolder, out, sarif, markdown)
-        print(f"amdet-gate: error: {exc}", file=sys.stderr)
+    except GateError as exc:  # run_gate has written the error SARIF and summary (and cleared stale ones)
+        say_error(str(exc))
         code = exc.exit_code
-    except Exception as exc:  # fail closed: exit 2 with one line, and CI still gets a SARIF log
-        error = GateError(f"internal error during the scan: {type(exc).__name__}: {str(exc)[:300]}")
-        _error_outputs(error, model, subfolder, out, sarif, markdown)
-        print(f"amdet-gate: error: {error}", file=sys.stderr)
-        code = error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: exit 2 and one line, never 130 and silence (the error outputs exist)
+        say_error(INTERRUPTED)
+        code = ExitCode.ERROR
     else:
         _print_outcome(outcome)
         code = outcome.exit_code
     if exit_zero and code == ExitCode.FAIL:  # report-only; never hides 2, 3 or 4
         code = ExitCode.PASS
     raise typer.Exit(int(code))
-
-
-def _error_outputs(exc: GateError, model: str, subfolder: str | None, out: Path, sarif: Path | None,
-                   markdown: Path | None) -> None:
-    """When no scan result exists: a SARIF log (CI learns why) and a summary, also in the job summary."""
-    import os
-
-    from amdet_gate.markdown import md_text
-    from amdet_gate.outputs import append_step_summary, write_json, write_text
-    from amdet_gate.sarif import error_sarif
-
-    if exc.exit_code == ExitCode.USAGE:
-        return  # a mistake in the invocation: nothing about the model to report
-    rule = exc.rule_id or "AMDET003"  # could not decide: load or download failure, internal error
-    log = error_sarif(rule, str(exc), Path(model), subfolder)
-    text = (f"## amdet-gate: ❌ {'FAIL' if exc.exit_code == ExitCode.FAIL else 'ERROR'} (exit {int(exc.exit_code)})"
-            f"\n\n**Model** {md_text(model)}\n\n**{rule}** {md_text(str(exc), 500)}\n")
-    with contextlib.suppress(GateError):
-        for path in (sarif, out / "result.sarif"):
-            if path is not None:
-                write_json(path, log)
-        for path in (markdown, out / "summary.md"):
-            if path is not None:
-                write_text(path, text)
-    append_step_summary(os.environ, text)  # best effort: the error itself is already on its way out
 
 
 def _print_outcome(outcome) -> None:
@@ -299,11 +277,15 @@ def report(
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown summary here.")] = None,
 ) -> None:
     """Re-render the reports from a stored result.json, without scanning again."""
+    from amdet_gate.outpaths import Role, prepare_report_targets
     from amdet_gate.outputs import read_result, write_reports
 
     if html is None and sarif is None and markdown is None:
         raise _fail(UsageError("nothing to write: give --html, --sarif and/or --markdown"))
+    targets = {role: path for role, path in ((Role.HTML, html), (Role.SARIF, sarif), (Role.MARKDOWN, markdown))
+               if path is not None}
     try:
+        prepare_report_targets(result, targets)
         data = read_result(result)
         write_reports(data, result.parent, {"html": html, "sarif": sarif, "markdown": markdown})
     except GateError as exc:
@@ -400,8 +382,6 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("list")
 def cache_list(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cache folder.")] = None) -> None:
     """List cached verdicts."""
-    import os
-
     from amdet_gate.cache import open_cache
 
     try:
@@ -417,8 +397,6 @@ def cache_list(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cach
 @cache_app.command("clear")
 def cache_clear(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cache folder.")] = None) -> None:
     """Delete every cached verdict."""
-    import os
-
     from amdet_gate.cache import open_cache
 
     try:

@@ -11,6 +11,7 @@ Torch is imported only on a cache miss, so a cache hit answers in well under a s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,8 @@ from datetime import date
 from pathlib import Path
 
 from amdet_gate import __version__
-from amdet_gate.errors import ExitCode, LoadError, UsageError
+from amdet_gate.errors import ExitCode, GateError, LoadError, UsageError
+from amdet_gate.outpaths import OutputPlan, check_plan, check_writable, clear, write_error_outputs
 from amdet_gate.policy import Policy, apply_policy, load_policy, require_finite
 from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
@@ -168,30 +170,78 @@ def _small_files_identity(source: ModelSource) -> dict[str, str | None]:
     return out
 
 
-def clear_outputs(out: Path) -> None:
-    """Remove what an earlier scan wrote into `out`, so that a failed run never leaves a stale verdict."""
-    from amdet_gate.outputs import output_paths
+def output_plan(options: GateOptions) -> OutputPlan:
+    return OutputPlan(options.out, options.sarif, options.html, options.markdown, options.lock)
 
-    if not out.is_dir():
-        return
-    # Only the names this tool writes: --out may be a folder that holds other files too.
-    images = [p for pattern in ("tokens.png", "diffusion_*.png", "clip_vision_*.png")
-              for p in (out / "images").glob(pattern)]
-    stale = [*output_paths(out).values(), *images]
-    for path in stale:
-        try:
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-        except OSError as exc:
-            raise UsageError(f"cannot clear the old output {path}: {exc.strerror}") from None
+
+def run_inputs(options: GateOptions, env: Mapping[str, str]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The files and folders a run reads that exist locally, by name: no output may land in them."""
+    from huggingface_hub import constants
+
+    from amdet_gate.cache import default_cache_dir
+
+    files: dict[str, Path] = {}
+    folders: dict[str, Path] = {"the Hugging Face cache": Path(constants.HF_HUB_CACHE),
+                                "the verdict cache": options.cache_dir or default_cache_dir(env)}
+    for name, spec in (("the model", options.model), ("the anchor", options.anchor),
+                       ("the pipeline", options.pipeline), ("the vision checkpoint", options.vision)):
+        if spec is not None and Path(spec).exists():
+            (folders if Path(spec).is_dir() else files)[f"{name} {one_line(spec)}"] = Path(spec)
+    policy = options.policy or (Path(env["AMDET_POLICY"]) if env.get("AMDET_POLICY") else None)
+    for name, path in (("the policy", policy), ("the prompt file", options.prompts)):
+        if path is not None:
+            files[name] = Path(path)
+    return files, folders
+
+
+def prepare_outputs(options: GateOptions, env: Mapping[str, str]) -> OutputPlan:
+    """Check every output path before anything is read, then clear them (docs/supply-chain.md).
+
+    A refused plan (exit 4) still clears the outputs that are not inputs: no stale PASS survives it.
+    """
+    plan = output_plan(options)
+    files, folders = run_inputs(options, env)
+    summary = Path(env["GITHUB_STEP_SUMMARY"]) if env.get("GITHUB_STEP_SUMMARY") else None
+    try:
+        check_plan(plan, files, folders, summary)
+        check_writable(plan)
+    except UsageError:
+        with contextlib.suppress(GateError):
+            clear(plan, keep={**files, **folders})
+        raise
+    clear(plan)
+    return plan
+
+
+INTERRUPTED = "interrupted (Ctrl-C or SIGINT) before the scan finished; no verdict"
 
 
 def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: date | None = None,
              progress=None, stage: Callable[[str], None] = lambda name: None) -> GateOutcome:
-    """Run the whole gate for one model; raises GateError (with its exit code) when it cannot."""
+    """Run the whole gate for one model; raises GateError (with its exit code) when it cannot.
+
+    Whatever ends the run early -- a GateError, an I/O failure, Ctrl-C (KeyboardInterrupt, re-raised),
+    an unexpected exception (raised as a GateError, exit 2) -- the outputs written so far are
+    removed and the error SARIF and summary take their place.
+    """
     env = os.environ if env is None else env
-    today = today or date.today()
-    clear_outputs(options.out)
+    plan = prepare_outputs(options, env)
+    try:
+        return _run(options, env, today or date.today(), progress, stage)
+    except GateError as exc:
+        write_error_outputs(plan, exc, options.model, options.subfolder, env)
+        raise
+    except KeyboardInterrupt:
+        write_error_outputs(plan, GateError(INTERRUPTED), options.model, options.subfolder, env)
+        raise
+    except Exception as exc:  # never a traceback, never a silent pass: fail closed with exit 2
+        error = GateError(f"internal error during the scan: {type(exc).__name__}: {one_line(exc, 300)}")
+        write_error_outputs(plan, error, options.model, options.subfolder, env)
+        raise error from exc
+
+
+def _run(options: GateOptions, env: Mapping[str, str], today: date, progress,
+         stage: Callable[[str], None]) -> GateOutcome:
     stage("resolving the model")
     r = resolve(options, env, today)
     weights = weight_identities(r.model.folder)
@@ -294,13 +344,14 @@ def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Pa
 
     code, note = apply_policy(result["verdict"], result["model"]["identity_sha256"], r.policy)
     copy_reports(paths, sarif=options.sarif, html=options.html, markdown=options.markdown)
-    problem = append_step_summary(env, paths["markdown"].read_text("utf-8"))
-    if problem:
-        warnings.append(problem)
     if options.lock is not None:
         from amdet_gate.lock import entry_from_result, write_lock
 
         write_lock(options.lock, entry_from_result(result, options.model, options.revision))
+    # Last: the job summary cannot be taken back, so nothing that can still fail comes after it.
+    problem = append_step_summary(env, paths["markdown"].read_text("utf-8"))
+    if problem:
+        warnings.append(problem)
     return GateOutcome(result, code, note, paths, cache_hit, warnings)
 
 

@@ -276,6 +276,11 @@ def parse_lock(text: str, source: str) -> Lock:
     return Lock(tuple(entries), source)
 
 
+def signature_path(lock: Path) -> Path:
+    """Where a lock's detached HMAC signature lives: beside it, `<lock>.sig`."""
+    return lock.with_name(lock.name + ".sig")
+
+
 def read_lock(path: Path) -> Lock:
     """Read and validate a lock file (LockError, exit 4, if it is missing or invalid)."""
     return parse_lock(read_capped_text(Path(path), MAX_LOCK_BYTES, "lock file", LockError), str(path))
