@@ -161,6 +161,8 @@ def scan(
                                               "(amdet.lock).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Verdict cache folder. [~/.cache/amdet-gate]")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Scan even if the verdict is cached.")] = False,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Read model files that resolve "
+                                                  "outside the model folder (refused by default).")] = False,
     seed: Annotated[int | None, typer.Option(min=0, help="Random seed. [0]")] = None,
     restarts: Annotated[int | None, typer.Option(min=1, max=64, help="Random starts optimised together. [4]")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Optimisation steps at most. [640]")] = None,
@@ -179,7 +181,7 @@ def scan(
         sarif=sarif, html=html, markdown=markdown, seed=seed, restarts=restarts, max_steps=max_steps,
         time_budget=time_budget, device=device, render=render, pipeline=pipeline, pipeline_revision=pipeline_revision,
         render_steps=render_steps, vision=vision, lock=lock,
-        use_cache=not no_cache, cache_dir=cache_dir)
+        use_cache=not no_cache, cache_dir=cache_dir, follow_symlinks=follow_symlinks)
     try:
         options.thresholds = parse_thresholds(threshold or [])
     except UsageError as exc:
@@ -326,12 +328,14 @@ def verify(
     lock: Annotated[Path, typer.Option(help="Lock file written by `scan --lock`.")] = Path("amdet.lock"),
     revision: Annotated[str | None, typer.Option(help="Hub revision (default: the locked commit).")] = None,
     subfolder: Annotated[str | None, typer.Option(help="Subfolder, e.g. text_encoder.")] = None,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Read weight files that resolve "
+                                                  "outside the model folder.")] = False,
 ) -> None:
     """Refuse a model whose weights changed since they were scanned: exit 0 same weights and a pass, else 1."""
     from amdet_gate.gate import verify_model
 
     try:
-        problems = verify_model(model, lock, revision, subfolder)
+        problems = verify_model(model, lock, revision, subfolder, follow_symlinks)
     except GateError as exc:
         raise _fail(exc) from None
     for problem in problems:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -30,6 +31,8 @@ from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
 from amdet_gate.source import (
     ModelSource,
+    WeightFile,
+    check_contained,
     check_hub_sha256,
     check_pin,
     download_pipeline,
@@ -71,6 +74,7 @@ class GateOptions:
     lock: Path | None = None
     use_cache: bool = True
     cache_dir: Path | None = None
+    follow_symlinks: bool = False  # model files may resolve outside the model folder
 
 
 @dataclass
@@ -124,11 +128,12 @@ def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolv
         check_pin(options.model, options.revision)
         if anchor is not None:
             check_pin(anchor, anchor_revision, "the anchor")
-    model = resolve_source(options.model, options.revision, options.subfolder)
+    follow = options.follow_symlinks
+    model = resolve_source(options.model, options.revision, options.subfolder, follow_symlinks=follow)
     # A policy's `org/name` anchor is always the Hub's: a folder of that name added to the
     # checkout (say, by a pull request) must not become the reference (write ./path for a folder).
     anchor_source = None if anchor is None else resolve_source(anchor, anchor_revision, anchor_subfolder,
-                                                               prefer_hub=anchor_from_policy)
+                                                               prefer_hub=anchor_from_policy, follow_symlinks=follow)
     pipeline = options.pipeline
     if pipeline is not None and not Path(pipeline).exists() and is_hub_id(pipeline):
         pipeline = str(download_pipeline(pipeline, options.pipeline_revision))
@@ -244,13 +249,12 @@ def _run(options: GateOptions, env: Mapping[str, str], today: date, progress,
          stage: Callable[[str], None]) -> GateOutcome:
     stage("resolving the model")
     r = resolve(options, env, today)
-    weights = weight_identities(r.model.folder)
-    check_hub_sha256(r.model, weights)
+    # Hashing a 10 GB weight file takes a while: it runs inside the time budget, after the cheap checks.
+    deadline = time.monotonic() + r.settings.time_budget_s
+    weights = _identities(r.model, deadline)
     anchor_identity = None
     if r.anchor is not None:
-        anchor_weights = weight_identities(r.anchor.folder)
-        check_hub_sha256(r.anchor, anchor_weights)
-        anchor_identity = identity_sha256(anchor_weights)
+        anchor_identity = identity_sha256(_identities(r.anchor, deadline))
     if anchor_identity is not None and anchor_identity == identity_sha256(weights):
         # The anchor gate asks "does the model differ from a clean reference?"; the model itself
         # as its own anchor fails that gate for every trigger and would pass any backdoor.
@@ -355,7 +359,17 @@ def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Pa
     return GateOutcome(result, code, note, paths, cache_hit, warnings)
 
 
-def verify_model(model: str, lock: Path, revision: str | None = None, subfolder: str | None = None) -> list[str]:
+def _identities(source: ModelSource, deadline: float | None = None) -> list[WeightFile]:
+    """The weight files' identities, after every file the scan reads was found inside the model folder
+    and every safetensors header was checked; hashing stops at `deadline` (exit 2)."""
+    check_contained(source)
+    weights = weight_identities(source.folder, deadline, source.boundary)
+    check_hub_sha256(source, weights)
+    return weights
+
+
+def verify_model(model: str, lock: Path, revision: str | None = None, subfolder: str | None = None,
+                 follow_symlinks: bool = False) -> list[str]:
     """Problems that should stop a deployment: no lock entry, changed weights, a verdict not pass.
 
     A Hub model without --revision is fetched at the locked commit, so a moved branch cannot
@@ -366,12 +380,11 @@ def verify_model(model: str, lock: Path, revision: str | None = None, subfolder:
     entry = find_entry(read_lock(lock), model, subfolder)
     if entry is None:
         return [f"{lock} has no entry for {model}" + (f" (subfolder {subfolder})" if subfolder else "")]
-    source = resolve_source(model, revision or entry.resolved_sha, subfolder)
+    source = resolve_source(model, revision or entry.resolved_sha, subfolder, follow_symlinks=follow_symlinks)
     problems = []
     if entry.resolved_sha and source.resolved_sha and source.resolved_sha != entry.resolved_sha:
         problems.append(f"{model} resolves to commit {source.resolved_sha}, the lock has {entry.resolved_sha}")
-    weights = weight_identities(source.folder)
-    check_hub_sha256(source, weights)
+    weights = _identities(source)
     problems += verify_entry(entry, weights)
     if entry.verdict != "pass":
         problems.append(f"{model} was scanned with verdict {entry.verdict}, not pass")

@@ -34,8 +34,9 @@ RULES = {
                  "The policy requires a 40-hex commit sha, but the model was named by a branch or tag.",
                  "4.0", "very-high", "error"),
     "AMDET101": ("PickleWeightsRefused", "Pickle-based weights refused",
-                 "Only pickle-based weight files were found; pickle can run code when loaded, so they are "
-                 "never opened. Convert the weights to safetensors.",
+                 "Pickle-based weight files were found (alone, or beside safetensors, where a loader told to "
+                 "skip safetensors would read them); pickle can run code when loaded, so they are never opened. "
+                 "Convert the weights to safetensors, or remove the pickle files.",
                  "7.0", "very-high", "error"),
     "AMDET102": ("UnsupportedArchitecture", "Nothing scannable",
                  "The model is not a supported CLIP-style text encoder or has no weights.",

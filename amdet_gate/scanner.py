@@ -109,6 +109,11 @@ def as_source(model: ModelSource | Path, subfolder: str | None) -> ModelSource:
 
 def load_models(model: ModelSource, anchor_source: ModelSource | None, device: torch.device,
                 weights: list[WeightFile] | None = None) -> tuple[LoadedEncoder, LoadedEncoder | None]:
+    from amdet_gate.source import check_contained
+
+    for source in (model, anchor_source):  # every file read resolves inside its folder (or --follow-symlinks)
+        if source is not None:
+            check_contained(source)
     suspect = load_encoder(model.root, model.subfolder, weights)
     if weights is not None and weight_identities(model.folder) != weights:
         # Hashed by the caller, then read here: the bytes scanned must be the bytes identified.
