@@ -159,20 +159,17 @@ def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity:
 
 
 def _small_files_identity(source: ModelSource) -> dict[str, str | None]:
-    """sha256 of config.json and the tokenizer files the scan reads (they change the result too)."""
-    from amdet_gate.source import TOKENIZER_FILES, tokenizer_folder
+    """sha256 of config.json and of every file the tokenizer reads (source.TOKENIZER_FILES, the list
+    tokenizer.load_tokenizer copies): they change the result too."""
+    from amdet_gate.files import read_capped
+    from amdet_gate.source import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, tokenizer_folder
 
     names = {"config.json": source.folder / "config.json"}
     tok = tokenizer_folder(source)
     if tok is not None:
         names.update({f"tokenizer/{n}": tok / n for n in TOKENIZER_FILES})
-    out: dict[str, str | None] = {}
-    for name, path in names.items():
-        try:
-            out[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        except OSError as exc:
-            raise LoadError(f"cannot read {path}: {exc.strerror}") from None
-    return out
+    return {name: hashlib.sha256(read_capped(path, MAX_TOKENIZER_FILE_BYTES, name, LoadError)).hexdigest()
+            if os.path.lexists(path) else None for name, path in names.items()}
 
 
 def output_plan(options: GateOptions) -> OutputPlan:

@@ -141,6 +141,17 @@ def split_prompts(prompts: list[str], n: int, held_out_fraction: float, seed: in
     return chosen[held:], chosen[:held]
 
 
+# A tokenizer that does not fit the model turns every prompt into (nearly) the same ids; the
+# encoder's outputs then agree on every prompt and look like a collapse onto one target: a benign
+# model reads as backdoored (a 10-token vocabulary gave FAIL 0.899). Such a tokenizer is an error,
+# never a verdict. Limits: the real CLIP BPE keeps all 5,000 built-in prompts distinct and knows
+# every word of them; a prompt file whose lines differ only in case or punctuation stays far above.
+MIN_DISTINCT_SHARE = 0.5  # distinct id sequences per distinct prompt
+MAX_EMPTY_SHARE = 0.5  # prompts with no token between BOS and EOS, or only unknown tokens
+MIN_VOCAB_SHARE = 0.5  # the tokenizer's size against the model's vocabulary
+TOKENIZER_CHECK_MIN_PROMPTS = 10  # the checks need a corpus; one prompt ("" for the renderer) is not one
+
+
 def tokenize(tokenizer: PromptTokenizer, prompts: list[str], encoder: LoadedEncoder) -> torch.Tensor:
     ids = tokenizer(prompts, encoder.adapter.seq_len)
     vocab = encoder.config["vocab_size"]
@@ -148,7 +159,32 @@ def tokenize(tokenizer: PromptTokenizer, prompts: list[str], encoder: LoadedEnco
         raise LoadError(f"tokenizer produces id {int(ids.max())} but the model's vocabulary has {vocab} entries")
     if not (ids == tokenizer.tokenizer.eos_token_id).any(dim=1).all():
         raise LoadError("the tokenizer does not end every prompt with its EOS token")
+    if len(prompts) >= TOKENIZER_CHECK_MIN_PROMPTS:
+        check_tokenizer_fits(tokenizer, prompts, ids, vocab)
     return ids
+
+
+def check_tokenizer_fits(tokenizer: PromptTokenizer, prompts: list[str], ids: torch.Tensor, vocab: int) -> None:
+    """LoadError (exit 2) for a tokenizer that lacks the model's vocabulary or maps most distinct
+    prompts to the same ids: what the scan would see is the tokenizer, not the model."""
+    size = getattr(tokenizer, "vocab_size", vocab)
+    if size < MIN_VOCAB_SHARE * vocab:
+        raise LoadError(f"the tokenizer has {size} tokens but the model's vocabulary has {vocab}: it is not this "
+                        "model's tokenizer (a scan with it would measure the tokenizer, not the model)")
+    eos = tokenizer.tokenizer.eos_token_id
+    unk = getattr(tokenizer.tokenizer, "unk_token_id", None)
+    first_eos = (ids == eos).int().argmax(dim=1)
+    distinct_prompts = len(set(prompts))  # what each prompt says: its ids up to the first EOS
+    distinct_ids = len({tuple(row[: int(end) + 1]) for row, end in zip(ids.tolist(), first_eos, strict=True)})
+    content = torch.arange(ids.shape[1])[None, :].lt(first_eos[:, None]) & torch.arange(ids.shape[1])[None, :].ge(1)
+    known = content & (ids != unk) if unk is not None else content
+    empty = float((known.sum(dim=1) == 0).float().mean())
+    if empty > MAX_EMPTY_SHARE:
+        raise LoadError(f"the tokenizer finds no known token in {empty:.0%} of the prompts: it lacks the "
+                        "vocabulary of this model")
+    if distinct_ids < MIN_DISTINCT_SHARE * distinct_prompts:
+        raise LoadError(f"the tokenizer maps {distinct_prompts} distinct prompts to {distinct_ids} distinct id "
+                        "sequences: it does not fit this model (broken or foreign vocabulary)")
 
 
 def _identity(enc: LoadedEncoder, source: ModelSource) -> dict:

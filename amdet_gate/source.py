@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
 MAX_SMALL_FILE_BYTES = 1024 * 1024
+MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # always used with fullmatch: "$" would accept a trailing newline
 STANDARD_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -288,8 +290,12 @@ def identity_sha256(files: list[WeightFile]) -> str:
 
 
 def has_tokenizer_files(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    """Whether the folder brings its own tokenizer. Whatever is there counts (a FIFO named tokenizer.json
+    too): the capped reader refuses what is not a regular file, the bundled tokenizer never stands in for it."""
+    def present(name: str) -> bool:
+        return os.path.lexists(folder / name)
+
+    return present("tokenizer.json") or (present("vocab.json") and present("merges.txt"))
 
 
 def tokenizer_folder(source: ModelSource) -> Path | None:
