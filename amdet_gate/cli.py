@@ -330,12 +330,14 @@ def verify(
     subfolder: Annotated[str | None, typer.Option(help="Subfolder, e.g. text_encoder.")] = None,
     follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Read weight files that resolve "
                                                   "outside the model folder.")] = False,
+    require_signed: Annotated[bool, typer.Option("--require-signed", help="Refuse a lock without a valid "
+                                                 "AMDET_LOCK_KEY signature (<lock>.sig).")] = False,
 ) -> None:
     """Refuse a model whose weights changed since they were scanned: exit 0 same weights and a pass, else 1."""
     from amdet_gate.gate import verify_model
 
     try:
-        problems = verify_model(model, lock, revision, subfolder, follow_symlinks)
+        problems = verify_model(model, lock, revision, subfolder, follow_symlinks, require_signed)
     except GateError as exc:
         raise _fail(exc) from None
     for problem in problems:
@@ -350,11 +352,39 @@ app.add_typer(lock_app, name="lock")
 
 
 @lock_app.command("check")
-def lock_check(files: Annotated[list[Path], typer.Argument(help="Lock files to check.")]) -> None:
-    """Exit 0 if every lock file is valid, pinned and records a pass; 1 if not; 4 if unreadable."""
-    from amdet_gate.lock import check_lock, read_lock
+def lock_check(
+    files: Annotated[list[Path], typer.Argument(help="Lock files to check.")],
+    require_signed: Annotated[bool, typer.Option("--require-signed", help="Refuse a lock without a valid "
+                                                 "AMDET_LOCK_KEY signature (<lock>.sig).")] = False,
+) -> None:
+    """Exit 0 if every lock file is valid, pinned, signed if asked and records a pass; 1 if not; 4 if unreadable."""
+    from amdet_gate.lock import Problem, check_lock
+    from amdet_gate.lock_sign import read_signed_lock
 
-    _check_files(files, lambda file: check_lock(read_lock(file)))
+    def problems(file: Path) -> list:
+        signed = read_signed_lock(file, os.environ, require_signed)
+        if signed.problem is not None:  # nothing an untrusted lock says is worth checking
+            return [Problem(str(file), None, signed.problem)]
+        return check_lock(signed.lock)
+
+    _check_files(files, problems)
+
+
+@lock_app.command("sign")
+def lock_sign(files: Annotated[list[Path], typer.Argument(help="Lock files to sign (after reviewing them).")]) -> None:
+    """Sign reviewed lock files with AMDET_LOCK_KEY (writes <lock>.sig); exit 4 without the key or a valid lock."""
+    from amdet_gate.lock_sign import lock_key, read_signed_lock, sign_lock
+
+    try:
+        key = lock_key(os.environ)
+        if key is None:
+            raise UsageError("AMDET_LOCK_KEY is not set: there is no key to sign with")
+        for file in files:
+            lock = read_signed_lock(file, {})  # valid JSON and schema; the old signature is not consulted
+            sign_lock(file, key, lock.data)
+            say(f"amdet-gate: signed {one_line(file)} ({len(lock.lock.models)} entries)")
+    except GateError as exc:
+        raise _fail(exc) from None
 
 
 def _check_files(files: list[Path], problems_of: Callable[[Path], list]) -> None:

@@ -244,6 +244,10 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
 
 def _run(options: GateOptions, env: Mapping[str, str], today: date, progress,
          stage: Callable[[str], None]) -> GateOutcome:
+    if options.lock is not None:  # before minutes of scanning: a lock that will not be extended is known now
+        from amdet_gate.lock_sign import check_writable_lock
+
+        check_writable_lock(options.lock, env)
     stage("resolving the model")
     r = resolve(options, env, today)
     # Hashing a 10 GB weight file takes a while: it runs inside the time budget, after the cheap checks.
@@ -346,9 +350,10 @@ def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Pa
     code, note = apply_policy(result["verdict"], result["model"]["identity_sha256"], r.policy)
     copy_reports(paths, sarif=options.sarif, html=options.html, markdown=options.markdown)
     if options.lock is not None:
-        from amdet_gate.lock import entry_from_result, write_lock
+        from amdet_gate.lock import entry_from_result
+        from amdet_gate.lock_sign import write_signed_lock
 
-        write_lock(options.lock, entry_from_result(result, options.model, options.revision))
+        write_signed_lock(options.lock, entry_from_result(result, options.model, options.revision), env)
     # Last: the job summary cannot be taken back, so nothing that can still fail comes after it.
     problem = append_step_summary(env, paths["markdown"].read_text("utf-8"))
     if problem:
@@ -366,15 +371,20 @@ def _identities(source: ModelSource, deadline: float | None = None) -> list[Weig
 
 
 def verify_model(model: str, lock: Path, revision: str | None = None, subfolder: str | None = None,
-                 follow_symlinks: bool = False) -> list[str]:
+                 follow_symlinks: bool = False, require_signed: bool = False,
+                 env: Mapping[str, str] | None = None) -> list[str]:
     """Problems that should stop a deployment: no lock entry, changed weights, a verdict not pass.
 
     A Hub model without --revision is fetched at the locked commit, so a moved branch cannot
     slip different weights under the locked identity.
     """
-    from amdet_gate.lock import find_entry, read_lock, verify_entry
+    from amdet_gate.lock import find_entry, verify_entry
+    from amdet_gate.lock_sign import read_signed_lock
 
-    entry = find_entry(read_lock(lock), model, subfolder)
+    signed = read_signed_lock(lock, os.environ if env is None else env, require_signed)
+    if signed.problem is not None:  # an untrusted lock vouches for nothing
+        return [signed.problem]
+    entry = find_entry(signed.lock, model, subfolder)
     if entry is None:
         return [f"{lock} has no entry for {model}" + (f" (subfolder {subfolder})" if subfolder else "")]
     source = resolve_source(model, revision or entry.resolved_sha, subfolder, follow_symlinks=follow_symlinks)
