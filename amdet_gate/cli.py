@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Callable
 from datetime import date
@@ -189,7 +190,7 @@ def scan(
             prepare_outputs(options, os.environ)  # exit 4 too leaves no earlier verdict at the output paths
         raise _fail(exc) from None
     try:
-        with _Display(quiet, max_steps or SearchSettings.max_steps) as display:
+        with _Display(quiet, max_steps or SearchSettings.max_steps) as display, _terminate_as_interrupt():
             outcome = run_gate(options, progress=display.hooks(), stage=display.stage)
     except GateError as exc:  # run_gate has written the error SARIF and summary (and cleared stale ones)
         say_error(str(exc))
@@ -203,6 +204,25 @@ def scan(
     if exit_zero and code == ExitCode.FAIL:  # report-only; never hides 2, 3 or 4
         code = ExitCode.PASS
     raise typer.Exit(int(code))
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a CI job cancelled, `timeout`, a container stop) ends a scan like Ctrl-C: exit 2, one
+    line and the error outputs, instead of dying without a word. The CLI owns its process; the
+    Python API leaves signal handling to its caller."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_outcome(outcome) -> None:

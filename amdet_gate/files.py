@@ -167,6 +167,42 @@ def open_regular(path: Path, what: str, error: type[GateError], *, inside: Path 
         yield fh
 
 
+def append_regular(path: Path, data: bytes) -> None:
+    """Append to a regular file (created if absent): the job summary, which other steps share.
+
+    Opened without blocking and checked after opening, like every input: a FIFO with no reader
+    or a device is refused (OutputError), never waited on or written into.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NONBLOCK | _CLOEXEC | _BINARY, 0o666)
+    except OSError as exc:
+        raise OutputError(f"cannot append to {one_line(path)}: {exc.strerror or type(exc).__name__}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OutputError(f"cannot append to {one_line(path)}: it is {_kind(mode)}, not a regular file")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[: 1 << 24]):]
+    except OSError as exc:
+        raise OutputError(f"cannot append to {one_line(path)}: {exc.strerror or type(exc).__name__}") from None
+    finally:
+        os.close(fd)
+
+
+def refuse_special(path: Path, label: str) -> None:
+    """An output path that exists must be a regular file or a symlink: never a folder, a FIFO or a
+    device (renaming a report over /dev/null, as root, would replace the device)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot write {label} {one_line(path)}: {exc.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise OutputError(f"{label} {one_line(path)} is {_kind(mode)}; an output must be a file")
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int | None = None, durable: bool = False) -> None:
     """Write `data` to `path` through a temporary file and a rename; OutputError (exit 2) on failure.
 
@@ -174,6 +210,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int | None = None, durable: b
     the rename (the lock file: a deployment gate reads it later, it must survive a crash).
     """
     path = Path(path)
+    refuse_special(path, "output")
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

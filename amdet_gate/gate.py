@@ -215,7 +215,7 @@ def prepare_outputs(options: GateOptions, env: Mapping[str, str]) -> OutputPlan:
     return plan
 
 
-INTERRUPTED = "interrupted (Ctrl-C or SIGINT) before the scan finished; no verdict"
+INTERRUPTED = "interrupted (Ctrl-C, SIGINT or SIGTERM) before the scan finished; no verdict"
 
 
 def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: date | None = None,
@@ -244,9 +244,12 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
 
 def _run(options: GateOptions, env: Mapping[str, str], today: date, progress,
          stage: Callable[[str], None]) -> GateOutcome:
-    if options.lock is not None:  # before minutes of scanning: a lock that will not be extended is known now
+    if options.lock is not None:  # before minutes of scanning: a lock that cannot be extended is known now
+        from amdet_gate.lock import read_lock
         from amdet_gate.lock_sign import check_writable_lock
 
+        if options.lock.exists() or options.lock.is_symlink():
+            read_lock(options.lock)  # an invalid, special or oversize lock: exit 4 now, not after the scan
         check_writable_lock(options.lock, env)
     stage("resolving the model")
     r = resolve(options, env, today)

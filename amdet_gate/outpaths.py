@@ -29,6 +29,7 @@ from enum import Enum
 from pathlib import Path
 
 from amdet_gate.errors import ExitCode, GateError, UsageError
+from amdet_gate.files import refuse_special
 from amdet_gate.sanitise import one_line
 
 IMAGE_PATTERNS = ("tokens.png", "diffusion_*.png", "clip_vision_*.png")
@@ -107,6 +108,11 @@ def check_plan(plan: OutputPlan, input_files: Mapping[str, Path], input_folders:
                 raise UsageError(f"{label} ({one_line(path)}) is {name}; outputs may not overwrite inputs")
     if plan.out.exists() and not plan.out.is_dir():
         raise UsageError(f"--out {one_line(plan.out)} exists and is not a folder")
+    for label, path in outputs[1:]:  # an existing output must be a file (or a link): not a folder, FIFO, device
+        try:
+            refuse_special(path, label)
+        except GateError as exc:
+            raise UsageError(str(exc)) from None
     seen: dict[Path, str] = {}
     in_out = {_real(p): p.name for p in plan.out_files()}
     singles = [(role.value, path) for role, path in plan.copies().items()]

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from amdet_gate.errors import UsageError
-from amdet_gate.files import read_capped, read_capped_text, write_atomic
+from amdet_gate.errors import OutputError, UsageError
+from amdet_gate.files import append_regular, read_capped, read_capped_text, write_atomic
 from amdet_gate.markdown import render_markdown
 from amdet_gate.sarif import scan_sarif
 
@@ -147,10 +147,9 @@ def append_step_summary(env: Mapping[str, str], text: str) -> str | None:
     if not summary:
         return None
     try:
-        with open(summary, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    except OSError as exc:
-        return f"cannot append to GITHUB_STEP_SUMMARY: {exc.strerror}"
+        append_regular(Path(summary), (text + "\n").encode("utf-8"))
+    except OutputError as exc:
+        return f"GITHUB_STEP_SUMMARY: {exc}"
     return None
 
 

@@ -99,7 +99,8 @@ class Workspace:
 class Invocation:
     args: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
-    interrupt_after: str | None = None  # send SIGINT once stderr shows this text
+    interrupt_after: str | None = None  # send `signal` once stderr shows this text
+    signal: int = signal.SIGINT
     file_size_limit: int | None = None  # RLIMIT_FSIZE in bytes: writes beyond fail (a full disk)
     check: Callable[[Workspace, Outcome], str | None] | None = None  # the case's own condition
 
@@ -204,7 +205,7 @@ def run_process(ws: Workspace, inv: Invocation) -> Outcome:
             if not line or inv.interrupt_after in line:
                 break
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(inv.signal)
     try:
         stdout, stderr = proc.communicate(timeout=ws.timeout_s)
     except subprocess.TimeoutExpired:
@@ -224,7 +225,12 @@ def run_in_process(ws: Workspace, inv: Invocation) -> Outcome:
     unset = {k: None for k in os.environ if k.startswith(("AMDET_", "GITHUB_"))}
     env = {**unset, **ws.env(), **inv.env}
     started = time.monotonic()
-    result = CliRunner().invoke(app, list(inv.args), env=env)  # cases pass absolute paths: no chdir
+    cwd = os.getcwd()
+    os.chdir(ws.root)  # as a subprocess runs: relative names (what pre-commit passes) resolve in the case's folder
+    try:
+        result = CliRunner().invoke(app, list(inv.args), env=env)
+    finally:
+        os.chdir(cwd)
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += f"\nTraceback: {type(result.exception).__name__}: {result.exception}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -206,6 +207,18 @@ def pickle_only_hostile_name(ws: Workspace) -> Invocation:
     return _scan(ws, model)
 
 
+def relative_policy_name(ws: Workspace) -> Invocation:
+    _write(ws, "::error::pwned.yaml", "version: 1\n")
+    return Invocation(("policy", "validate", "::error::pwned.yaml"))  # relative: the run's folder is ws.root
+
+
+def relative_lock_name(ws: Workspace) -> Invocation:
+    lock = _locked(ws, ws.model())
+    _flip(lock, "fail")
+    lock.rename(ws.root / "::error::pwned.lock")
+    return Invocation(("lock", "check", "::error::pwned.lock"))
+
+
 def config_fifo(ws: Workspace) -> Invocation:
     model = ws.model()
     (model / "config.json").unlink()
@@ -278,9 +291,9 @@ def full_disk(ws: Workspace) -> Invocation:
     return _scan(ws, ws.model(), "--no-cache", flags=PASSING, file_size_limit=64 * 1024, check=_no_tmp)
 
 
-def ctrl_c(ws: Workspace) -> Invocation:
+def ctrl_c(ws: Workspace, sent: int = signal.SIGINT) -> Invocation:
     return Invocation(("scan", str(ws.model()), "--max-steps", "100000", "--n-prompts", "40", "--no-cache",
-                       "--out", str(ws.root / "out")), interrupt_after="searching", check=_error_sarif)
+                       "--out", str(ws.root / "out")), interrupt_after="searching", signal=sent, check=_error_sarif)
 
 
 def added_tokens_after_a_cached_scan(ws: Workspace) -> Invocation:
@@ -399,8 +412,10 @@ CASES: list[Case] = [
          lambda ws: _scan(ws, ws.model("esc\x1b[31m\u202eevil\u200b"), flags=PASSING), PASS),
     Case("hostile folder name, broken config (error line, SARIF, job summary)", broken_config_hostile_name, ERROR),
     Case("hostile folder name, pickle only", pickle_only_hostile_name, NOTHING),
-    Case("policy file named ::error::pwned.yaml (validate prints its name)",
-         lambda ws: validate(ws, "version: 1\n", "::error::pwned.yaml"), PASS),
+    Case("policy file named ::error::pwned.yaml, given relative as pre-commit does (validate prints it)",
+         relative_policy_name, PASS),
+    Case("lock file named ::error::pwned.lock with a failing entry (lock check prints its problems)",
+         relative_lock_name, FAIL),
     Case("lock file named x\\n::error::y.lock with hostile content",
          lambda ws: check_lock_text(ws, "{\x1b[2J", "x\n::error::y.lock"), USAGE),
     Case("hostile --threshold value", _scan_with("--threshold", "same_target=\x1b[31m\n::error::x"), USAGE),
@@ -472,6 +487,15 @@ CASES: list[Case] = [
     Case("report RESULT --html RESULT", report_over_its_result, USAGE),
     Case("a full disk while writing the outputs (RLIMIT_FSIZE 64 KiB)", full_disk, ERROR),
     Case("Ctrl-C during the search (SIGINT)", ctrl_c, ERROR),
+    Case("SIGTERM during the search (a cancelled CI job)", lambda ws: ctrl_c(ws, signal.SIGTERM), ERROR),
+    Case("--sarif /dev/null", _scan_with("--sarif", "/dev/null"), USAGE),
+    Case("--sarif is a FIFO", _scan_with("--sarif", _fifo), USAGE),
+    Case("--html is a folder", _scan_with("--html", _folder), USAGE),
+    Case("--lock is a FIFO (refused before the scan)", _scan_with("--lock", _fifo), USAGE),
+    Case("GITHUB_STEP_SUMMARY is a FIFO with no reader (no hang)",
+         lambda ws: (lambda m: ((m / "config.json").write_text("{x"),
+                                _scan(ws, m, env={"GITHUB_STEP_SUMMARY": str(_fifo(ws, "summary.fifo"))}))[1])(
+             ws.model()), ERROR),
     # --- supply chain ----------------------------------------------------------------------------------
     Case("added_tokens.json changed after a cached scan (the cache key covers it)",
          added_tokens_after_a_cached_scan, PASS),

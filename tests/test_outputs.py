@@ -181,3 +181,46 @@ def test_report_never_overwrites_the_result_it_reads(tmp_path: Path) -> None:
     assert code == ExitCode.USAGE and copy.read_bytes() == result.read_bytes()
     code, _, stderr = run_cli("report", copy, "--html", tmp_path / "x", "--sarif", tmp_path / "x")
     assert code == ExitCode.USAGE and "its own path" in _one_error_line(stderr)
+
+
+def test_sigterm_ends_a_scan_like_ctrl_c(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "AMDET_CACHE_DIR": str(tmp_path / "c")}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "amdet-gate"), "scan", str(tiny_dir), "--out", str(out),
+                             "--max-steps", "100000", "--n-prompts", "40", "--no-cache", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not out.exists():
+        time.sleep(0.5)
+    time.sleep(8)  # well into loading or searching
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == ExitCode.ERROR, stderr
+    assert "interrupted" in _one_error_line(stderr)
+
+
+@pytest.mark.parametrize("target", ["fifo", "folder", "device"])
+def test_an_output_path_that_is_not_a_file_is_refused_before_scanning(tiny_dir: Path, tmp_path: Path,
+                                                                     target: str) -> None:
+    """Renaming a report over /dev/null (as root) would replace the device; a FIFO or folder cannot hold it."""
+    path = {"fifo": tmp_path / "r.sarif", "folder": tmp_path / "r.sarif", "device": Path("/dev/null")}[target]
+    if target == "fifo":
+        os.mkfifo(path)
+    elif target == "folder":
+        path.mkdir()
+    code, _, stderr = run_cli("scan", tiny_dir, *PASS, "--out", tmp_path / "out", "--sarif", path)
+    assert code == ExitCode.USAGE and "an output must be a file" in _one_error_line(stderr)
+    assert "loading model" not in stderr
+    assert Path("/dev/null").is_char_device()
+
+
+def test_a_job_summary_that_is_a_fifo_is_a_warning_not_a_hang(tiny_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    summary = tmp_path / "summary"
+    os.mkfifo(summary)
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    code, _, stderr = run_cli("scan", tiny_dir, "-q", "--out", tmp_path / "out", "--policy", "/dev/zero")
+    assert code == ExitCode.USAGE  # a usage error appends nothing: no summary write to hang on
+    (tiny_dir / "config.json").write_text("{x")
+    code, _, stderr = run_cli("scan", tiny_dir, "-q", "--out", tmp_path / "out")
+    assert code == ExitCode.ERROR and len(stderr.strip().splitlines()) == 1  # returned, did not block
