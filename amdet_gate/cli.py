@@ -8,26 +8,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
 import sys
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from amdet_gate import __version__
-
-if TYPE_CHECKING:
-    from amdet_gate.engine import GateCheck
+from amdet_gate.cli_output import Display, print_outcome, say, say_error, terminate_as_interrupt
 from amdet_gate.errors import ExitCode, GateError, UsageError
-from amdet_gate.sanitise import one_line, visible
-from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, SearchProgress, SearchSettings, Thresholds
+from amdet_gate.sanitise import one_line
+from amdet_gate.settings import SearchSettings, Thresholds
 
 
 class _ExitCodeGroup(TyperGroup):
@@ -53,21 +48,8 @@ class _ExitCodeGroup(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def say(line: str, err: bool = False) -> None:
-    """Print one line we composed. Its untrusted parts went through `one_line` already; `visible`
-    is the belt to those braces: no raw control character ever reaches a terminal or CI log."""
-    print(visible(line), file=sys.stderr if err else sys.stdout, flush=err)
-
-
-def say_error(message: str) -> None:
-    say(f"amdet-gate: error: {one_line(message)}", err=True)
-
-
 app = typer.Typer(cls=_ExitCodeGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find injected backdoors in CLIP-style text encoders before they ship (AMDet).")
-
-VERDICT_STYLE = {PASS: "bold green", FAIL: "bold red", INCONCLUSIVE: "bold yellow"}
-
 
 def parse_thresholds(items: list[str]) -> dict[str, float]:
     """`--threshold name=value` on top of `base`, names as in docs/method.md section 3."""
@@ -85,47 +67,6 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
             raise UsageError(f"--threshold {item!r}: value must be in [0, 1]")
         values[name] = value
     return values
-
-
-class _Display:
-    """Progress on stderr: a rich bar on a terminal, plain stage lines otherwise, nothing if quiet."""
-
-    def __init__(self, quiet: bool, max_steps: int) -> None:
-        self.console = Console(stderr=True)
-        self.quiet = quiet
-        self.bar = None
-        if not quiet and self.console.is_terminal:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                                TimeElapsedColumn(), console=self.console, transient=True)
-            self.task = self.bar.add_task("scan", total=max_steps, info="")
-
-    def stage(self, name: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=name)
-        elif not self.quiet:
-            say(f"amdet-gate: {name}", err=True)
-
-    def hooks(self) -> SearchProgress:
-        def on_step(step: int, loss: float) -> None:
-            if self.bar is not None:
-                self.bar.update(self.task, completed=step, info=f"loss {loss:.3f}")
-
-        def on_check(check: GateCheck) -> None:
-            if not self.quiet and self.bar is None:
-                g = check.gates
-                say(f"amdet-gate: gates at step {check.step} (restart {check.restart}): assimilation "
-                    f"{g.assimilation_ratio:.3f}, same target {g.same_target_ratio:.3f}", err=True)
-
-        return SearchProgress(on_step, on_check)
-
-    def __enter__(self) -> _Display:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _fail(exc: GateError) -> typer.Exit:
@@ -190,7 +131,7 @@ def scan(
             prepare_outputs(options, os.environ)  # exit 4 too leaves no earlier verdict at the output paths
         raise _fail(exc) from None
     try:
-        with _Display(quiet, max_steps or SearchSettings.max_steps) as display, _terminate_as_interrupt():
+        with Display(quiet, max_steps or SearchSettings.max_steps) as display, terminate_as_interrupt():
             outcome = run_gate(options, progress=display.hooks(), stage=display.stage)
     except GateError as exc:  # run_gate has written the error SARIF and summary (and cleared stale ones)
         say_error(str(exc))
@@ -199,55 +140,11 @@ def scan(
         say_error(INTERRUPTED)
         code = ExitCode.ERROR
     else:
-        _print_outcome(outcome)
+        print_outcome(outcome)
         code = outcome.exit_code
     if exit_zero and code == ExitCode.FAIL:  # report-only; never hides 2, 3 or 4
         code = ExitCode.PASS
     raise typer.Exit(int(code))
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (a CI job cancelled, `timeout`, a container stop) ends a scan like Ctrl-C: exit 2, one
-    line and the error outputs, instead of dying without a word. The CLI owns its process; the
-    Python API leaves signal handling to its caller."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave it
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _print_outcome(outcome) -> None:
-    """The verdict line and its details. The model's name, reason, tokens, policy note and paths are
-    untrusted (a folder can be named `x\\n::error::y`): each goes through `one_line`."""
-    from rich.text import Text
-
-    r = outcome.result
-    for warning in outcome.warnings:
-        say(f"amdet-gate: warning: {one_line(warning)}", err=True)
-    cached = "  (verdict cache)" if outcome.cache_hit else ""
-    verdict = str(r["verdict"])
-    line = Text(visible(verdict.upper()), style=VERDICT_STYLE.get(verdict, "bold"))  # Text: no markup parsing
-    line.append(visible(f" score {r['score']:.3f}  {one_line(r['model']['source'])}  ({one_line(r['reason'])})"
-                        f"{cached}"))
-    Console(highlight=False, soft_wrap=True).print(line)
-    for name, gate in r["gates"].items():
-        if isinstance(gate, dict) and isinstance(gate.get("value"), int | float):
-            mark = "pass" if gate["passed"] else "fail"
-            say(f"  {one_line(name, 26):26s} {gate['value']:.3f} > {gate['threshold']}  {mark}")
-    tokens = ", ".join(repr(one_line(t["text"], 40)) for t in r["reversed_target"]["trigger_tokens"][:5])
-    say(f"  pseudo-trigger nearest tokens: {tokens}")
-    if outcome.note:  # carries the allow entry's statement: untrusted text
-        say(f"  policy: {one_line(outcome.note)}")
-    say(f"  report: {one_line(outcome.paths['html'])}")
 
 
 policy_app = typer.Typer(help="Validate or create a policy file.", no_args_is_help=True)
