@@ -240,7 +240,8 @@ def check_tokenizer_fits(tokenizer: PromptTokenizer, prompts: list[str], ids: to
                         "vocabulary of this model")
     if distinct_ids < MIN_DISTINCT_SHARE * distinct_prompts:
         raise LoadError(f"the tokenizer maps {distinct_prompts} distinct prompts to {distinct_ids} distinct id "
-                        "sequences: it does not fit this model (broken or foreign vocabulary)")
+                        "sequences: it does not fit this model (broken or foreign vocabulary), or the prompts "
+                        "differ only in case, spacing or punctuation")
 
 
 def _identity(enc: LoadedEncoder, source: ModelSource) -> dict:
