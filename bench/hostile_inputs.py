@@ -143,7 +143,8 @@ def _error_sarif(ws: Workspace, out: Outcome) -> str | None:
     path = ws.root / "out" / "result.sarif"
     if not path.is_file():
         return "no error SARIF"
-    return None if json.loads(path.read_text())["runs"][0]["results"][0]["ruleId"] == "AMDET003" else "wrong rule"
+    results = json.loads(path.read_text())["runs"][0]["results"]
+    return None if results and results[0]["ruleId"] == "AMDET003" else "no AMDET003 result in result.sarif"
 
 
 def finishes_within(seconds: float):
@@ -287,8 +288,9 @@ def full_disk(ws: Workspace) -> Invocation:
 
 
 def ctrl_c(ws: Workspace, sent: int = signal.SIGINT) -> Invocation:
-    return Invocation(("scan", str(ws.model()), "--max-steps", "100000", "--n-prompts", "40", "--no-cache",
-                       "--out", str(ws.root / "out")), interrupt_after="searching", signal=sent, check=_error_sarif)
+    # The default 4,000 prompts: the search and its gate checks take long enough for the signal to land in them.
+    return Invocation(("scan", str(ws.model()), "--no-cache", "--out", str(ws.root / "out")),
+                      interrupt_after="searching", signal=sent, check=_error_sarif)
 
 
 def added_tokens_after_a_cached_scan(ws: Workspace) -> Invocation:

@@ -117,13 +117,14 @@ def test_ctrl_c_is_exit_2_one_line_and_the_error_outputs(tiny_dir: Path, tmp_pat
     assert "interrupted" in summary.read_text() and not (out / "result.json").exists()
 
 
-def test_a_real_sigint_during_the_scan(tiny_dir: Path, tmp_path: Path) -> None:
-    """Ctrl-C exited 130 with nothing on stderr and no error SARIF."""
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_real_signal_during_the_scan(tiny_dir: Path, tmp_path: Path, sent: int) -> None:
+    """Ctrl-C exited 130 with nothing on stderr and no error SARIF; SIGTERM (a cancelled job) ends it the same way."""
     out = tmp_path / "out"
     env = {**os.environ, "AMDET_CACHE_DIR": str(tmp_path / "c")}
+    # The default 4,000 prompts: the search and its gate checks take long enough for the signal to land in them.
     proc = subprocess.Popen([str(Path(sys.executable).parent / "amdet-gate"), "scan", str(tiny_dir), "--out", str(out),
-                             "--max-steps", "100000", "--time-budget", "600", "--n-prompts", "40", "--no-cache"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # wait for the search to start, then interrupt it
@@ -131,8 +132,7 @@ def test_a_real_sigint_during_the_scan(tiny_dir: Path, tmp_path: Path) -> None:
         lines.append(line)
         if "searching" in line or not line:
             break
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sent)
     stdout, rest = proc.communicate(timeout=120)
     assert "PASS" not in stdout and "FAIL" not in stdout
     stderr = "".join(lines) + rest
@@ -181,22 +181,6 @@ def test_report_never_overwrites_the_result_it_reads(tmp_path: Path) -> None:
     assert code == ExitCode.USAGE and copy.read_bytes() == result.read_bytes()
     code, _, stderr = run_cli("report", copy, "--html", tmp_path / "x", "--sarif", tmp_path / "x")
     assert code == ExitCode.USAGE and "its own path" in _one_error_line(stderr)
-
-
-def test_sigterm_ends_a_scan_like_ctrl_c(tiny_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    env = {**os.environ, "AMDET_CACHE_DIR": str(tmp_path / "c")}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "amdet-gate"), "scan", str(tiny_dir), "--out", str(out),
-                             "--max-steps", "100000", "--n-prompts", "40", "--no-cache", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not out.exists():
-        time.sleep(0.5)
-    time.sleep(8)  # well into loading or searching
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == ExitCode.ERROR, stderr
-    assert "interrupted" in _one_error_line(stderr)
 
 
 @pytest.mark.parametrize("target", ["fifo", "folder", "device"])
