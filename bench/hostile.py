@@ -193,6 +193,9 @@ def run_process(ws: Workspace, inv: Invocation) -> Outcome:
     def limits() -> None:
         if inv.file_size_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (inv.file_size_limit, inv.file_size_limit))
+        # A runner started in the background (nohup, `cmd &`) has SIGINT ignored, and a child would inherit
+        # that: give the command the Ctrl-C a terminal or a CI runner would deliver.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     started = time.monotonic()
     proc = subprocess.Popen([str(exe), *inv.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

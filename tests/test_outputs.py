@@ -123,8 +123,10 @@ def test_a_real_signal_during_the_scan(tiny_dir: Path, tmp_path: Path, sent: int
     out = tmp_path / "out"
     env = {**os.environ, "AMDET_CACHE_DIR": str(tmp_path / "c")}
     # The default 4,000 prompts: the search and its gate checks take long enough for the signal to land in them.
+    # preexec: a suite run in the background (nohup) has SIGINT ignored; the command must get a real Ctrl-C.
     proc = subprocess.Popen([str(Path(sys.executable).parent / "amdet-gate"), "scan", str(tiny_dir), "--out", str(out),
-                             "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # wait for the search to start, then interrupt it
