@@ -38,13 +38,13 @@ def scan(model: str, *, policy: str | Path | None = None, out: str | Path = "amd
 
 
 def verify(model: str, *, lock: str | Path = "amdet.lock", revision: str | None = None,
-           subfolder: str | None = None) -> list[str]:
+           subfolder: str | None = None, follow_symlinks: bool = False, require_signed: bool = False) -> list[str]:
     """Problems that should stop a deployment (empty when the weights are the ones scanned and passed)."""
     from amdet_gate.errors import GateError
     from amdet_gate.gate import verify_model
 
     try:
-        return verify_model(model, Path(lock), revision, subfolder)
+        return verify_model(model, Path(lock), revision, subfolder, follow_symlinks, require_signed)
     except GateError:
         raise
     except Exception as exc:

@@ -57,6 +57,10 @@ Inconclusive results are not cached: an undecided scan (often a time budget hit 
 runner) is worth re-running, a pass or fail is not. There is no size limit or eviction;
 `clear` empties the cache.
 
+Every open, read, walk and delete under the root goes through `cache_fs`, which never follows a
+symlink below the root: a symlinked `v1/` or CACHEDIR.TAG makes the cache unusable (a warning
+for a scan, an error for `cache list` / `cache clear`), never a way to write or delete elsewhere.
+
 POSIX only for the hardened reads (`dir_fd`, `O_NOFOLLOW`); elsewhere the cache reports
 itself unavailable and every scan runs.
 """
@@ -72,8 +76,6 @@ import json
 import os
 import re
 import secrets
-import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -81,10 +83,29 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
-from amdet_gate.errors import GateError, UsageError
+from amdet_gate.cache_fs import (
+    ENTRIES,
+    HARDENED,
+    MAX_FILES,
+    BadEntry,
+    EntryNotRegular,
+    EntryTooLarge,
+    check_rel,
+    check_tree,
+    load_or_create_key,
+    make_root,
+    open_dir,
+    open_entries,
+    os_reason,
+    read_at,
+    remove_tree,
+    tree_size,
+    walk,
+)
+from amdet_gate.errors import GateError, OutputError, UsageError
+from amdet_gate.files import write_atomic
 
 FORMAT = 1
-ENTRIES = "v1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.hmac"
 FILES = "files"
@@ -92,8 +113,6 @@ KEY_FILE_NAME = "cache-key"
 MIN_ENV_SECRET_CHARS = 16
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_ENTRY_BYTES = 256 * 1024 * 1024  # all files of one entry; a scan's outputs are a few MiB
-MAX_FILES = 256
-MAX_DEPTH = 4  # path components, e.g. images/x.png is 2
 CACHEABLE_VERDICTS = ("pass", "fail")
 # The files of an output folder worth restoring; anything else there (the user's own files,
 # a model that happens to sit in the output folder) is never copied into the cache.
@@ -103,23 +122,7 @@ OUTPUT_PATTERNS = ("result.json", "result.sarif", "report.html", "summary.md", "
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST_NAME = _SHA256
 _DOMAIN = b"amdet-gate/cache-manifest/v1\0"  # HMAC domain separation: this tag signs nothing else
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a planted FIFO must not hang the scan
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_HARDENED = bool(_NOFOLLOW and _DIRECTORY) and os.open in os.supports_dir_fd
 
-
-class _BadEntry(Exception):
-    """An entry that failed verification; the message says why, in a few words."""
-
-
-class _NotRegular(_BadEntry):
-    """A symlink, FIFO, device or folder where a regular file was expected."""
-
-
-class _TooLarge(_BadEntry):
-    """More bytes than allowed or recorded."""
 
 
 # --- the key -------------------------------------------------------------------------------
@@ -365,33 +368,37 @@ class VerdictCache:
         digest = key.digest()
         entry = self.entries_dir / digest
         try:
+            check_tree(self.root)  # a symlinked v1/ is never read, written or emptied
+        except BadEntry as exc:
+            return CacheLookup(digest, warning=f"cache unusable: {exc}")
+        try:
             before = os.lstat(entry)
         except FileNotFoundError:
             return CacheLookup(digest)
         except OSError as exc:
-            return CacheLookup(digest, warning=f"cache unusable: cannot read {entry}: {_why(exc)}")
-        if not _HARDENED:
+            return CacheLookup(digest, warning=f"cache unusable: cannot read {entry}: {os_reason(exc)}")
+        if not HARDENED:
             return CacheLookup(digest, warning="cache unusable on this platform (no O_NOFOLLOW/dir_fd)")
         try:
             secret = self._load_secret()
-        except _BadEntry as exc:
+        except BadEntry as exc:
             return CacheLookup(digest, warning=f"cache unusable: {exc}")
         try:
             manifest, files, result = _verify(entry, digest, secret, key, self.max_entry_bytes)
-        except Exception as exc:  # _BadEntry, or anything a hostile entry provokes: never trusted
+        except Exception as exc:  # BadEntry, or anything a hostile entry provokes: never trusted
             # Remove it (a re-scan stores a good one), unless a concurrent store has just put a
             # new entry in its place: that one was not what failed.
             with contextlib.suppress(OSError):
                 now = os.lstat(entry)
                 if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
-                    _remove(entry)
-            why = str(exc) if isinstance(exc, _BadEntry) else f"unreadable ({type(exc).__name__})"
+                    remove_tree(entry)
+            why = str(exc) if isinstance(exc, BadEntry) else f"unreadable ({type(exc).__name__})"
             return CacheLookup(digest, warning=f"cache entry {digest[:12]} ignored: {why}")
         try:
             _restore(files, Path(out_dir))
         except OSError as exc:
             return CacheLookup(digest, warning=f"cache entry {digest[:12]} not used: cannot write into "
-                                               f"{out_dir}: {_why(exc)}")
+                                               f"{out_dir}: {os_reason(exc)}")
         return CacheLookup(digest, result=result, files=tuple(sorted(files)), created=manifest["created"])
 
     def store(self, key: CacheKey, out_dir: Path, result: Mapping[str, Any] | None = None,
@@ -409,7 +416,7 @@ class VerdictCache:
         """
         digest = key.digest()
         try:
-            if not _HARDENED:
+            if not HARDENED:
                 return "not cached: cache unusable on this platform (no O_NOFOLLOW/dir_fd)"
             payload = _collect(Path(out_dir), files, self.max_entry_bytes)
             on_disk = _parse_result(payload.get("result.json"))
@@ -434,40 +441,35 @@ class VerdictCache:
                           for p, b in sorted(payload.items())],
             }
             self._publish(digest, manifest, payload, secret)
-        except _BadEntry as exc:
+        except BadEntry as exc:
             return f"not cached: {exc}"
         except OSError as exc:
-            return f"not cached: cannot write {self.root}: {_why(exc)}"
+            return f"not cached: cannot write {self.root}: {os_reason(exc)}"
         except Exception as exc:  # a cache write must never fail the scan it follows
             return f"not cached: {type(exc).__name__}: {exc}"
         return None
 
     def entries(self) -> list[CacheEntryInfo]:
         """Every entry, verified (HMAC, files, result.json), newest first; invalid ones flagged."""
-        try:
-            names = sorted(os.listdir(self.entries_dir))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise GateError(f"cannot list the cache {self.entries_dir}: {_why(exc)}") from None
+        names = sorted(self._names("list"))
         try:
             secret: bytes | None = self._load_secret()
             key_problem = None
-        except _BadEntry as exc:
+        except BadEntry as exc:
             secret, key_problem = None, f"cache key unusable: {exc}"
         rows = []
         for name in names:
             if not _DIGEST_NAME.fullmatch(name):
                 continue  # temporary or trash folders of a write in progress
             path = self.entries_dir / name
-            size = _tree_size(path)
-            if secret is None or not _HARDENED:
+            size = tree_size(path)
+            if secret is None or not HARDENED:
                 rows.append(CacheEntryInfo(name, False, key_problem or "platform unsupported", size))
                 continue
             try:
                 manifest, _, _ = _verify(path, name, secret, None, self.max_entry_bytes)
             except Exception as exc:  # as in lookup: whatever goes wrong, the entry is not valid
-                why = str(exc) if isinstance(exc, _BadEntry) else f"unreadable ({type(exc).__name__})"
+                why = str(exc) if isinstance(exc, BadEntry) else f"unreadable ({type(exc).__name__})"
                 rows.append(CacheEntryInfo(name, False, why, size))
                 continue
             model = manifest["model"]
@@ -483,29 +485,42 @@ class VerdictCache:
         Only `root/v1/` is touched, never other files under the root (a mistyped
         `--cache-dir ~` must not empty a home folder). The key file is kept.
         """
-        try:
-            names = os.listdir(self.entries_dir)
-        except FileNotFoundError:
-            return 0
-        except OSError as exc:
-            raise GateError(f"cannot clear the cache {self.entries_dir}: {_why(exc)}") from None
+        names = self._names("clear")
         removed = 0
         for name in names:
-            _remove(self.entries_dir / name)
+            remove_tree(self.entries_dir / name)
             removed += bool(_DIGEST_NAME.fullmatch(name))
         return removed
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _names(self, doing: str) -> list[str]:
+        """What `v1/` holds, read through a descriptor opened without following a symlink.
+
+        A symlinked `v1/` (or CACHEDIR.TAG) is a GateError (exit 2): `cache clear` must never
+        empty the folder it points at.
+        """
+        try:
+            fd = open_entries(self.root)
+        except BadEntry as exc:
+            raise GateError(f"cannot {doing} the cache: {exc}") from None
+        if fd is None:
+            return []
+        try:
+            return os.listdir(fd)
+        except OSError as exc:
+            raise GateError(f"cannot {doing} the cache {self.entries_dir}: {os_reason(exc)}") from None
+        finally:
+            os.close(fd)
+
     def _load_secret(self) -> bytes:
         if self._secret is None:
             assert self.key_file is not None
-            self._secret = _load_or_create_key(self.key_file)
+            self._secret = load_or_create_key(self.key_file)
         return self._secret
 
     def _publish(self, digest: str, manifest: dict, payload: dict[str, bytes], secret: bytes) -> None:
-        _make_root(self.root)
-        self.entries_dir.mkdir(mode=0o700, exist_ok=True)
+        make_root(self.root)  # refuses a symlinked v1/: entries are never written through one
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.entries_dir))
         try:
             for rel, data in payload.items():
@@ -525,121 +540,62 @@ class VerdictCache:
                 # A concurrent store of the same key may win the race: its entry is as good.
                 with contextlib.suppress(OSError):
                     os.rename(staging, final)
-                _remove(trash)
+                remove_tree(trash)
         finally:
-            _remove(staging)
+            remove_tree(staging)
 
 
 # --- key file ------------------------------------------------------------------------------
 
-def _load_or_create_key(path: Path) -> bytes:
-    """Read the per-user key, creating it atomically (write a temp file, then link) if absent."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _BadEntry(f"cannot create {path.parent}: {_why(exc)}") from None
-    for _ in range(3):
-        try:
-            return _read_key(path)
-        except FileNotFoundError:
-            pass
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(secrets.token_hex(32) + "\n")
-            with contextlib.suppress(FileExistsError):  # a concurrent creator won: read theirs
-                os.link(tmp, path)  # atomic publish of a complete file
-        except OSError as exc:
-            raise _BadEntry(f"cannot create the cache key {path}: {_why(exc)}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    raise _BadEntry(f"cannot read or create the cache key {path}")
-
-
-def _read_key(path: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise _BadEntry(f"cannot read the cache key {path}: {_why(exc)}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _BadEntry(f"the cache key {path} is not a regular file")
-        # Another user's key, or one others may read or write, authenticates nothing.
-        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-            raise _BadEntry(f"the cache key {path} belongs to another user")
-        if st.st_mode & 0o077:
-            raise _BadEntry(f"the cache key {path} is readable or writable by others (chmod 600 it)")
-        text = os.read(fd, 200).decode("ascii", "replace").strip()
-    finally:
-        os.close(fd)
-    if not _SHA256.fullmatch(text):
-        raise _BadEntry(f"the cache key {path} is not 64 hex digits; delete it to make a new one")
-    return bytes.fromhex(text)
-
-
 def _sign(secret: bytes, manifest_bytes: bytes) -> str:
     return hmac.new(secret, _DOMAIN + manifest_bytes, hashlib.sha256).hexdigest()
-
-
-def _make_root(root: Path) -> None:
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tag = root / "CACHEDIR.TAG"
-    if not tag.exists():
-        with contextlib.suppress(OSError):  # a nicety only
-            tag.write_text("Signature: 8a477f597d28d172789f06886806bc55\n"
-                           "# amdet-gate verdict cache (https://bford.info/cachedir/)\n", "ascii")
 
 
 # --- verification --------------------------------------------------------------------------
 
 def _verify(entry: Path, digest: str, secret: bytes, key: CacheKey | None,
             max_bytes: int) -> tuple[dict, dict[str, bytes], dict]:
-    """The manifest, every file's bytes and the parsed result.json, or _BadEntry.
+    """The manifest, every file's bytes and the parsed result.json, or BadEntry.
 
     Each file is read once, hashed from the bytes in memory and restored from the same
     bytes, so it cannot be swapped between the check and the copy. `key` None (listing)
     checks the entry against the key its own manifest records.
     """
     try:
-        fd = os.open(entry, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
+        fd = open_dir(entry)
     except OSError as exc:
-        raise _BadEntry(f"not a plain folder ({_why(exc)})") from None
+        raise BadEntry(f"not a plain folder ({os_reason(exc)})") from None
     try:
         names = set(os.listdir(fd))
         expected = {MANIFEST, SIGNATURE, FILES}
         if names != expected:
-            raise _BadEntry(f"unexpected {sorted(names - expected)[:3]} or missing {sorted(expected - names)} "
+            raise BadEntry(f"unexpected {sorted(names - expected)[:3]} or missing {sorted(expected - names)} "
                             "in the entry folder")
-        raw = _read_at(fd, MANIFEST, MAX_MANIFEST_BYTES)
-        tag = _read_at(fd, SIGNATURE, 200).strip()
+        raw = read_at(fd, MANIFEST, MAX_MANIFEST_BYTES)
+        tag = read_at(fd, SIGNATURE, 200).strip()
         # Authenticate before parsing: nothing an attacker wrote is interpreted unless signed.
         if not hmac.compare_digest(tag, _sign(secret, raw).encode()):
-            raise _BadEntry("manifest signature does not match (tampered, or written under another cache key)")
+            raise BadEntry("manifest signature does not match (tampered, or written under another cache key)")
         manifest, recorded = _parse_manifest(raw)
         if manifest["digest"] != digest or recorded.digest() != digest:
-            raise _BadEntry("manifest belongs to another entry")
+            raise BadEntry("manifest belongs to another entry")
         if key is not None and recorded != key:
-            raise _BadEntry("manifest key differs from the key asked for")
+            raise BadEntry("manifest key differs from the key asked for")
         listed = {f["path"]: f for f in manifest["files"]}
-        on_disk = _walk(fd, FILES)
+        on_disk = walk(fd, FILES)
         if set(on_disk) != set(listed):
             extra, missing = sorted(set(on_disk) - set(listed)), sorted(set(listed) - set(on_disk))
-            raise _BadEntry(f"files differ from the manifest (extra {extra[:3]}, missing {missing[:3]})")
+            raise BadEntry(f"files differ from the manifest (extra {extra[:3]}, missing {missing[:3]})")
         if sum(f["size"] for f in listed.values()) > max_bytes:
-            raise _BadEntry(f"larger than {max_bytes} bytes")
+            raise BadEntry(f"larger than {max_bytes} bytes")
         files = {}
         for rel, meta in sorted(listed.items()):
-            data = _read_at(fd, f"{FILES}/{rel}", meta["size"])
+            data = read_at(fd, f"{FILES}/{rel}", meta["size"])
             if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                raise _BadEntry(f"{rel} changed since it was stored (size or sha256 differs)")
+                raise BadEntry(f"{rel} changed since it was stored (size or sha256 differs)")
             files[rel] = data
     except OSError as exc:
-        raise _BadEntry(f"unreadable ({_why(exc)})") from None
+        raise BadEntry(f"unreadable ({os_reason(exc)})") from None
     finally:
         os.close(fd)
     result = _parse_result(files.get("result.json"))
@@ -647,10 +603,10 @@ def _verify(entry: Path, digest: str, secret: bytes, key: CacheKey | None,
     if (model["identity_sha256"], model.get("source"), result["verdict"], result.get("score")) != (
             manifest["model"]["identity_sha256"], manifest["model"]["source"], manifest["verdict"],
             manifest["score"]):
-        raise _BadEntry("result.json disagrees with the manifest (model, verdict or score)")
+        raise BadEntry("result.json disagrees with the manifest (model, verdict or score)")
     mismatch = _result_mismatch(result, recorded)
     if mismatch:
-        raise _BadEntry(f"result.json does not match the key ({mismatch})")
+        raise BadEntry(f"result.json does not match the key ({mismatch})")
     return manifest, files, result
 
 
@@ -659,7 +615,7 @@ def _parse_manifest(raw: bytes) -> tuple[dict, CacheKey]:
     try:
         m = json.loads(raw)
     except (ValueError, RecursionError):
-        raise _BadEntry("manifest is not valid JSON") from None
+        raise BadEntry("manifest is not valid JSON") from None
     ok = (isinstance(m, dict) and m.get("format") == FORMAT and isinstance(m.get("digest"), str)
           and isinstance(m.get("key"), dict) and isinstance(m.get("created"), str)
           and isinstance(m.get("model"), dict) and isinstance(m["model"].get("identity_sha256"), str)
@@ -670,32 +626,32 @@ def _parse_manifest(raw: bytes) -> tuple[dict, CacheKey]:
                   and f["size"] >= 0 and isinstance(f["sha256"], str) and _SHA256.fullmatch(f["sha256"])
                   for f in m["files"]))
     if not ok:
-        raise _BadEntry("manifest is malformed")
+        raise BadEntry("manifest is malformed")
     for f in m["files"]:
-        _check_rel(f["path"])
+        check_rel(f["path"])
     if len({f["path"] for f in m["files"]}) != len(m["files"]):
-        raise _BadEntry("manifest lists a file twice")
+        raise BadEntry("manifest lists a file twice")
     fields = m["key"]
     try:
         recorded = CacheKey(tuple(fields["weight_sha256s"]), fields["anchor_identity"], fields["policy_sha256"],
                             fields["tool_version"], fields["seed"], fields["settings_sha256"])
     except (KeyError, TypeError, ValueError):
-        raise _BadEntry("manifest key is malformed") from None
+        raise BadEntry("manifest key is malformed") from None
     return m, recorded
 
 
 def _parse_result(data: bytes | None) -> dict:
     if data is None:
-        raise _BadEntry("no result.json")
+        raise BadEntry("no result.json")
     try:
         result = json.loads(data)
     except (ValueError, RecursionError):
-        raise _BadEntry("result.json is not valid JSON") from None
+        raise BadEntry("result.json is not valid JSON") from None
     if not (isinstance(result, dict) and isinstance(result.get("model"), dict)
             and isinstance(result["model"].get("identity_sha256"), str)
             and isinstance(result["model"].get("weight_files"), list)
             and isinstance(result.get("verdict"), str) and isinstance(result.get("tool"), dict)):
-        raise _BadEntry("result.json lacks model, verdict or tool")
+        raise BadEntry("result.json lacks model, verdict or tool")
     return result
 
 
@@ -724,97 +680,6 @@ def _result_mismatch(result: dict, key: CacheKey) -> str | None:
     return None
 
 
-def _check_rel(rel: Any) -> str:
-    """A relative POSIX path inside the entry: no absolute, no `..`, no backslash, no NUL."""
-    if not isinstance(rel, str) or not rel or len(rel) > 255 or "\\" in rel or "\0" in rel:
-        raise _BadEntry(f"unsafe path {rel!r}")
-    parts = rel.split("/")
-    if rel.startswith("/") or len(parts) > MAX_DEPTH or any(p in ("", ".", "..") for p in parts):
-        raise _BadEntry(f"unsafe path {rel!r}")
-    return rel
-
-
-def _open_dir_at(dir_fd: int, rel: str) -> int:
-    """Open a folder below dir_fd one component at a time, never through a symlink."""
-    fd = os.dup(dir_fd)
-    try:
-        for part in rel.split("/"):
-            nxt = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _NONBLOCK | _CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _read_at(dir_fd: int, rel: str, limit: int) -> bytes:
-    """At most `limit` bytes of the regular file dir_fd/rel, opened without following symlinks.
-
-    Raises _NotRegular (symlink, FIFO, ...), _TooLarge (more than `limit` bytes), OSError.
-    """
-    head, _, name = rel.rpartition("/")
-    parent = _open_dir_at(dir_fd, head) if head else os.dup(dir_fd)
-    try:
-        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC, dir_fd=parent)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
-            raise _NotRegular(f"{rel} is a symlink") from None
-        raise
-    finally:
-        os.close(parent)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _NotRegular(f"{rel} is not a regular file")
-        chunks, left = [], limit + 1  # one byte more than allowed tells "too large" apart
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 22))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise _TooLarge(f"{rel} is larger than allowed or recorded")
-    return data
-
-
-def _walk(dir_fd: int, rel: str) -> dict[str, int]:
-    """Relative path -> size of every regular file below dir_fd/rel; anything else is an error."""
-    found: dict[str, int] = {}
-    seen = [0]  # every directory entry counts, so a folder bomb of empty dirs is cut short too
-
-    def visit(fd: int, prefix: str, depth: int) -> None:
-        with os.scandir(fd) as it:
-            for item in it:
-                seen[0] += 1
-                if seen[0] > 4 * MAX_FILES or depth >= MAX_DEPTH:
-                    raise _BadEntry("too many files, or folders too deep")
-                path = f"{prefix}{item.name}"
-                st = item.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode):
-                    found[path] = st.st_size
-                elif stat.S_ISDIR(st.st_mode):
-                    sub = _open_dir_at(fd, item.name)
-                    try:
-                        visit(sub, f"{path}/", depth + 1)
-                    finally:
-                        os.close(sub)
-                else:
-                    raise _NotRegular(f"{path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a regular file'}")
-
-    top = _open_dir_at(dir_fd, rel)
-    try:
-        visit(top, "", 0)
-    finally:
-        os.close(top)
-    return found
-
-
-# --- store and restore ---------------------------------------------------------------------
-
 def _collect(out_dir: Path, files: Sequence[str] | None, max_bytes: int) -> dict[str, bytes]:
     """The bytes of the output files to store; symlinks and special files are left out."""
     if files is None:
@@ -823,22 +688,22 @@ def _collect(out_dir: Path, files: Sequence[str] | None, max_bytes: int) -> dict
             found.update(p.relative_to(out_dir).as_posix() for p in out_dir.glob(pattern))
         files = sorted(found)
     if len(files) > MAX_FILES:
-        raise _BadEntry(f"more than {MAX_FILES} output files")
+        raise BadEntry(f"more than {MAX_FILES} output files")
     try:
-        fd = os.open(out_dir, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+        fd = open_dir(out_dir, follow=True)
     except OSError as exc:
-        raise _BadEntry(f"cannot read {out_dir}: {_why(exc)}") from None
+        raise BadEntry(f"cannot read {out_dir}: {os_reason(exc)}") from None
     payload: dict[str, bytes] = {}
     total = 0
     try:
         for rel in files:
-            _check_rel(rel)
+            check_rel(rel)
             try:
-                data = _read_at(fd, rel, max_bytes - total)
-            except _NotRegular:
+                data = read_at(fd, rel, max_bytes - total)
+            except EntryNotRegular:
                 continue  # never copy what a symlink points at
-            except _TooLarge:
-                raise _BadEntry(f"the outputs are larger than {max_bytes} bytes") from None
+            except EntryTooLarge:
+                raise BadEntry(f"the outputs are larger than {max_bytes} bytes") from None
             except FileNotFoundError:
                 continue  # listed by the caller but not written (e.g. no images on this run)
             except OSError as exc:
@@ -856,47 +721,9 @@ def _restore(files: dict[str, bytes], out_dir: Path) -> None:
     """Write each file to a temporary name, then rename it over the target: no torn files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for rel, data in sorted(files.items()):
-        target = out_dir / PurePosixPath(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would surprise whoever uploads the artifacts
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+            write_atomic(out_dir / PurePosixPath(rel), data)
+        except OutputError as exc:
+            raise OSError(errno.EIO, str(exc)) from None
 
 
-def _remove(path: Path) -> None:
-    """Delete a file, link or folder without following symlinks; best effort."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    try:
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)  # fd-based on Linux: safe against symlink swaps inside
-        else:
-            os.unlink(path)
-    except OSError:
-        pass
-
-
-def _tree_size(path: Path) -> int:
-    total = 0
-    for base, _dirs, names in os.walk(path):  # os.walk does not follow symlinked folders
-        for name in names:
-            try:
-                st = os.lstat(os.path.join(base, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total
-
-
-def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc)

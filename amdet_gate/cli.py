@@ -7,25 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from amdet_gate import __version__
-
-if TYPE_CHECKING:
-    from amdet_gate.engine import GateCheck
-from amdet_gate.errors import ExitCode, GateError, UsageError, one_line
-from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, SearchProgress, SearchSettings, Thresholds
+from amdet_gate.cli_output import Display, print_outcome, say, say_error, terminate_as_interrupt
+from amdet_gate.errors import ExitCode, GateError, UsageError
+from amdet_gate.sanitise import one_line
+from amdet_gate.settings import SearchSettings, Thresholds
 
 
 class _ExitCodeGroup(TyperGroup):
@@ -35,28 +32,24 @@ class _ExitCodeGroup(TyperGroup):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except TyperException as exc:  # bad flags, missing arguments, unknown options
-            message = " ".join(exc.format_message().split())
+            message = one_line(exc.format_message(), 500)  # it quotes the flag's (untrusted) value
             if message:  # empty when help was shown for a bare `amdet-gate`
-                print(f"amdet-gate: error: {message}", file=sys.stderr)
+                say_error(message)
             sys.exit(int(ExitCode.USAGE))
-        except typer.Abort:
-            print("amdet-gate: error: aborted", file=sys.stderr)
+        except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a scan: no outputs to write
+            say_error("interrupted")
             sys.exit(int(ExitCode.ERROR))
         except GateError as exc:
-            print(f"amdet-gate: error: {exc}", file=sys.stderr)
+            say_error(str(exc))
             sys.exit(int(exc.exit_code))
         except Exception as exc:  # never a traceback, never a silent pass: fail closed with exit 2
-            print(f"amdet-gate: error: internal error: {type(exc).__name__}: {one_line(str(exc))[:300]}",
-                  file=sys.stderr)
+            say_error(f"internal error: {type(exc).__name__}: {one_line(exc, 300)}")
             sys.exit(int(ExitCode.ERROR))
         sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(cls=_ExitCodeGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find injected backdoors in CLIP-style text encoders before they ship (AMDet).")
-
-VERDICT_STYLE = {PASS: "bold green", FAIL: "bold red", INCONCLUSIVE: "bold yellow"}
-
 
 def parse_thresholds(items: list[str]) -> dict[str, float]:
     """`--threshold name=value` on top of `base`, names as in docs/method.md section 3."""
@@ -76,49 +69,8 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
     return values
 
 
-class _Display:
-    """Progress on stderr: a rich bar on a terminal, plain stage lines otherwise, nothing if quiet."""
-
-    def __init__(self, quiet: bool, max_steps: int) -> None:
-        self.console = Console(stderr=True)
-        self.quiet = quiet
-        self.bar = None
-        if not quiet and self.console.is_terminal:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                                TimeElapsedColumn(), console=self.console, transient=True)
-            self.task = self.bar.add_task("scan", total=max_steps, info="")
-
-    def stage(self, name: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=name)
-        elif not self.quiet:
-            print(f"amdet-gate: {name}", file=sys.stderr, flush=True)
-
-    def hooks(self) -> SearchProgress:
-        def on_step(step: int, loss: float) -> None:
-            if self.bar is not None:
-                self.bar.update(self.task, completed=step, info=f"loss {loss:.3f}")
-
-        def on_check(check: GateCheck) -> None:
-            if not self.quiet and self.bar is None:
-                g = check.gates
-                print(f"amdet-gate: gates at step {check.step} (restart {check.restart}): assimilation "
-                      f"{g.assimilation_ratio:.3f}, same target {g.same_target_ratio:.3f}", file=sys.stderr)
-
-        return SearchProgress(on_step, on_check)
-
-    def __enter__(self) -> _Display:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def _fail(exc: GateError) -> typer.Exit:
-    print(f"amdet-gate: error: {exc}", file=sys.stderr)  # one line, never wrapped
+    say_error(str(exc))  # one line, never wrapped
     return typer.Exit(int(exc.exit_code))
 
 
@@ -151,6 +103,8 @@ def scan(
                                               "(amdet.lock).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Verdict cache folder. [~/.cache/amdet-gate]")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Scan even if the verdict is cached.")] = False,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Read model files that resolve "
+                                                  "outside the model folder (refused by default).")] = False,
     seed: Annotated[int | None, typer.Option(min=0, help="Random seed. [0]")] = None,
     restarts: Annotated[int | None, typer.Option(min=1, max=64, help="Random starts optimised together. [4]")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Optimisation steps at most. [640]")] = None,
@@ -161,7 +115,7 @@ def scan(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Scan a text encoder; exit 0 pass, 1 backdoor found, 2 error/inconclusive, 3 nothing scannable, 4 usage."""
-    from amdet_gate.gate import GateOptions, run_gate
+    from amdet_gate.gate import INTERRUPTED, GateOptions, prepare_outputs, run_gate
 
     options = GateOptions(
         model=model, revision=revision, subfolder=subfolder, anchor=anchor, anchor_revision=anchor_revision,
@@ -169,71 +123,28 @@ def scan(
         sarif=sarif, html=html, markdown=markdown, seed=seed, restarts=restarts, max_steps=max_steps,
         time_budget=time_budget, device=device, render=render, pipeline=pipeline, pipeline_revision=pipeline_revision,
         render_steps=render_steps, vision=vision, lock=lock,
-        use_cache=not no_cache, cache_dir=cache_dir)
+        use_cache=not no_cache, cache_dir=cache_dir, follow_symlinks=follow_symlinks)
     try:
         options.thresholds = parse_thresholds(threshold or [])
-        with _Display(quiet, max_steps or SearchSettings.max_steps) as display:
+    except UsageError as exc:
+        with contextlib.suppress(GateError):
+            prepare_outputs(options, os.environ)  # exit 4 too leaves no earlier verdict at the output paths
+        raise _fail(exc) from None
+    try:
+        with Display(quiet, max_steps or SearchSettings.max_steps) as display, terminate_as_interrupt():
             outcome = run_gate(options, progress=display.hooks(), stage=display.stage)
-    except GateError as exc:
-        _error_outputs(exc, model, subfolder, out, sarif, markdown)
-        print(f"amdet-gate: error: {exc}", file=sys.stderr)
+    except GateError as exc:  # run_gate has written the error SARIF and summary (and cleared stale ones)
+        say_error(str(exc))
         code = exc.exit_code
-    except Exception as exc:  # fail closed: exit 2 with one line, and CI still gets a SARIF log
-        error = GateError(f"internal error during the scan: {type(exc).__name__}: {str(exc)[:300]}")
-        _error_outputs(error, model, subfolder, out, sarif, markdown)
-        print(f"amdet-gate: error: {error}", file=sys.stderr)
-        code = error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: exit 2 and one line, never 130 and silence (the error outputs exist)
+        say_error(INTERRUPTED)
+        code = ExitCode.ERROR
     else:
-        _print_outcome(outcome)
+        print_outcome(outcome)
         code = outcome.exit_code
     if exit_zero and code == ExitCode.FAIL:  # report-only; never hides 2, 3 or 4
         code = ExitCode.PASS
     raise typer.Exit(int(code))
-
-
-def _error_outputs(exc: GateError, model: str, subfolder: str | None, out: Path, sarif: Path | None,
-                   markdown: Path | None) -> None:
-    """When no scan result exists: a SARIF log (CI learns why) and a summary, also in the job summary."""
-    import os
-
-    from amdet_gate.markdown import md_text
-    from amdet_gate.outputs import append_step_summary, write_json, write_text
-    from amdet_gate.sarif import error_sarif
-
-    if exc.exit_code == ExitCode.USAGE:
-        return  # a mistake in the invocation: nothing about the model to report
-    rule = exc.rule_id or "AMDET003"  # could not decide: load or download failure, internal error
-    log = error_sarif(rule, str(exc), Path(model), subfolder)
-    text = (f"## amdet-gate: ❌ {'FAIL' if exc.exit_code == ExitCode.FAIL else 'ERROR'} (exit {int(exc.exit_code)})"
-            f"\n\n**Model** {md_text(model)}\n\n**{rule}** {md_text(str(exc), 500)}\n")
-    with contextlib.suppress(GateError):
-        for path in (sarif, out / "result.sarif"):
-            if path is not None:
-                write_json(path, log)
-        for path in (markdown, out / "summary.md"):
-            if path is not None:
-                write_text(path, text)
-    append_step_summary(os.environ, text)  # best effort: the error itself is already on its way out
-
-
-def _print_outcome(outcome) -> None:
-    r = outcome.result
-    console = Console(highlight=False, soft_wrap=True)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    for warning in outcome.warnings:
-        err.print(f"amdet-gate: warning: {one_line(warning)}", markup=False)
-    cached = "  (verdict cache)" if outcome.cache_hit else ""
-    console.print(f"[{VERDICT_STYLE.get(r['verdict'], 'bold')}]{escape(r['verdict'].upper())}[/] score "
-                  f"{r['score']:.3f}  {escape(r['model']['source'])}  ({escape(r['reason'])}){cached}")
-    for name, gate in r["gates"].items():
-        if isinstance(gate, dict) and isinstance(gate.get("value"), int | float):
-            mark = "pass" if gate["passed"] else "fail"
-            console.print(f"  {name:26s} {gate['value']:.3f} > {gate['threshold']}  {mark}", markup=False)
-    tokens = ", ".join(repr(t["text"]) for t in r["reversed_target"]["trigger_tokens"][:5])
-    console.print(f"  pseudo-trigger nearest tokens: {tokens}", markup=False)
-    if outcome.note:  # carries the allow entry's statement: untrusted text
-        console.print(f"  policy: {one_line(outcome.note)}", markup=False)
-    console.print(f"  report: {outcome.paths['html']}", markup=False)
 
 
 policy_app = typer.Typer(help="Validate or create a policy file.", no_args_is_help=True)
@@ -250,10 +161,11 @@ def policy_validate(files: Annotated[list[Path], typer.Argument(help="Policy YAM
         try:
             pol = load_policy(file, {}, date.today())
         except GateError as exc:
-            print(f"amdet-gate: error: {exc}", file=sys.stderr)
+            say_error(str(exc))
             failed = exc
             continue
-        print(f"{file}: valid policy ({len(pol.allow)} allow entries, sha256 {pol.sha256[:12]})")
+        # The file name is untrusted (pre-commit passes the repository's file names): never first on the line.
+        say(f"amdet-gate: {one_line(file)}: valid policy ({len(pol.allow)} allow entries, sha256 {pol.sha256[:12]})")
     if failed is not None:
         raise typer.Exit(int(failed.exit_code))
 
@@ -264,15 +176,16 @@ def policy_init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented starter policy."""
+    from amdet_gate.files import write_atomic
     from amdet_gate.policy import STARTER_POLICY
 
     if file.exists() and not force:
         raise _fail(UsageError(f"{file} exists; use --force to overwrite"))
     try:
-        file.write_text(STARTER_POLICY, "utf-8")
-    except OSError as exc:
-        raise _fail(UsageError(f"cannot write {file}: {exc.strerror}")) from None
-    print(f"wrote {file}")
+        write_atomic(file, STARTER_POLICY.encode("utf-8"))
+    except GateError as exc:
+        raise _fail(exc) from None
+    say(f"wrote {one_line(file)}")
 
 
 @app.command()
@@ -283,18 +196,22 @@ def report(
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown summary here.")] = None,
 ) -> None:
     """Re-render the reports from a stored result.json, without scanning again."""
+    from amdet_gate.outpaths import Role, prepare_report_targets
     from amdet_gate.outputs import read_result, write_reports
 
     if html is None and sarif is None and markdown is None:
         raise _fail(UsageError("nothing to write: give --html, --sarif and/or --markdown"))
+    targets = {role: path for role, path in ((Role.HTML, html), (Role.SARIF, sarif), (Role.MARKDOWN, markdown))
+               if path is not None}
     try:
+        prepare_report_targets(result, targets)
         data = read_result(result)
         write_reports(data, result.parent, {"html": html, "sarif": sarif, "markdown": markdown})
     except GateError as exc:
         raise _fail(exc) from None
     for path in (html, sarif, markdown):
         if path is not None:
-            print(f"wrote {path}")
+            say(f"wrote {one_line(path)}")
 
 
 @app.command()
@@ -316,7 +233,8 @@ def fetch(
             if not is_hub_id(spec):
                 raise UsageError(f"{spec!r} is not a Hub id (org/name); local folders need no fetch")
             source = resolve_source(spec, rev, sub)
-            print(f"{spec}@{rev or 'main'} -> {source.resolved_sha}  ({source.folder})")
+            say(f"fetched {one_line(spec)}@{one_line(rev or 'main')} -> {source.resolved_sha}  "
+                f"({one_line(source.folder)})")
     except GateError as exc:
         raise _fail(exc) from None
 
@@ -327,19 +245,23 @@ def verify(
     lock: Annotated[Path, typer.Option(help="Lock file written by `scan --lock`.")] = Path("amdet.lock"),
     revision: Annotated[str | None, typer.Option(help="Hub revision (default: the locked commit).")] = None,
     subfolder: Annotated[str | None, typer.Option(help="Subfolder, e.g. text_encoder.")] = None,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Read weight files that resolve "
+                                                  "outside the model folder.")] = False,
+    require_signed: Annotated[bool, typer.Option("--require-signed", help="Refuse a lock without a valid "
+                                                 "AMDET_LOCK_KEY signature (<lock>.sig).")] = False,
 ) -> None:
     """Refuse a model whose weights changed since they were scanned: exit 0 same weights and a pass, else 1."""
     from amdet_gate.gate import verify_model
 
     try:
-        problems = verify_model(model, lock, revision, subfolder)
+        problems = verify_model(model, lock, revision, subfolder, follow_symlinks, require_signed)
     except GateError as exc:
         raise _fail(exc) from None
     for problem in problems:
-        print(f"amdet-gate: {one_line(problem)}", file=sys.stderr)
+        say(f"amdet-gate: {one_line(problem)}", err=True)
     if problems:
         raise typer.Exit(int(ExitCode.FAIL))
-    print(f"{one_line(model)}: weights match {lock} (scanned, verdict pass)")
+    say(f"amdet-gate: {one_line(model)}: weights match {one_line(lock)} (scanned, verdict pass)")
 
 
 lock_app = typer.Typer(help="Check lock files (amdet.lock).", no_args_is_help=True)
@@ -347,11 +269,39 @@ app.add_typer(lock_app, name="lock")
 
 
 @lock_app.command("check")
-def lock_check(files: Annotated[list[Path], typer.Argument(help="Lock files to check.")]) -> None:
-    """Exit 0 if every lock file is valid, pinned and records a pass; 1 if not; 4 if unreadable."""
-    from amdet_gate.lock import check_lock, read_lock
+def lock_check(
+    files: Annotated[list[Path], typer.Argument(help="Lock files to check.")],
+    require_signed: Annotated[bool, typer.Option("--require-signed", help="Refuse a lock without a valid "
+                                                 "AMDET_LOCK_KEY signature (<lock>.sig).")] = False,
+) -> None:
+    """Exit 0 if every lock file is valid, pinned, signed if asked and records a pass; 1 if not; 4 if unreadable."""
+    from amdet_gate.lock import Problem, check_lock
+    from amdet_gate.lock_sign import read_signed_lock
 
-    _check_files(files, lambda file: check_lock(read_lock(file)))
+    def problems(file: Path) -> list:
+        signed = read_signed_lock(file, os.environ, require_signed)
+        if signed.problem is not None:  # nothing an untrusted lock says is worth checking
+            return [Problem(str(file), None, signed.problem)]
+        return check_lock(signed.lock)
+
+    _check_files(files, problems)
+
+
+@lock_app.command("sign")
+def lock_sign(files: Annotated[list[Path], typer.Argument(help="Lock files to sign (after reviewing them).")]) -> None:
+    """Sign reviewed lock files with AMDET_LOCK_KEY (writes <lock>.sig); exit 4 without the key or a valid lock."""
+    from amdet_gate.lock_sign import lock_key, read_signed_lock, sign_lock
+
+    try:
+        key = lock_key(os.environ)
+        if key is None:
+            raise UsageError("AMDET_LOCK_KEY is not set: there is no key to sign with")
+        for file in files:
+            lock = read_signed_lock(file, {})  # valid JSON and schema; the old signature is not consulted
+            sign_lock(file, key, lock.data)
+            say(f"amdet-gate: signed {one_line(file)} ({len(lock.lock.models)} entries)")
+    except GateError as exc:
+        raise _fail(exc) from None
 
 
 def _check_files(files: list[Path], problems_of: Callable[[Path], list]) -> None:
@@ -363,7 +313,7 @@ def _check_files(files: list[Path], problems_of: Callable[[Path], list]) -> None
         except GateError as exc:
             raise _fail(exc) from None
         for problem in problems:
-            print(one_line(str(problem)), file=sys.stderr)
+            say(f"amdet-gate: {one_line(problem)}", err=True)
         bad = bad or bool(problems)
     raise typer.Exit(int(ExitCode.FAIL) if bad else 0)
 
@@ -383,8 +333,6 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("list")
 def cache_list(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cache folder.")] = None) -> None:
     """List cached verdicts."""
-    import os
-
     from amdet_gate.cache import open_cache
 
     try:
@@ -393,15 +341,13 @@ def cache_list(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cach
     except GateError as exc:
         raise _fail(exc) from None
     for entry in entries:
-        print(entry.row())
-    print(f"{len(entries)} entries in {cache.root}")
+        say(one_line(entry.row()))  # the digest comes first: the source is further along the line
+    say(f"{len(entries)} entries in {one_line(cache.root)}")
 
 
 @cache_app.command("clear")
 def cache_clear(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cache folder.")] = None) -> None:
     """Delete every cached verdict."""
-    import os
-
     from amdet_gate.cache import open_cache
 
     try:
@@ -409,7 +355,7 @@ def cache_clear(cache_dir: Annotated[Path | None, typer.Option(help="Verdict cac
         removed = cache.clear()
     except GateError as exc:
         raise _fail(exc) from None
-    print(f"removed {removed} entries from {cache.root}")
+    say(f"removed {removed} entries from {one_line(cache.root)}")
 
 
 @app.command()

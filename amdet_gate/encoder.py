@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from amdet_gate.errors import LoadError, UnsupportedModel, one_line
+from amdet_gate.errors import LoadError, UnsupportedModel
+from amdet_gate.sanitise import one_line
 from amdet_gate.source import WeightFile, find_weight_files, read_small, weight_identities
 
 MAX_PARAMETERS = 3_000_000_000
@@ -110,7 +111,7 @@ class TextEncoderAdapter:
 def read_config(folder: Path) -> tuple[str, dict]:
     """Validated text-tower config and the declared architecture."""
     path = folder / "config.json"
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):  # a FIFO or folder named config.json: read_small refuses it
         raise UnsupportedModel(f"no config.json in {folder}")
     try:
         raw = json.loads(read_small(path))
@@ -162,7 +163,7 @@ def validate_transformer_config(raw: dict, limits: dict[str, tuple[int, int]], d
 
 def _shown(value: object) -> str:
     """An untrusted config value in an error message: one line, short."""
-    return one_line(repr(value))[:40]
+    return one_line(repr(value), 40)
 
 
 def _validate_text_config(raw: dict, arch: str) -> dict:
@@ -218,7 +219,7 @@ def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]],
                     name = key_map(key)
                     if name is None:
                         continue
-                    shown = one_line(key)[:80]  # key names are untrusted text
+                    shown = one_line(key, 80)  # key names are untrusted text
                     if name in found:
                         raise LoadError(f"tensor {shown} appears twice in the checkpoint")
                     info = fh.get_slice(key)
@@ -256,8 +257,7 @@ def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]],
 
 def reason(exc: Exception) -> str:
     """A short, one-line reason from an exception raised by untrusted input."""
-    text = " ".join(str(exc).split())
-    return text[:160] if text else type(exc).__name__
+    return one_line(exc, 160) or type(exc).__name__
 
 
 def load_encoder(folder: Path, subfolder: str | None = None,

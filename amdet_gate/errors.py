@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from enum import IntEnum
 
-# C0/C1 controls (ANSI escapes, "\r", NUL) from untrusted names or exception texts must not reach a
-# terminal or a CI log, where "::command::" at a line start or an escape sequence would be acted on.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def one_line(text: str) -> str:
-    """Untrusted text as one printable line."""
-    return " ".join(_CONTROL.sub(" ", text).split())
+from amdet_gate.sanitise import one_line
 
 
 class ExitCode(IntEnum):
@@ -31,6 +23,10 @@ class GateError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))  # one line, always
+
+
+class OutputError(GateError):
+    """An output could not be written (full disk, read-only folder): exit 2, the scan's verdict is not out."""
 
 
 class LoadError(GateError):

@@ -11,22 +11,28 @@ Torch is imported only on a cache miss, so a cache hit answers in well under a s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 from amdet_gate import __version__
-from amdet_gate.errors import ExitCode, LoadError, UsageError, one_line
-from amdet_gate.policy import Policy, apply_policy, load_policy
+from amdet_gate.errors import ExitCode, GateError, LoadError, UsageError
+from amdet_gate.outpaths import OutputPlan, check_plan, check_writable, clear, write_error_outputs
+from amdet_gate.policy import Policy, apply_policy, load_policy, require_finite
+from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
 from amdet_gate.source import (
     ModelSource,
+    WeightFile,
+    check_contained,
     check_hub_sha256,
     check_pin,
     download_pipeline,
@@ -68,6 +74,7 @@ class GateOptions:
     lock: Path | None = None
     use_cache: bool = True
     cache_dir: Path | None = None
+    follow_symlinks: bool = False  # model files may resolve outside the model folder
 
 
 @dataclass
@@ -95,6 +102,9 @@ class Resolved:
 def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolved:
     """Policy, effective settings (flag > AMDET_* > policy file > default) and the model files."""
     policy = load_policy(options.policy, env, today)
+    for flag, value in (("--time-budget", options.time_budget), *((f"--threshold {k}", v)
+                                                                  for k, v in options.thresholds.items())):
+        require_finite(flag, value)
     settings = SearchSettings(
         seed=_first(options.seed, policy.scan.seed), restarts=_first(options.restarts, policy.scan.restarts),
         max_steps=_first(options.max_steps, policy.scan.max_steps),
@@ -118,11 +128,12 @@ def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolv
         check_pin(options.model, options.revision)
         if anchor is not None:
             check_pin(anchor, anchor_revision, "the anchor")
-    model = resolve_source(options.model, options.revision, options.subfolder)
+    follow = options.follow_symlinks
+    model = resolve_source(options.model, options.revision, options.subfolder, follow_symlinks=follow)
     # A policy's `org/name` anchor is always the Hub's: a folder of that name added to the
     # checkout (say, by a pull request) must not become the reference (write ./path for a folder).
     anchor_source = None if anchor is None else resolve_source(anchor, anchor_revision, anchor_subfolder,
-                                                               prefer_hub=anchor_from_policy)
+                                                               prefer_hub=anchor_from_policy, follow_symlinks=follow)
     pipeline = options.pipeline
     if pipeline is not None and not Path(pipeline).exists() and is_hub_id(pipeline):
         pipeline = str(download_pipeline(pipeline, options.pipeline_revision))
@@ -148,55 +159,106 @@ def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity:
 
 
 def _small_files_identity(source: ModelSource) -> dict[str, str | None]:
-    """sha256 of config.json and the tokenizer files the scan reads (they change the result too)."""
-    from amdet_gate.source import TOKENIZER_FILES, tokenizer_folder
+    """sha256 of config.json and of every file the tokenizer reads (source.TOKENIZER_FILES, the list
+    tokenizer.load_tokenizer copies): they change the result too."""
+    from amdet_gate.files import read_capped
+    from amdet_gate.source import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, tokenizer_folder
 
     names = {"config.json": source.folder / "config.json"}
     tok = tokenizer_folder(source)
     if tok is not None:
         names.update({f"tokenizer/{n}": tok / n for n in TOKENIZER_FILES})
-    out: dict[str, str | None] = {}
-    for name, path in names.items():
-        try:
-            out[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        except OSError as exc:
-            raise LoadError(f"cannot read {path}: {exc.strerror}") from None
-    return out
+    return {name: hashlib.sha256(read_capped(path, MAX_TOKENIZER_FILE_BYTES, name, LoadError)).hexdigest()
+            if os.path.lexists(path) else None for name, path in names.items()}
 
 
-def clear_outputs(out: Path) -> None:
-    """Remove what an earlier scan wrote into `out`, so that a failed run never leaves a stale verdict."""
-    from amdet_gate.outputs import output_paths
+def output_plan(options: GateOptions) -> OutputPlan:
+    return OutputPlan(options.out, options.sarif, options.html, options.markdown, options.lock)
 
-    if not out.is_dir():
-        return
-    # Only the names this tool writes: --out may be a folder that holds other files too.
-    images = [p for pattern in ("tokens.png", "diffusion_*.png", "clip_vision_*.png")
-              for p in (out / "images").glob(pattern)]
-    stale = [*output_paths(out).values(), *images]
-    for path in stale:
-        try:
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-        except OSError as exc:
-            raise UsageError(f"cannot clear the old output {path}: {exc.strerror}") from None
+
+def run_inputs(options: GateOptions, env: Mapping[str, str]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The files and folders a run reads that exist locally, by name: no output may land in them."""
+    from huggingface_hub import constants
+
+    from amdet_gate.cache import default_cache_dir
+
+    files: dict[str, Path] = {}
+    folders: dict[str, Path] = {"the Hugging Face cache": Path(constants.HF_HUB_CACHE),
+                                "the verdict cache": options.cache_dir or default_cache_dir(env)}
+    for name, spec in (("the model", options.model), ("the anchor", options.anchor),
+                       ("the pipeline", options.pipeline), ("the vision checkpoint", options.vision)):
+        if spec is not None and Path(spec).exists():
+            (folders if Path(spec).is_dir() else files)[f"{name} {one_line(spec)}"] = Path(spec)
+    policy = options.policy or (Path(env["AMDET_POLICY"]) if env.get("AMDET_POLICY") else None)
+    for name, path in (("the policy", policy), ("the prompt file", options.prompts)):
+        if path is not None:
+            files[name] = Path(path)
+    return files, folders
+
+
+def prepare_outputs(options: GateOptions, env: Mapping[str, str]) -> OutputPlan:
+    """Check every output path before anything is read, then clear them (docs/supply-chain.md).
+
+    A refused plan (exit 4) still clears the outputs that are not inputs: no stale PASS survives it.
+    """
+    plan = output_plan(options)
+    files, folders = run_inputs(options, env)
+    summary = Path(env["GITHUB_STEP_SUMMARY"]) if env.get("GITHUB_STEP_SUMMARY") else None
+    try:
+        check_plan(plan, files, folders, summary)
+        check_writable(plan)
+    except UsageError:
+        with contextlib.suppress(GateError):
+            clear(plan, keep={**files, **folders})
+        raise
+    clear(plan)
+    return plan
+
+
+INTERRUPTED = "interrupted (Ctrl-C, SIGINT or SIGTERM) before the scan finished; no verdict"
 
 
 def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: date | None = None,
              progress=None, stage: Callable[[str], None] = lambda name: None) -> GateOutcome:
-    """Run the whole gate for one model; raises GateError (with its exit code) when it cannot."""
+    """Run the whole gate for one model; raises GateError (with its exit code) when it cannot.
+
+    Whatever ends the run early -- a GateError, an I/O failure, Ctrl-C (KeyboardInterrupt, re-raised),
+    an unexpected exception (raised as a GateError, exit 2) -- the outputs written so far are
+    removed and the error SARIF and summary take their place.
+    """
     env = os.environ if env is None else env
-    today = today or date.today()
-    clear_outputs(options.out)
+    plan = prepare_outputs(options, env)
+    try:
+        return _run(options, env, today or date.today(), progress, stage)
+    except GateError as exc:
+        write_error_outputs(plan, exc, options.model, options.subfolder, env)
+        raise
+    except KeyboardInterrupt:
+        write_error_outputs(plan, GateError(INTERRUPTED), options.model, options.subfolder, env)
+        raise
+    except Exception as exc:  # never a traceback, never a silent pass: fail closed with exit 2
+        error = GateError(f"internal error during the scan: {type(exc).__name__}: {one_line(exc, 300)}")
+        write_error_outputs(plan, error, options.model, options.subfolder, env)
+        raise error from exc
+
+
+def _run(options: GateOptions, env: Mapping[str, str], today: date, progress,
+         stage: Callable[[str], None]) -> GateOutcome:
+    if options.lock is not None:  # before minutes of scanning: a lock that cannot be extended is known now
+        from amdet_gate.lock import read_lock
+        from amdet_gate.lock_sign import check_writable_lock
+
+        if options.lock.exists() or options.lock.is_symlink():
+            read_lock(options.lock)  # an invalid, special or oversize lock: exit 4 now, not after the scan
+        check_writable_lock(options.lock, env)
     stage("resolving the model")
     r = resolve(options, env, today)
-    weights = weight_identities(r.model.folder)
-    check_hub_sha256(r.model, weights)
+    # Hashing a 10 GB weight file takes a while: it runs inside the time budget, after the cheap checks.
+    deadline = time.monotonic() + r.settings.time_budget_s
+    weights = _identities(r.model, deadline)
     anchor_identity = None
     if r.anchor is not None:
-        anchor_weights = weight_identities(r.anchor.folder)
-        check_hub_sha256(r.anchor, anchor_weights)
-        anchor_identity = identity_sha256(anchor_weights)
+        anchor_identity = identity_sha256(_identities(r.anchor, deadline))
     if anchor_identity is not None and anchor_identity == identity_sha256(weights):
         # The anchor gate asks "does the model differ from a clean reference?"; the model itself
         # as its own anchor fails that gate for every trigger and would pass any backdoor.
@@ -253,7 +315,7 @@ def _render_images(request, scanned, r: Resolved, out: Path, warnings: list[str]
                             r.model.subfolder, out, empty_feature=scanned.empty_feature)
     except Exception as exc:
         renderings = []
-        warnings.append(f"rendering the reversed target failed: {one_line(str(exc))[:300]}")
+        warnings.append(f"rendering the reversed target failed: {one_line(exc, 300)}")
         target["render_error"] = warnings[-1]
     target["images"] = [dataclasses.asdict(i) for rd in renderings for i in rd.images]
     target["renderings"] = [{"renderer": rd.renderer, "text": rd.text, "notes": rd.notes, "metrics": rd.metrics}
@@ -290,33 +352,49 @@ def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Pa
 
     code, note = apply_policy(result["verdict"], result["model"]["identity_sha256"], r.policy)
     copy_reports(paths, sarif=options.sarif, html=options.html, markdown=options.markdown)
+    if options.lock is not None:
+        from amdet_gate.lock import entry_from_result
+        from amdet_gate.lock_sign import write_signed_lock
+
+        write_signed_lock(options.lock, entry_from_result(result, options.model, options.revision), env)
+    # Last: the job summary cannot be taken back, so nothing that can still fail comes after it.
     problem = append_step_summary(env, paths["markdown"].read_text("utf-8"))
     if problem:
         warnings.append(problem)
-    if options.lock is not None:
-        from amdet_gate.lock import entry_from_result, write_lock
-
-        write_lock(options.lock, entry_from_result(result, options.model, options.revision))
     return GateOutcome(result, code, note, paths, cache_hit, warnings)
 
 
-def verify_model(model: str, lock: Path, revision: str | None = None, subfolder: str | None = None) -> list[str]:
+def _identities(source: ModelSource, deadline: float | None = None) -> list[WeightFile]:
+    """The weight files' identities, after every file the scan reads was found inside the model folder
+    and every safetensors header was checked; hashing stops at `deadline` (exit 2)."""
+    check_contained(source)
+    weights = weight_identities(source.folder, deadline, source.boundary)
+    check_hub_sha256(source, weights)
+    return weights
+
+
+def verify_model(model: str, lock: Path, revision: str | None = None, subfolder: str | None = None,
+                 follow_symlinks: bool = False, require_signed: bool = False,
+                 env: Mapping[str, str] | None = None) -> list[str]:
     """Problems that should stop a deployment: no lock entry, changed weights, a verdict not pass.
 
     A Hub model without --revision is fetched at the locked commit, so a moved branch cannot
     slip different weights under the locked identity.
     """
-    from amdet_gate.lock import find_entry, read_lock, verify_entry
+    from amdet_gate.lock import find_entry, verify_entry
+    from amdet_gate.lock_sign import read_signed_lock
 
-    entry = find_entry(read_lock(lock), model, subfolder)
+    signed = read_signed_lock(lock, os.environ if env is None else env, require_signed)
+    if signed.problem is not None:  # an untrusted lock vouches for nothing
+        return [signed.problem]
+    entry = find_entry(signed.lock, model, subfolder)
     if entry is None:
         return [f"{lock} has no entry for {model}" + (f" (subfolder {subfolder})" if subfolder else "")]
-    source = resolve_source(model, revision or entry.resolved_sha, subfolder)
+    source = resolve_source(model, revision or entry.resolved_sha, subfolder, follow_symlinks=follow_symlinks)
     problems = []
     if entry.resolved_sha and source.resolved_sha and source.resolved_sha != entry.resolved_sha:
         problems.append(f"{model} resolves to commit {source.resolved_sha}, the lock has {entry.resolved_sha}")
-    weights = weight_identities(source.folder)
-    check_hub_sha256(source, weights)
+    weights = _identities(source)
     problems += verify_entry(entry, weights)
     if entry.verdict != "pass":
         problems.append(f"{model} was scanned with verdict {entry.verdict}, not pass")

@@ -39,12 +39,10 @@ size-capped, duplicate keys refused.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import stat
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -56,6 +54,8 @@ import jsonschema
 import yaml
 
 from amdet_gate.errors import UsageError
+from amdet_gate.files import read_capped_text, write_atomic
+from amdet_gate.sanitise import one_line
 from amdet_gate.source import COMMIT_SHA, WeightFile, identity_sha256, is_hub_id
 
 LOCK_FILE = "amdet.lock"
@@ -177,26 +177,6 @@ def _schema() -> dict:
     return json.loads(resources.files("amdet_gate").joinpath("schemas/lock.schema.json").read_text("utf-8"))
 
 
-def _read_text(path: Path, limit: int, what: str) -> str:
-    """A regular file's text, at most `limit` bytes (a FIFO or /dev/zero must not hang or flood us)."""
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise LockError(f"{path}: not a regular file")
-        if st.st_size > limit:
-            raise LockError(f"{path}: larger than {limit // 1024} KiB; not a {what}")
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        raise LockError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > limit:
-        raise LockError(f"{path}: larger than {limit // 1024} KiB; not a {what}")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise LockError(f"{path}: not UTF-8 text") from None
-
-
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     out: dict = {}
     for key, value in pairs:
@@ -259,9 +239,7 @@ def _schema_message(error: jsonschema.ValidationError, data: Any, lines: dict[tu
     while probe and probe not in lines:
         probe = probe[:-1]
     line = lines.get(probe)
-    message = " ".join(error.message.split())
-    if len(message) > 200:  # the message quotes the offending value, which may be huge
-        message = message[:200] + "..."
+    message = one_line(error.message, 200)  # it quotes the offending value, which may be huge
     return f"{source}: " + (f"line {line}: " if line else "") + f"{where or '(top level)'}: {message}"
 
 
@@ -298,9 +276,14 @@ def parse_lock(text: str, source: str) -> Lock:
     return Lock(tuple(entries), source)
 
 
+def signature_path(lock: Path) -> Path:
+    """Where a lock's detached HMAC signature lives: beside it, `<lock>.sig`."""
+    return lock.with_name(lock.name + ".sig")
+
+
 def read_lock(path: Path) -> Lock:
     """Read and validate a lock file (LockError, exit 4, if it is missing or invalid)."""
-    return parse_lock(_read_text(Path(path), MAX_LOCK_BYTES, "lock file"), str(path))
+    return parse_lock(read_capped_text(Path(path), MAX_LOCK_BYTES, "lock file", LockError), str(path))
 
 
 def _entry_from_dict(item: Mapping[str, Any], line: int | None = None) -> LockEntry:
@@ -327,25 +310,11 @@ def write_lock(path: Path, entry: LockEntry) -> Lock:
     if errors:  # never write a lock this module would refuse to read
         raise LockError(_schema_message(errors[0], new.to_dict(), {}, str(path)))
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
-        mode = 0o644
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())  # a deployment gate reads this later: it must survive a crash
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise LockError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        mode = None  # a new lock: as any new file under the umask
+    # durable: a deployment gate reads this later, it must survive a crash
+    write_atomic(path, text.encode("utf-8"), mode=mode, durable=True)
     return replace(new, source=str(path))
 
 
@@ -483,7 +452,7 @@ def pin_problems(path: Path) -> list[Problem]:
     """
     path = Path(path)
     source = str(path)
-    head = _read_text(path, MAX_LOCK_BYTES, "policy, lock or workflow file")
+    head = read_capped_text(path, MAX_LOCK_BYTES, "policy, lock or workflow file", LockError)
     if path.name.endswith(".lock") or head.lstrip().startswith("{"):
         return _lock_pin_problems(parse_lock(head, source))
     if len(head.encode("utf-8")) > MAX_YAML_BYTES:
@@ -510,7 +479,7 @@ def _load_yaml(text: str, source: str) -> yaml.Node | None:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())[:200]
+        problem = one_line(getattr(exc, "problem", None) or exc, 200)
         raise LockError(f"{source}: {where}not valid YAML ({problem})") from None
     except RecursionError:
         raise LockError(f"{source}: nested too deeply") from None

@@ -1,29 +1,18 @@
 """The Markdown summary of a scan: for pull-request comments and GitHub's job summary.
 
 Model names, tokens and prompts are untrusted. GitHub renders Markdown and an HTML subset
-in job summaries, so every untrusted string is reduced to one line, has its HTML
-characters turned into entities and its Markdown punctuation backslash-escaped: a token
-such as `![x](https://tracker.example/p.png)` shows as text and fetches nothing.
+in job summaries, so every untrusted string goes through `sanitise.md_text`: one line, HTML
+characters as entities, Markdown punctuation backslash-escaped. A token such as
+`![x](https://tracker.example/p.png)` shows as text and fetches nothing.
 """
 
 from __future__ import annotations
 
 import math
-import re
+
+from amdet_gate.sanitise import md_text
 
 VERDICT_MARK = {"pass": "✅ PASS", "fail": "❌ FAIL", "inconclusive": "⚠️ INCONCLUSIVE"}
-_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|~=:])")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
-
-
-def md_text(value: object, limit: int = 200) -> str:
-    """An untrusted string as inert Markdown text on one line."""
-    text = _CONTROL.sub(" ", str(value))
-    text = " ".join(text.split())
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
 
 
 def _num(value: object, digits: int = 3) -> str:

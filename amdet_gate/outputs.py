@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from amdet_gate.errors import UsageError
+from amdet_gate.errors import OutputError, UsageError
+from amdet_gate.files import append_regular, read_capped, read_capped_text, write_atomic
 from amdet_gate.markdown import render_markdown
 from amdet_gate.sarif import scan_sarif
 
@@ -57,14 +57,16 @@ def output_paths(out_dir: Path) -> dict[str, Path]:
 
 
 def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
-    """Write the artifacts, result.json and the reports into `out_dir`."""
-    from safetensors.torch import save_file
+    """Write the artifacts, result.json and the reports into `out_dir`, each file atomically.
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "textual_inversion").mkdir(exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
+    A failure part-way (a full disk) is an OutputError (exit 2); the caller removes what was
+    written before it, so no verdict is left behind for a run that did not finish.
+    """
+    from safetensors.torch import save
+
+    def save_file(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+        write_atomic(path, save(tensors, metadata=metadata))
+
     outcome = scan.outcome
     meta = {"tool": "amdet-gate", "model_sha256": scan.result.model["identity_sha256"],
             "verdict": scan.result.verdict}
@@ -102,15 +104,11 @@ def write_reports(result: dict, base_dir: Path, targets: dict[str, Path | None])
 
 
 def copy_reports(paths: dict[str, Path], **targets: Path | None) -> None:
-    """Copy the reports from the output folder to where the user asked for them (--sarif ...)."""
+    """Copy the reports from the output folder to where the user asked for them (--sarif ...), atomically."""
     for name, target in targets.items():
         if target is None or target.resolve() == paths[name].resolve():
             continue
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(paths[name], target)
-        except OSError as exc:
-            raise UsageError(f"cannot write {target}: {exc.strerror}") from exc
+        write_atomic(target, read_capped(paths[name], MAX_RESULT_BYTES, name, UsageError))
 
 
 MAX_RESULT_BYTES = 64 * 1024 * 1024
@@ -118,13 +116,10 @@ MAX_RESULT_BYTES = 64 * 1024 * 1024
 
 def read_result(path: Path) -> dict:
     """A stored result.json (untrusted: size-capped, must be a result of this schema family)."""
+    text = read_capped_text(path, MAX_RESULT_BYTES, "result", UsageError)
     try:
-        if path.stat().st_size > MAX_RESULT_BYTES:
-            raise UsageError(f"{path} is larger than 64 MiB")
-        data = json.loads(path.read_text("utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UsageError(f"{path} is not a JSON result: {type(exc).__name__}") from None
     required = ("schema_version", "model", "verdict", "score", "gates", "reversed_target")
     if not isinstance(data, dict) or any(k not in data for k in required):
@@ -152,24 +147,15 @@ def append_step_summary(env: Mapping[str, str], text: str) -> str | None:
     if not summary:
         return None
     try:
-        with open(summary, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    except OSError as exc:
-        return f"cannot append to GITHUB_STEP_SUMMARY: {exc.strerror}"
+        append_regular(Path(summary), (text + "\n").encode("utf-8"))
+    except OutputError as exc:
+        return f"GITHUB_STEP_SUMMARY: {exc}"
     return None
 
 
 def write_text(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, "utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+    write_atomic(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, data: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n", "utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+    write_atomic(path, (json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n").encode("utf-8"))

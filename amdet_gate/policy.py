@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import date
@@ -19,6 +20,7 @@ import jsonschema
 import yaml
 
 from amdet_gate.errors import ExitCode, UsageError
+from amdet_gate.files import read_capped_text
 from amdet_gate.settings import SearchSettings, Thresholds
 
 MAX_POLICY_BYTES = 1024 * 1024
@@ -128,6 +130,28 @@ def _where(error: jsonschema.ValidationError, lines: dict[tuple, int]) -> tuple[
     return lines.get(path, 1), ".".join(map(str, path)) or "(top level)"
 
 
+def non_finite(data: object, path: tuple = ()) -> tuple | None:
+    """The key path of the first NaN or infinity in plain data, else None.
+
+    JSON Schema's `minimum`/`maximum` let NaN through (every comparison with NaN is false), and a
+    NaN threshold or budget silently disables the check it feeds: refused wherever a setting is read.
+    """
+    if isinstance(data, float) and not math.isfinite(data):
+        return path
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = non_finite(value, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def require_finite(label: str, value: object) -> None:
+    """A setting from a flag, a variable or the API: NaN and infinities are usage errors (exit 4)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PolicyError(f"{label}={value!r}: not a finite number")
+
+
 def parse_policy(text: str, source: str) -> dict:
     """YAML text -> validated plain data (raises PolicyError naming line and key)."""
     if len(text.encode("utf-8")) > MAX_POLICY_BYTES:
@@ -150,6 +174,10 @@ def parse_policy(text: str, source: str) -> dict:
     if errors:
         line, key = _where(errors[0], lines)
         raise PolicyError(f"{source}: line {line}: {key}: {errors[0].message}")
+    bad = non_finite(data)
+    if bad is not None:
+        raise PolicyError(f"{source}: line {lines.get(bad, 1)}: {'.'.join(map(str, bad))}: not a finite number "
+                          "(NaN and infinity are refused)")
     for i, entry in enumerate(data.get("allow") or []):
         try:
             date.fromisoformat(entry["expires"])
@@ -168,10 +196,7 @@ def load_policy(path: Path | None, env: Mapping[str, str], today: date) -> Polic
         data: dict = {"version": 1, "_lines": {}}
         source = "built-in default"
     else:
-        try:
-            text = path.read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyError(f"cannot read policy {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        text = read_capped_text(path, MAX_POLICY_BYTES, "policy", PolicyError)
         data = parse_policy(text, str(path))
         source = str(path)
     lines = data.pop("_lines")
@@ -183,6 +208,7 @@ def load_policy(path: Path | None, env: Mapping[str, str], today: date) -> Polic
                 value = kind(env[var])
             except ValueError:
                 raise PolicyError(f"{var}={env[var]!r} is not a valid {kind.__name__}") from None
+            require_finite(var, value)
             (scan if section == "scan" else top)[key] = value
     checked = {"version": 1, **top, "scan": scan}
     errors = list(jsonschema.Draft202012Validator(_schema()).iter_errors(checked))

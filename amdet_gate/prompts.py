@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from amdet_gate.errors import UsageError
+from amdet_gate.files import read_capped_text
 
 SUBJECTS = (
     "cat", "dog", "horse", "owl", "fox", "wolf", "bear", "rabbit", "deer", "eagle",
@@ -142,14 +143,7 @@ MAX_PROMPT_FILE_BYTES = 64 * 1024 * 1024
 
 def read_prompt_file(path: Path) -> list[str]:
     """One prompt per line; blank lines and duplicates dropped, order kept."""
-    try:
-        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
-            raise UsageError(f"prompt file {path} is larger than 64 MiB")
-        text = path.read_text("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"prompt file {path} is not UTF-8 text") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot read prompt file {path}: {exc.strerror}") from exc
+    text = read_capped_text(path, MAX_PROMPT_FILE_BYTES, "prompt file", UsageError)
     prompts = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
     if len(prompts) < 20:
         raise UsageError(f"prompt file {path} has {len(prompts)} distinct prompts; at least 20 needed")

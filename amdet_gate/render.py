@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import re
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from amdet_gate.encoder import FLOAT_DTYPES, load_encoder, read_tensors, validate_transformer_config
 from amdet_gate.encoder import reason as _reason
 from amdet_gate.errors import LoadError, PickleRefused, UsageError
+from amdet_gate.files import write_atomic
+from amdet_gate.sanitise import one_line
 from amdet_gate.source import PICKLE_SUFFIXES, find_weight_files, is_hub_id, read_small
 from amdet_gate.tokenizer import load_tokenizer
 
@@ -212,12 +213,7 @@ def _check_feature(feature: Tensor, what: str) -> Tensor:
 def _write_image(out_dir: Path, name: str, data: bytes) -> str:
     """Write `images/<name>` under `out_dir`; returns the path relative to `out_dir` (for result.json)."""
     relative = f"{IMAGES_DIR}/{name}"
-    path = Path(out_dir) / relative
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+    write_atomic(Path(out_dir) / relative, data)
     return relative
 
 
@@ -255,28 +251,6 @@ CARD_BOLD_FONT = "DejaVuSansMono-Bold.ttf"
 CARD_ROWS = 12  # rows per section
 CARD_CHARS = 60  # characters per untrusted string
 CARD_DPI = 100
-
-
-def clean_text(value: object, limit: int = CARD_CHARS) -> str:
-    """An untrusted string made safe to draw and print.
-
-    Control and format characters (escape sequences, bidi overrides, zero-width characters),
-    surrogates, private-use and unassigned code points become U+FFFD so that something hidden
-    stays visible; line breaks become spaces; runs of whitespace collapse; long strings are cut.
-    """
-    text = value if isinstance(value, str) else str(value)
-    text = text[: limit * 4]  # bound the work on hostile megabyte strings before looking at characters
-    chars = []
-    for ch in text:
-        category = unicodedata.category(ch)
-        if ch.isspace() or category in ("Zl", "Zp"):
-            chars.append(" ")
-        elif category.startswith("C"):
-            chars.append("\ufffd")
-        else:
-            chars.append(ch)
-    text = " ".join("".join(chars).split())
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def _code_points(raw: object, limit: int = 3) -> str:
@@ -319,7 +293,7 @@ def _token_label(item: dict) -> str:
     raw = item.get("text", "")
     token_id = item.get("id")
     ident = f"  id {token_id}" if isinstance(token_id, int) and not isinstance(token_id, bool) else ""
-    return f'"{clean_text(raw, 30)}"{_code_points(raw)}{ident}'
+    return f'"{one_line(raw, 30)}"{_code_points(raw)}{ident}'
 
 
 def token_sections(result: dict) -> list[tuple[str, list[str]]]:
@@ -328,7 +302,7 @@ def token_sections(result: dict) -> list[tuple[str, list[str]]]:
     trigger = [f"{_position(t)}{_number(t.get('cosine'))}  {_token_label(t)}" for t in _entries(rt, "trigger_tokens")]
     # reverse.py decodes the positions after the trigger: 0 is BOS, 1..K the pseudo-trigger itself.
     target = [f"{_position(t)}{_number(t.get('cosine'))}  {_token_label(t)}" for t in _entries(rt, "target_tokens")]
-    prompts = [f"{_number(p.get('similarity'))}  {clean_text(p.get('prompt', ''))}"
+    prompts = [f"{_number(p.get('similarity'))}  {one_line(p.get('prompt', ''), CARD_CHARS)}"
                for p in _entries(rt, "target_prompts")]
     return [
         ("Pseudo-trigger: nearest vocabulary tokens (cosine, input embeddings)", trigger or ["(none)"]),
@@ -347,8 +321,8 @@ def render_tokens(result: dict, out_dir: Path) -> Rendering:
     relative = _write_image(out_dir, "tokens.png", _card_png(title, sections))
     caption = "Nearest vocabulary tokens to the pseudo-trigger and to the target, and the nearest corpus prompts"
     return Rendering("tokens", [RenderedImage(relative, caption, "tokens")], text,
-                     ["strings come from the model's tokenizer and the prompt corpus; control characters are "
-                      "shown as U+FFFD and non-ASCII code points are listed"])
+                     ["strings come from the model's tokenizer and the prompt corpus; hidden characters are "
+                      "shown as \\u escapes and non-ASCII code points are listed"])
 
 
 def _card_png(title: str, sections: list[tuple[str, list[str]]]) -> bytes:
@@ -430,16 +404,16 @@ def check_pipeline_index(folder: Path) -> dict:
     index = _read_json(folder / "model_index.json", f"--pipeline {folder}")
     declared = index.get("_class_name")
     if declared not in SD_PIPELINES:
-        raise UsageError(f"--pipeline {folder}: model_index.json declares {clean_text(declared)!r}; only "
+        raise UsageError(f"--pipeline {folder}: model_index.json declares {one_line(declared, 60)!r}; only "
                          f"{', '.join(SD_PIPELINES)} is supported (custom pipeline code is never run)")
     for name, cls in SD_COMPONENTS.items():
         if index.get(name) != ["diffusers", cls]:
-            raise UsageError(f"--pipeline {folder}: component {name} is {clean_text(index.get(name))}, "
+            raise UsageError(f"--pipeline {folder}: component {name} is {one_line(index.get(name), 60)}, "
                              f"expected diffusers {cls}")
     scheduler = index.get("scheduler")
     if not (isinstance(scheduler, list) and len(scheduler) == 2 and scheduler[0] == "diffusers"
             and scheduler[1] in SCHEDULERS):
-        raise UsageError(f"--pipeline {folder}: scheduler {clean_text(scheduler)} is not a known diffusers scheduler")
+        raise UsageError(f"--pipeline {folder}: scheduler {one_line(scheduler, 60)} is not a known diffusers scheduler")
     return index
 
 
@@ -491,7 +465,7 @@ def _checked_component(folder: Path, name: str, cls: type) -> dict:
     config = _read_json(folder / name / "config.json", what)
     declared = config.get("_class_name")
     if declared is not None and declared != cls.__name__:
-        raise LoadError(f"{what} declares {clean_text(declared)!r}, expected {cls.__name__}")
+        raise LoadError(f"{what} declares {one_line(declared, 60)!r}, expected {cls.__name__}")
     _check_config_values(config, what)
     try:
         with torch.device("meta"):
@@ -679,7 +653,7 @@ def _validate_vision_config(raw: dict, projection_dim: object) -> dict:
     if raw.get("num_channels", 3) != 3:
         raise LoadError("vision config: num_channels must be 3 (RGB)")
     if not isinstance(projection_dim, int) or isinstance(projection_dim, bool) or not 1 <= projection_dim <= 16_384:
-        raise LoadError(f"vision config: projection_dim={clean_text(repr(projection_dim), 40)} is not an integer "
+        raise LoadError(f"vision config: projection_dim={one_line(repr(projection_dim), 40)} is not an integer "
                         "in [1, 16384]")
     cfg["projection_dim"] = projection_dim
     d, f, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
@@ -744,7 +718,7 @@ def load_vision_tower(folder: Path) -> VisionTower:
     elif model_type == "clip_vision_model":
         vision, projection_dim = raw, raw.get("projection_dim", 512)
     else:
-        raise UsageError(f"--vision {folder}: config.json declares model_type {clean_text(model_type)!r}; "
+        raise UsageError(f"--vision {folder}: config.json declares model_type {one_line(model_type, 60)!r}; "
                          "expected a CLIPModel or CLIPVisionModelWithProjection checkpoint")
     cfg = _validate_vision_config(vision, projection_dim)
     with torch.device("meta"):

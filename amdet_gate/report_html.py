@@ -11,15 +11,14 @@ from __future__ import annotations
 import base64
 import importlib.resources
 import math
-import stat
-import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import jinja2
 from markupsafe import Markup
 
 from amdet_gate.charts import render_charts
-from amdet_gate.errors import UsageError
+from amdet_gate.files import NotRegular, OutsideFolder, TooLarge, read_regular_at, resolve_inside, write_atomic
+from amdet_gate.sanitise import visible
 
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 MAX_IMAGES = 32  # render.py makes up to 16 images plus its tokens card
@@ -49,8 +48,6 @@ GATE_HELP = {
     "pooled_anchor_difference_ratio": "pooled path: share of prompts whose triggered pooled embedding opposes "
                                       "the clean anchor's",
 }
-# Unicode categories that render as nothing, as a line break or as reordering: shown as escapes instead.
-_HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}
 CHART_CAPTIONS = {
     "landscape_map": "Loss on a grid around the pseudo-trigger (+). An injected backdoor sits in a smooth bowl.",
     "landscape_surface": "The same grid as a surface: a bowl (injected) versus a rugged or saddle shape (natural).",
@@ -61,18 +58,10 @@ CHART_CAPTIONS = {
 }
 
 
-def _visible(text: str) -> str:
-    """Show control, format (bidi overrides, zero-width) and unusual space characters as \\u escapes."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch == " " or unicodedata.category(ch) not in _HIDDEN else f"\\u{ord(ch):04x}"
-                   for ch in text)
-
-
 def _finalize(value: object) -> object:
     # Applied to every {{ }} before autoescaping; Markup is ours (CSS), never user data.
     if isinstance(value, str) and not isinstance(value, Markup):
-        return _visible(value)
+        return visible(value)
     return value
 
 
@@ -127,25 +116,18 @@ def _embed(base_dir: Path, rel: object) -> tuple[str | None, str]:
     if kind is None:
         return None, "image refused: only PNG, JPEG and SVG are embedded"
     try:
-        root = base_dir.resolve(strict=True)
-        target = (root / pure).resolve(strict=True)  # follows symlinks, so the check below sees the real file
-        info = target.stat()
-    except (OSError, RuntimeError):  # RuntimeError: symlink loop on older Pythons
-        return None, "image missing"
-    if not target.is_relative_to(root):
+        data = read_regular_at(None, resolve_inside(base_dir / pure, base_dir), MAX_IMAGE_BYTES, nofollow=False)
+    except OutsideFolder:
         return None, "image refused: the path leads outside the result folder"
-    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+    except NotRegular:  # a FIFO or device would block or never end
         return None, "image refused: not a regular file"
-    if info.st_size > MAX_IMAGE_BYTES:
+    except TooLarge:
         return None, f"image refused: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB"
-    try:
-        with target.open("rb") as fh:
-            data = fh.read(MAX_IMAGE_BYTES + 1)
     except OSError:
         return None, "image missing"
     mime, magic = kind
     valid = data.startswith(magic) if magic is not None else b"<svg" in data
-    if not valid or len(data) > MAX_IMAGE_BYTES:
+    if not valid:
         return None, "image refused: the content does not match its type"
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", ""
 
@@ -237,9 +219,4 @@ def render_html(result: dict, base_dir: Path) -> str:
 
 
 def write_html(result: dict, base_dir: Path, path: Path) -> None:
-    html = render_html(result, base_dir)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(html, "utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot write the HTML report {path}: {exc.strerror or exc}") from exc
+    write_atomic(path, render_html(result, base_dir).encode("utf-8"))

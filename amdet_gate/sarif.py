@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 
 from amdet_gate import __version__
+from amdet_gate.sanitise import one_line, uri_path
 
 SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
 INFO_URI = "https://arxiv.org/abs/2512.00343"
@@ -33,8 +34,9 @@ RULES = {
                  "The policy requires a 40-hex commit sha, but the model was named by a branch or tag.",
                  "4.0", "very-high", "error"),
     "AMDET101": ("PickleWeightsRefused", "Pickle-based weights refused",
-                 "Only pickle-based weight files were found; pickle can run code when loaded, so they are "
-                 "never opened. Convert the weights to safetensors.",
+                 "Pickle-based weight files were found (alone, or beside safetensors, where a loader told to "
+                 "skip safetensors would read them); pickle can run code when loaded, so they are never opened. "
+                 "Convert the weights to safetensors, or remove the pickle files.",
                  "7.0", "very-high", "error"),
     "AMDET102": ("UnsupportedArchitecture", "Nothing scannable",
                  "The model is not a supported CLIP-style text encoder or has no weights.",
@@ -56,10 +58,11 @@ def _rules() -> list[dict]:
 
 
 def _uri(path: Path) -> str:
+    """A path as a percent-encoded URI: relative to the working folder when inside it, else file://."""
     try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+        return uri_path(path.resolve().relative_to(Path.cwd().resolve()).as_posix())
     except ValueError:
-        return path.resolve().as_uri()
+        return "file://" + uri_path(path.resolve().as_posix())
 
 
 def _log(model: str, results: list[dict]) -> dict:
@@ -80,13 +83,13 @@ def _result(rule_id: str, message: str, uri: str, identity: str, properties: dic
     fingerprint = hashlib.sha256(f"{rule_id}:{identity}".encode()).hexdigest()[:32]
     result = {
         "ruleId": rule_id, "ruleIndex": list(RULES).index(rule_id), "level": RULES[rule_id][5],
-        "message": {"text": message},
+        "message": {"text": one_line(message, 2000)},  # names, tokens and reasons are untrusted
         "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": line}}}],
         "partialFingerprints": {"primaryLocationLineHash": f"{fingerprint}:1"},
         "properties": properties,
     }
     if suppression:
-        result["suppressions"] = [{"kind": "external", "justification": suppression}]
+        result["suppressions"] = [{"kind": "external", "justification": one_line(suppression, 2000)}]
     return result
 
 
@@ -104,7 +107,7 @@ def _location(result: dict) -> tuple[str, int]:
         return _uri(Path(policy["source"])), int(policy["model_line"])
     weight = model["weight_files"][0]["name"]
     if model.get("hub_id"):  # not a file of this repository: name it inside the Hub repo
-        return "/".join(p for p in (model["hub_id"], model.get("subfolder"), weight) if p), 1
+        return uri_path("/".join(p for p in (model["hub_id"], model.get("subfolder"), weight) if p)), 1
     return _uri(Path(model["source"]) / (model.get("subfolder") or "") / weight), 1
 
 

@@ -109,6 +109,11 @@ def as_source(model: ModelSource | Path, subfolder: str | None) -> ModelSource:
 
 def load_models(model: ModelSource, anchor_source: ModelSource | None, device: torch.device,
                 weights: list[WeightFile] | None = None) -> tuple[LoadedEncoder, LoadedEncoder | None]:
+    from amdet_gate.source import check_contained
+
+    for source in (model, anchor_source):  # every file read resolves inside its folder (or --follow-symlinks)
+        if source is not None:
+            check_contained(source)
     suspect = load_encoder(model.root, model.subfolder, weights)
     if weights is not None and weight_identities(model.folder) != weights:
         # Hashed by the caller, then read here: the bytes scanned must be the bytes identified.
@@ -120,9 +125,65 @@ def load_models(model: ModelSource, anchor_source: ModelSource | None, device: t
         if (s.hidden_size, s.seq_len) != (a.hidden_size, a.seq_len):
             raise UsageError(f"anchor width/positions {a.hidden_size}/{a.seq_len} differ from the "
                              f"model's {s.hidden_size}/{s.seq_len}; the anchor must share the architecture")
+        check_anchor_is_another_model(suspect, anchor, load_tokenizer(tokenizer_folder(model)))
         anchor.adapter.to(device)
     suspect.adapter.to(device)
     return suspect, anchor
+
+
+# Gate 3 asks "does the triggered output differ from a clean reference's?"; an anchor that is the
+# model, or a near-copy of it, answers no for every trigger and passes any backdoor. The weight
+# files' sha256 only catches a byte-identical copy: re-saving the same tensors with other metadata,
+# order or key prefix, in another dtype, or with tiny noise, makes a new file. So the anchor is
+# compared by what matters, its tensors and its outputs. ANCHOR_MIN_DIFFERENCE is measured by
+# bench/anchor_similarity.py on the 128-wide, 4-layer controls (docs/supply-chain.md): a backdoored
+# student re-saved is 0, in fp16 0.0005, in bf16 0.004, with 1e-2 relative weight noise 0.017;
+# the clean base as the anchor of a backdoored student is 0.053 to 0.54. A benign distillation
+# that barely moved from its base (0.005) is refused too: an anchor that close tells gate 3 nothing.
+ANCHOR_PROBE_PROMPTS = 32
+ANCHOR_MIN_DIFFERENCE = 0.02
+
+
+def check_anchor_is_another_model(suspect: LoadedEncoder, anchor: LoadedEncoder, tokenizer: PromptTokenizer) -> None:
+    """UsageError (exit 4) for an anchor with the model's tensors, or with outputs near-identical to its
+    outputs on the probe prompts (ANCHOR_MIN_DIFFERENCE)."""
+    if same_tensors(suspect, anchor):
+        raise UsageError("the anchor has the same tensors as the model (a re-saved or renamed copy); give a "
+                         "clean reference encoder")
+    ids = probe_ids(tokenizer, suspect)
+    difference = anchor_output_difference(suspect, anchor, ids, tokenizer.tokenizer.eos_token_id)
+    if difference < ANCHOR_MIN_DIFFERENCE:
+        raise UsageError(f"the anchor's outputs differ from the model's by {difference:.4f} on "
+                         f"{ANCHOR_PROBE_PROMPTS} probe prompts (below {ANCHOR_MIN_DIFFERENCE}): a near-copy of the "
+                         "model cannot be its clean reference; give another encoder")
+
+
+def same_tensors(first: LoadedEncoder, second: LoadedEncoder) -> bool:
+    """Every tensor equal under the same name (names as loaded: file metadata, order, key prefix and
+    the dtype of an exactly representable copy do not matter)."""
+    a, b = first.adapter.model.state_dict(), second.adapter.model.state_dict()
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def probe_ids(tokenizer: PromptTokenizer, encoder: LoadedEncoder) -> torch.Tensor:
+    """A fixed, evenly spaced sample of the built-in prompts, tokenized for the model."""
+    prompts = builtin_prompts()
+    step = len(prompts) // ANCHOR_PROBE_PROMPTS
+    return tokenize(tokenizer, prompts[::step][:ANCHOR_PROBE_PROMPTS], encoder)
+
+
+def anchor_output_difference(suspect: LoadedEncoder, anchor: LoadedEncoder, ids: torch.Tensor,
+                             eos_token_id: int) -> float:
+    """Median over prompts of |F_model - F_anchor| / |F_model| on the final-layer token features, over
+    each prompt's positions up to its first EOS (what the prompt says, not the padding)."""
+    with torch.no_grad():
+        model_features = suspect.adapter.encode(suspect.adapter.embed(ids))
+        anchor_features = anchor.adapter.encode(anchor.adapter.embed(ids))
+    first_eos = (ids == eos_token_id).int().argmax(dim=1)
+    mask = (torch.arange(ids.shape[1])[None, :] <= first_eos[:, None]).unsqueeze(-1).float()
+    difference = ((model_features - anchor_features) * mask).flatten(1).norm(dim=1)
+    scale = (model_features * mask).flatten(1).norm(dim=1).clamp_min(1e-12)
+    return float((difference / scale).median())
 
 
 def split_prompts(prompts: list[str], n: int, held_out_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -136,6 +197,17 @@ def split_prompts(prompts: list[str], n: int, held_out_fraction: float, seed: in
     return chosen[held:], chosen[:held]
 
 
+# A tokenizer that does not fit the model turns every prompt into (nearly) the same ids; the
+# encoder's outputs then agree on every prompt and look like a collapse onto one target: a benign
+# model reads as backdoored (a 10-token vocabulary gave FAIL 0.899). Such a tokenizer is an error,
+# never a verdict. Limits: the real CLIP BPE keeps all 5,000 built-in prompts distinct and knows
+# every word of them; a prompt file whose lines differ only in case or punctuation stays far above.
+MIN_DISTINCT_SHARE = 0.5  # distinct id sequences per distinct prompt
+MAX_EMPTY_SHARE = 0.5  # prompts with no token between BOS and EOS, or only unknown tokens
+MIN_VOCAB_SHARE = 0.5  # the tokenizer's size against the model's vocabulary
+TOKENIZER_CHECK_MIN_PROMPTS = 10  # the checks need a corpus; one prompt ("" for the renderer) is not one
+
+
 def tokenize(tokenizer: PromptTokenizer, prompts: list[str], encoder: LoadedEncoder) -> torch.Tensor:
     ids = tokenizer(prompts, encoder.adapter.seq_len)
     vocab = encoder.config["vocab_size"]
@@ -143,7 +215,33 @@ def tokenize(tokenizer: PromptTokenizer, prompts: list[str], encoder: LoadedEnco
         raise LoadError(f"tokenizer produces id {int(ids.max())} but the model's vocabulary has {vocab} entries")
     if not (ids == tokenizer.tokenizer.eos_token_id).any(dim=1).all():
         raise LoadError("the tokenizer does not end every prompt with its EOS token")
+    if len(prompts) >= TOKENIZER_CHECK_MIN_PROMPTS:
+        check_tokenizer_fits(tokenizer, prompts, ids, vocab)
     return ids
+
+
+def check_tokenizer_fits(tokenizer: PromptTokenizer, prompts: list[str], ids: torch.Tensor, vocab: int) -> None:
+    """LoadError (exit 2) for a tokenizer that lacks the model's vocabulary or maps most distinct
+    prompts to the same ids: what the scan would see is the tokenizer, not the model."""
+    size = getattr(tokenizer, "vocab_size", vocab)
+    if size < MIN_VOCAB_SHARE * vocab:
+        raise LoadError(f"the tokenizer has {size} tokens but the model's vocabulary has {vocab}: it is not this "
+                        "model's tokenizer (a scan with it would measure the tokenizer, not the model)")
+    eos = tokenizer.tokenizer.eos_token_id
+    unk = getattr(tokenizer.tokenizer, "unk_token_id", None)
+    first_eos = (ids == eos).int().argmax(dim=1)
+    distinct_prompts = len(set(prompts))  # what each prompt says: its ids up to the first EOS
+    distinct_ids = len({tuple(row[: int(end) + 1]) for row, end in zip(ids.tolist(), first_eos, strict=True)})
+    content = torch.arange(ids.shape[1])[None, :].lt(first_eos[:, None]) & torch.arange(ids.shape[1])[None, :].ge(1)
+    known = content & (ids != unk) if unk is not None else content
+    empty = float((known.sum(dim=1) == 0).float().mean())
+    if empty > MAX_EMPTY_SHARE:
+        raise LoadError(f"the tokenizer finds no known token in {empty:.0%} of the prompts: it lacks the "
+                        "vocabulary of this model")
+    if distinct_ids < MIN_DISTINCT_SHARE * distinct_prompts:
+        raise LoadError(f"the tokenizer maps {distinct_prompts} distinct prompts to {distinct_ids} distinct id "
+                        "sequences: it does not fit this model (broken or foreign vocabulary), or the prompts "
+                        "differ only in case, spacing or punctuation")
 
 
 def _identity(enc: LoadedEncoder, source: ModelSource) -> dict:

@@ -13,21 +13,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from amdet_gate.errors import ExitCode, GateError, LoadError, PickleRefused, UnsupportedModel, UsageError
+from amdet_gate.files import OutsideFolder, open_regular, read_capped_text, resolve_inside
+from amdet_gate.sanitise import one_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Every file a CLIP tokenizer reads. The tokenizer is loaded from a private copy of exactly these
+# (tokenizer.load_tokenizer), and the verdict cache key hashes exactly these: a changed
+# added_tokens.json changes tokenization, so it must change the key too.
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "added_tokens.json")
 MAX_SMALL_FILE_BYTES = 1024 * 1024
+MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # always used with fullmatch: "$" would accept a trailing newline
 STANDARD_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+class BudgetExceeded(GateError):
+    """The time budget ran out before the scan could decide: exit 2 (inconclusive, AMDET003)."""
 
 
 class UnpinnedRevision(GateError):
@@ -55,10 +67,20 @@ class ModelSource:
     revision: str | None = None  # as asked (branch, tag or sha)
     resolved_sha: str | None = None  # the commit the revision pointed to
     hub_sha256: tuple[tuple[str, str], ...] = ()  # (file name, sha256) the Hub lists for LFS weight files
+    follow_symlinks: bool = False  # --follow-symlinks: files may resolve anywhere on the machine
 
     @property
     def folder(self) -> Path:
         return self.root / self.subfolder if self.subfolder else self.root
+
+    @property
+    def boundary(self) -> Path | None:
+        """Where every file the scan reads must resolve: the folder given (a pipeline's root with
+        --subfolder), or for a Hub model its repository in the Hugging Face cache (snapshot files
+        are symlinks to ../../blobs). None with --follow-symlinks."""
+        if self.follow_symlinks:
+            return None
+        return self.root.parent.parent if self.hub_id else self.root
 
     def describe(self) -> dict:
         return {"source": self.spec, "hub_id": self.hub_id, "revision": self.revision,
@@ -89,7 +111,7 @@ def _check_subfolder(subfolder: str | None) -> None:
 
 
 def resolve_source(spec: str, revision: str | None = None, subfolder: str | None = None,
-                   prefer_hub: bool = False) -> ModelSource:
+                   prefer_hub: bool = False, follow_symlinks: bool = False) -> ModelSource:
     """A local folder as is, or a Hub id downloaded (only what the scan needs) and pinned.
 
     An existing path wins over a Hub id of the same spelling, unless `prefer_hub`.
@@ -97,25 +119,23 @@ def resolve_source(spec: str, revision: str | None = None, subfolder: str | None
     _check_subfolder(subfolder)
     subfolder = subfolder.strip("/") if subfolder else None
     if prefer_hub and HUB_ID.fullmatch(spec) and ".." not in spec and "--" not in spec:
-        return download(spec, revision, subfolder)
-    if Path(spec).exists():
+        source = download(spec, revision, subfolder)
+    elif Path(spec).exists():
         if revision:
             raise UsageError(f"--revision applies to Hub ids; {spec} is a local folder")
-        return ModelSource(spec, Path(spec), subfolder)
-    if is_hub_id(spec):
-        return download(spec, revision, subfolder)
-    raise LoadError(f"model folder {spec} does not exist (and it is not a Hub id of the form org/name)")
+        source = ModelSource(spec, Path(spec), subfolder)
+    elif is_hub_id(spec):
+        source = download(spec, revision, subfolder)
+    else:
+        raise LoadError(f"model folder {spec} does not exist (and it is not a Hub id of the form org/name)")
+    return replace(source, follow_symlinks=follow_symlinks)
 
 
 # --- local files ------------------------------------------------------------------------
 
-def read_small(path: Path) -> str:
-    if path.stat().st_size > MAX_SMALL_FILE_BYTES:
-        raise LoadError(f"{path} is larger than 1 MiB; refusing to parse it")
-    try:
-        return path.read_text("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LoadError(f"{path} is not UTF-8 text") from exc
+def read_small(path: Path, inside: Path | None = None) -> str:
+    """A model's small JSON file (config.json, the shard index): 1 MiB at most, exit 2 if refused."""
+    return read_capped_text(path, MAX_SMALL_FILE_BYTES, path.name, LoadError, inside=inside)
 
 
 def find_weight_files(folder: Path) -> list[Path]:
@@ -134,13 +154,20 @@ def find_weight_files(folder: Path) -> list[Path]:
         _files_from_index(folder, index)  # an untrusted index is checked even when it only confuses
         raise UnsupportedModel(f"{folder} has both {SINGLE_FILE} and {INDEX_FILE}; loaders disagree on which "
                                "to read: keep one")
-    first = weights_to_read({p.name for p in folder.iterdir() if p.is_file()}, str(folder))
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    first = weights_to_read(names, str(folder))
     chosen = _files_from_index(folder, index) if first == INDEX_FILE else [folder / first]
     uncovered = sorted(p.name for p in safetensors if p not in chosen)
     if uncovered:
         raise UnsupportedModel(
             f"{folder} also holds weights the scan would not cover ({', '.join(uncovered[:3])}); a loader "
             "asked for a variant would read them: scan each variant in its own folder")
+    pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:  # weights_to_read picked the safetensors; a loader told use_safetensors=False would not
+        raise PickleRefused(
+            f"{folder} also holds pickle weights the scan would not cover ({', '.join(pickles[:3])}); a loader "
+            "asked for use_safetensors=False would unpickle them, which can run code: remove them, or scan a "
+            "folder without them")
     return chosen
 
 
@@ -192,17 +219,53 @@ def _shard_names(index_text: str, where: str) -> list[str]:
     return names
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, deadline: float | None = None, inside: Path | None = None) -> str:
+    """The file's sha256, read in 1 MiB chunks; BudgetExceeded once `deadline` (monotonic) has passed."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_regular(path, "weight file", LoadError, inside=inside) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
+            if deadline is not None and time.monotonic() > deadline:
+                raise BudgetExceeded(f"the time budget ran out while hashing {path.name}; raise --time-budget "
+                                     "(hashing counts against it)")
     return digest.hexdigest()
 
 
-def weight_identities(folder: Path) -> list[WeightFile]:
-    """sha256 and size of every weight file the scan reads."""
-    return [WeightFile(p.name, sha256_file(p), p.stat().st_size) for p in find_weight_files(folder)]
+def weight_identities(folder: Path, deadline: float | None = None, inside: Path | None = None) -> list[WeightFile]:
+    """sha256 and size of every weight file the scan reads: every header is checked first (cheap), so a
+    huge file that is no safetensors is refused at once instead of after a full-file hash."""
+    from amdet_gate.safetensors_header import check_header
+
+    files = find_weight_files(folder)
+    for path in files:
+        check_header(path, inside)
+    return [WeightFile(p.name, sha256_file(p, deadline, inside), p.stat().st_size) for p in files]
+
+
+def model_files(source: ModelSource) -> list[Path]:
+    """Every file of the model that a scan reads: config.json, the shard index, the weights, the tokenizer's."""
+    folder = source.folder
+    files = [folder / "config.json", folder / INDEX_FILE]
+    files += find_weight_files(folder) if folder.is_dir() else []
+    tok = tokenizer_folder(source)
+    if tok is not None:
+        files += [tok / name for name in TOKENIZER_FILES]
+    return [p for p in files if p.exists() or p.is_symlink()]
+
+
+def check_contained(source: ModelSource) -> None:
+    """LoadError (exit 2) for a model file that resolves outside the model folder (or its Hub cache
+    repository): a symlinked weight or tokenizer file must not pull in a file from elsewhere on the
+    machine, unless --follow-symlinks says so."""
+    boundary = source.boundary
+    if boundary is None:
+        return
+    for path in model_files(source):
+        try:
+            resolve_inside(path, boundary)
+        except OutsideFolder as exc:
+            raise LoadError(f"{path.name} in {source.spec}: {exc}; refused (pass --follow-symlinks to allow it)"
+                            ) from None
 
 
 def check_hub_sha256(source: ModelSource, files: list[WeightFile]) -> None:
@@ -227,8 +290,12 @@ def identity_sha256(files: list[WeightFile]) -> str:
 
 
 def has_tokenizer_files(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    """Whether the folder brings its own tokenizer. Whatever is there counts (a FIFO named tokenizer.json
+    too): the capped reader refuses what is not a regular file, the bundled tokenizer never stands in for it."""
+    def present(name: str) -> bool:
+        return os.path.lexists(folder / name)
+
+    return present("tokenizer.json") or (present("vocab.json") and present("merges.txt"))
 
 
 def tokenizer_folder(source: ModelSource) -> Path | None:
@@ -344,5 +411,5 @@ def hub_error_message(exc: Exception, repo_id: str, revision: str) -> str:
     if isinstance(exc, hf.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         return f"{where}: the Hub at {constants.ENDPOINT} answered HTTP {status}"
-    text = " ".join(str(exc).split())[:200]
+    text = one_line(exc, 200)
     return f"{where}: cannot download from {constants.ENDPOINT} ({type(exc).__name__}: {text})"

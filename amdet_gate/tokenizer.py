@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import html
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -21,10 +23,10 @@ import torch
 from transformers import CLIPTokenizer
 
 from amdet_gate.errors import LoadError
-from amdet_gate.source import TOKENIZER_FILES, has_tokenizer_files
+from amdet_gate.files import read_capped
+from amdet_gate.source import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, has_tokenizer_files
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
-MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -98,19 +100,20 @@ def save_bundled_tokenizer(folder: Path) -> None:
 
 
 def load_tokenizer(folder: Path | None) -> PromptTokenizer:
-    """The folder's CLIP tokenizer when it has one, else the bundled one."""
+    """The folder's CLIP tokenizer when it has one, else the bundled one.
+
+    The tokenizer files (source.TOKENIZER_FILES, the same list the verdict cache key hashes) are
+    read with the capped reader and the tokenizer is built from a private copy of exactly those
+    bytes: it cannot read any other file of the folder, a FIFO or device, or a file that changes
+    between the check and the load.
+    """
     if folder is None or not has_tokenizer_files(folder):
         return bundled_tokenizer()
-    for name in TOKENIZER_FILES:
-        path = folder / name
-        if path.is_file() and path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
-            raise LoadError(f"tokenizer file {path} is implausibly large")
-    config_path = folder / "tokenizer_config.json"
-    if config_path.is_file():
+    files = {name: read_capped(folder / name, MAX_TOKENIZER_FILE_BYTES, "tokenizer file", LoadError)
+             for name in TOKENIZER_FILES if os.path.lexists(folder / name)}
+    if "tokenizer_config.json" in files:
         try:
-            if config_path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
-                raise LoadError(f"tokenizer file {config_path} is implausibly large")
-            config = json.loads(config_path.read_text("utf-8"))
+            config = json.loads(files["tokenizer_config.json"])
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise LoadError(f"tokenizer_config.json in {folder} is not valid JSON") from exc
         if not isinstance(config, dict):
@@ -118,8 +121,11 @@ def load_tokenizer(folder: Path | None) -> PromptTokenizer:
         if "auto_map" in config:
             raise LoadError(f"tokenizer in {folder} asks for remote code (auto_map); refused")
     try:
-        # The CLIP class, not AutoTokenizer: the folder cannot choose what code runs.
-        tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        with tempfile.TemporaryDirectory(prefix="amdet-tokenizer-") as copy:
+            for name, data in files.items():
+                (Path(copy) / name).write_bytes(data)
+            # The CLIP class, not AutoTokenizer: the folder cannot choose what code runs.
+            tok = CLIPTokenizer.from_pretrained(copy, local_files_only=True)
     except Exception as exc:
         raise LoadError(f"cannot read the tokenizer files in {folder}: {type(exc).__name__}") from exc
     if tok.pad_token is None:

@@ -22,6 +22,7 @@ from amdet_gate.cache import (
     open_cache,
 )
 from amdet_gate.errors import ExitCode, UsageError
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_SHA = "e9" * 32
@@ -457,3 +458,56 @@ def test_default_key_file_comes_from_the_environment(out_dir: Path, tmp_path: Pa
     shared = VerdictCache(tmp_path / "c", b"a shared secret of some length")
     assert shared.key_file is None and shared.lookup(make_key(), tmp_path / "r") is None
     assert "signature does not match" in shared.take_warnings()[0]
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "precious.txt").write_text("keep")
+    (victim / ("e" * 64)).mkdir()  # named like an entry: must survive too
+    (victim / "sub" / "data").write_text("keep")
+    return victim
+
+
+def _victim_files(victim: Path) -> list[str]:
+    return sorted(p.relative_to(victim).as_posix() for p in victim.rglob("*"))
+
+
+def test_a_symlinked_v1_is_never_emptied_written_or_read(out_dir: Path, tmp_path: Path) -> None:
+    """`ln -s $PWD/victim c/v1; amdet-gate cache clear --cache-dir c` emptied the victim's folder."""
+    victim = _victim(tmp_path)
+    before = _victim_files(victim)
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "v1").symlink_to(victim)
+    code, _, stderr = run_cli("cache", "clear", "--cache-dir", root)
+    assert code == ExitCode.ERROR and "symlink" in stderr and len(stderr.strip().splitlines()) == 1
+    code, _, stderr = run_cli("cache", "list", "--cache-dir", root)
+    assert code == ExitCode.ERROR and "symlink" in stderr
+    cache = VerdictCache(root, secret=b"a secret of at least 16 chars")
+    assert "symlink" in cache.store(make_key(), out_dir)  # a warning, never an exception
+    found = cache.fetch(make_key(), tmp_path / "r")
+    assert not found.hit and "symlink" in found.warning
+    assert _victim_files(victim) == before
+
+
+def test_a_symlinked_cachedir_tag_is_not_written_through(out_dir: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "CACHEDIR.TAG").symlink_to(victim)
+    assert "symlink" in VerdictCache(root, secret=b"a secret of at least 16 chars").store(make_key(), out_dir)
+    assert victim.read_text() == "keep"
+
+
+def test_clear_removes_links_inside_entries_without_following_them(vcache: VerdictCache, out_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    victim = _victim(tmp_path)
+    before = _victim_files(victim)
+    key = make_key()
+    vcache.store(key, out_dir)
+    (entry_of(vcache, key) / "files" / "link").symlink_to(victim)
+    (vcache.entries_dir / ("f" * 64)).symlink_to(victim)
+    assert vcache.clear() == 2
+    assert not any(vcache.entries_dir.iterdir()) and _victim_files(victim) == before

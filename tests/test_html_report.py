@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from amdet_gate import charts, report_html
-from amdet_gate.errors import UsageError
+from amdet_gate.errors import OutputError
 from amdet_gate.report_html import render_html, write_html
 
 SAMPLE = Path(__file__).parent / "data" / "sample_result.json"  # a real backdoored scan's result.json
@@ -253,10 +253,11 @@ def test_charts_draw_no_data_instead_of_failing() -> None:
     assert charts.chart_svg("assimilation", {"distributions": {"clean_assimilation": [None]}}) == empty
 
 
-def test_write_html_errors_are_usage_errors(result: dict, tmp_path: Path) -> None:
+def test_write_html_errors_are_output_errors(result: dict, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UsageError, match="cannot write the HTML report"):
+    with pytest.raises(OutputError, match=r"cannot write .*report.html: .*file is not a folder") as info:
         write_html(result, tmp_path, tmp_path / "file" / "report.html")
+    assert info.value.exit_code == 2  # an I/O failure, not a usage error
     write_html(result, tmp_path, tmp_path / "sub" / "report.html")
     assert (tmp_path / "sub" / "report.html").read_text("utf-8").startswith("<!DOCTYPE html>")
 

@@ -154,17 +154,43 @@ def test_broken_model_is_refused(tiny_dir: Path, case: str) -> None:
     damage(tiny_dir)
     with pytest.raises(error):
         load_encoder(tiny_dir)
-    exit_code, stdout, stderr = run_cli("scan", tiny_dir, "--quiet", "--out", tiny_dir / "out")
+    exit_code, stdout, stderr = run_cli("scan", tiny_dir, "--quiet", "--out", tiny_dir.parent / "out")
     assert exit_code == code
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("amdet-gate: error:"), stderr
     assert "Traceback" not in stderr + stdout
 
 
-def test_pickle_file_is_never_opened_when_safetensors_exist(tiny_dir: Path) -> None:
-    # A hostile pickle beside the safetensors file is ignored, never unpickled.
-    (tiny_dir / "pytorch_model.bin").write_bytes(b"\x80\x04cposix\nsystem\n(S'touch /tmp/pwned'\ntR.")
-    assert load_encoder(tiny_dir).weight_files[0].name == "model.safetensors"
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.ckpt", "weights.pth", "model.pkl"])
+def test_pickle_weights_beside_safetensors_are_refused_never_opened(tiny_dir: Path, tmp_path: Path,
+                                                                   name: str) -> None:
+    """A pytorch_model.bin beside model.safetensors passed scan and verify, while a stray safetensors variant
+    was refused: a loader asked for use_safetensors=False would unpickle it."""
+    lock = _lock_for(tiny_dir, tmp_path / "amdet.lock")  # verify gets as far as the weights
+    pwned = tmp_path / "pwned"
+    (tiny_dir / name).write_bytes(f"cposix\nsystem\n(S'touch {pwned}'\ntR.".encode())
+    with pytest.raises(PickleRefused, match=f"also holds pickle weights .*{name}"):
+        load_encoder(tiny_dir)
+    code, _, stderr = run_cli("scan", tiny_dir, "--quiet", "--out", tmp_path / "out")
+    assert code == ExitCode.NOTHING_SCANNABLE and name in stderr and len(stderr.strip().splitlines()) == 1
+    sarif = json.loads((tmp_path / "out" / "result.sarif").read_text())
+    assert sarif["runs"][0]["results"][0]["ruleId"] == "AMDET101"
+    code, _, stderr = run_cli("verify", tiny_dir, "--lock", lock)
+    assert code == ExitCode.NOTHING_SCANNABLE and name in stderr and len(stderr.strip().splitlines()) == 1
+    assert not pwned.exists()
+
+
+def _lock_for(folder: Path, lock: Path) -> Path:
+    """A lock entry that says `folder` was scanned and passed (as `scan --lock` would write it)."""
+    from amdet_gate.lock import entry_from_result, write_lock
+    from amdet_gate.source import identity_sha256, weight_identities
+
+    weights = weight_identities(folder)
+    result = {"model": {"weight_files": [w.__dict__ for w in weights], "identity_sha256": identity_sha256(weights),
+                        "subfolder": None}, "verdict": "pass", "score": 0.1, "tool": {"version": "0.1.0"}}
+    write_lock(lock, entry_from_result(result, str(folder)))
+    assert run_cli("verify", folder, "--lock", lock)[0] == ExitCode.PASS
+    return lock
 
 
 def test_missing_folder_and_bad_subfolder(tmp_path: Path, tiny_dir: Path) -> None:
@@ -181,7 +207,7 @@ def test_copy_of_model_has_same_identity(tmp_path: Path, tiny_dir: Path) -> None
 
 def test_hostile_tokenizer_config_is_one_line_exit_2(tiny_dir: Path) -> None:
     (tiny_dir / "tokenizer_config.json").write_text("[" * 100_000)
-    code, stdout, stderr = run_cli("scan", tiny_dir, "--quiet", "--out", tiny_dir / "out")
+    code, stdout, stderr = run_cli("scan", tiny_dir, "--quiet", "--out", tiny_dir.parent / "out")
     assert code == ExitCode.ERROR and "tokenizer_config.json" in stderr
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr + stdout
 

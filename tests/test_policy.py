@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from amdet_gate.errors import ExitCode
+import amdet_gate
+from amdet_gate.errors import ExitCode, GateError
 from amdet_gate.policy import STARTER_POLICY, PolicyError, apply_policy, load_policy
 from tests.conftest import run_cli
 
@@ -102,3 +103,32 @@ def test_scan_uses_policy_and_flags_win(tiny_dir: Path, tmp_path: Path) -> None:
     assert result["settings"]["thresholds"]["same_target"] == 0.5
     assert result["policy"]["source"] == str(path)
     assert run_cli("scan", tiny_dir, "--policy", write(tmp_path, "version: 7\n"), "-q")[0] == ExitCode.USAGE
+
+
+@pytest.mark.parametrize("text", ["thresholds: {same_target_ratio: .nan}", "thresholds: {assimilation: .NaN}",
+                                  "scan: {time_budget_s: .nan}", "scan: {time_budget_s: .inf}",
+                                  "thresholds: {same_target: -.inf}"])
+def test_non_finite_policy_values_are_refused(tmp_path: Path, tiny_dir: Path, text: str) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"version: 1\n{text}\n")
+    for args in (("policy", "validate", policy), ("scan", tiny_dir, "--policy", policy, "-q", "--out", tmp_path / "o")):
+        code, stdout, stderr = run_cli(*args)
+        assert code == ExitCode.USAGE, (args, stdout, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and "line 2" in lines[0] and ("finite" in lines[0] or "maximum" in lines[0]), stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "infinity"])
+def test_non_finite_settings_from_variables_and_flags_are_refused(tmp_path: Path, tiny_dir: Path, value: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "o"
+    for args in (("--time-budget", value), ("--threshold", f"same_target={value}")):
+        code, _, stderr = run_cli("scan", tiny_dir, *args, "-q", "--out", out)
+        assert code == ExitCode.USAGE and len(stderr.strip().splitlines()) == 1, (args, stderr)
+        assert "internal error" not in stderr
+    monkeypatch.setenv("AMDET_TIME_BUDGET", value)
+    code, _, stderr = run_cli("scan", tiny_dir, "-q", "--out", out)
+    assert code == ExitCode.USAGE and "AMDET_TIME_BUDGET" in stderr and "finite" in stderr
+    with pytest.raises(GateError) as info:
+        amdet_gate.scan(str(tiny_dir), out=out, time_budget=float(value))
+    assert info.value.exit_code == ExitCode.USAGE

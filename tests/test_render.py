@@ -334,12 +334,6 @@ def test_tokens_card_without_reversed_target(tmp_path: Path) -> None:
     assert png(tmp_path / made.images[0].path).size[0] > 100
 
 
-def test_clean_text() -> None:
-    assert rd.clean_text("a\x1b[2Jb\u202ec\nd") == "a\ufffd[2Jb\ufffdc d"
-    assert rd.clean_text("y" * 100, 10) == "y" * 9 + "\u2026"
-    assert rd.clean_text(None) == "None"
-
-
 def test_render_none_and_errors_are_gate_errors(tmp_path: Path, text_dir: Path) -> None:
     assert rd.render(rd.RenderRequest(kind="none"), torch.randn(77, 32), {}, text_dir, None, tmp_path) == []
     with pytest.raises(GateError) as exc:

@@ -105,8 +105,8 @@ def _weights(folder: Path, *names: str) -> Path:
 def test_the_scanned_weights_are_the_ones_a_loader_reads(tmp_path: Path) -> None:
     from amdet_gate.source import find_weight_files
 
-    assert find_weight_files(_weights(tmp_path / "a", "model.safetensors", "pytorch_model.bin")) == [
-        tmp_path / "a" / "model.safetensors"]  # transformers prefers safetensors to pickle
+    with pytest.raises(PickleRefused, match="would not cover"):  # a loader told use_safetensors=False reads it
+        find_weight_files(_weights(tmp_path / "a", "model.safetensors", "pytorch_model.bin"))
     with pytest.raises(UnsupportedModel, match="would not cover"):  # a variant a loader could be asked for
         find_weight_files(_weights(tmp_path / "b", "model.safetensors", "model.fp16.safetensors"))
     with pytest.raises(PickleRefused):  # no standard name: a loader would read the pickle file
