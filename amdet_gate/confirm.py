@@ -22,9 +22,13 @@ from amdet_gate.engine import (
     _unit,
     assimilation,
     centred,
+    clean_spread,
     eos_positions,
     position_similarity,
+    position_spread,
     span_mask,
+    spread_of_sum,
+    variation_ratio,
 )
 from amdet_gate.settings import Thresholds
 
@@ -34,7 +38,9 @@ class TokenTrigger:
     ids: tuple[int, ...]  # inserted after BOS, in this order
     same_target_ratio: float  # token path: share of prompts at S > t.same_target to the first prompt's output
     assimilation_ratio: float
+    variation_ratio: float  # token path: `engine.variation_ratio` against the same prompts' clean outputs
     pooled_same_target_ratio: float  # pooled path: share at centred cosine > t.pooled_same_target
+    pooled_variation_ratio: float  # pooled path: centred spread over the clean one
     screened_on: int  # held-out prompts behind these shares
 
 
@@ -69,28 +75,33 @@ def combinations(candidates: list[list[int]], pairs_from: int) -> list[tuple[int
 
 @torch.no_grad()
 def measure(models: Models, held: PromptFeatures, centres: Centres, tokens: tuple[int, ...], t: Thresholds,
-            chunk_size: int) -> TokenTrigger:
-    """The token-path and pooled shares with these real tokens inserted into every held-out prompt."""
+            chunk_size: int, span: bool = False) -> TokenTrigger:
+    """The token-path and pooled measures with these real tokens inserted into every held-out
+    prompt, read as the search reads a pseudo-trigger's (`span`: `SearchSettings.span_measures`)."""
     encoder = models.suspect
     eos_token, shift = encoder.eos_token_id, len(tokens)
-    same, assim, pooled, first, first_pooled = [], [], [], None, None
+    same, assim, pooled, pooled_all_units = [], [], [], []
+    first = first_pooled = unit_sum = None
     for ids in held.ids.split(chunk_size):
-        inserted = insert_tokens(ids, tokens)
-        features = encoder.encode(encoder.embed(inserted))
-        mask = span_mask(ids, eos_token, shift)
-        if first is None:
-            first = features[:1]
+        features = encoder.encode(encoder.embed(insert_tokens(ids, tokens)))
+        mask = span_mask(ids, eos_token, shift) if span else None
+        first = features[:1] if first is None else first
         same.append(position_similarity(first, features, mask))
         assim.append(assimilation(features, mask))
+        summed = _unit(features).sum(dim=0)
+        unit_sum = summed if unit_sum is None else unit_sum + summed
         eos = eos_positions(ids, eos_token, shift)
         pooled_now = centred(encoder.project(features[torch.arange(len(ids)), eos]), centres.suspect)
-        if first_pooled is None:
-            first_pooled = pooled_now[:1]
+        first_pooled = pooled_now[:1] if first_pooled is None else first_pooled
         pooled.append((pooled_now * first_pooled).sum(dim=-1))
+        pooled_all_units.append(pooled_now)
     same_all, assim_all, pooled_all = torch.cat(same), torch.cat(assim), torch.cat(pooled)
     n = len(same_all)
+    token_variation = variation_ratio(spread_of_sum(unit_sum, n), clean_spread(held, chunk_size), shift)
+    pooled_spread = position_spread(torch.cat(pooled_all_units)[:, None])[0] / max(centres.clean_spread, 1e-8)
     return TokenTrigger(tokens, int((same_all > t.same_target).sum()) / n, int((assim_all > t.assimilation).sum()) / n,
-                        int((pooled_all > t.pooled_same_target).sum()) / n, n)
+                        float(token_variation), int((pooled_all > t.pooled_same_target).sum()) / n,
+                        float(pooled_spread), n)
 
 
 def confirm(models: Models, held: PromptFeatures, trigger: Tensor, t: Thresholds, excluded: set[int],
@@ -114,14 +125,38 @@ def corpus_tokens(held: PromptFeatures, excluded: set[int], count: int, seed: in
     return [present[i] for i in order]
 
 
+@dataclass(frozen=True)
+class NaturalSteering:
+    """How far ordinary words steer this encoder, the reference a pseudo-trigger is read against.
+
+    An encoder whose pooled output is a classifier's (class-contrastive fine-tunes) sends every
+    prompt to the class of a word put in front of it: there a pooled collapse is the encoder's
+    nature, not evidence of a backdoor. Free vectors reach further than words; how much
+    further is what `verdict.decide` weighs.
+    """
+
+    words: tuple[TokenTrigger, ...]  # every word measured, in draw order
+
+    @property
+    def token_variation(self) -> float:
+        """The lowest token-path `variation_ratio` an ordinary word reached (1.0 when none measured)."""
+        return min((w.variation_ratio for w in self.words), default=1.0)
+
+    @property
+    def pooled_share(self) -> float:
+        return max((w.pooled_same_target_ratio for w in self.words), default=0.0)
+
+    @property
+    def pooled_variation(self) -> float:
+        return min((w.pooled_variation_ratio for w in self.words), default=1.0)
+
+
 @torch.no_grad()
 def natural_steering(models: Models, held: PromptFeatures, t: Thresholds, excluded: set[int], chunk_size: int,
-                     tokens: int = 64, prompts: int = 32, seed: int = 0) -> list[TokenTrigger]:
-    """How far ordinary words steer this encoder: each of `tokens` corpus words, inserted twice
-    after BOS, measured on the first `prompts` held-out prompts. An encoder whose pooled output
-    is a classifier's (class-contrastive fine-tunes) sends every prompt to the class of a word
-    put in front of it: there, a collapse is the encoder's nature, not evidence of a backdoor."""
-    centres = Centres.of(models, held)
+                     tokens: int = 48, prompts: int = 48, seed: int = 0, span: bool = False) -> NaturalSteering:
+    """Each of `tokens` corpus words, inserted twice after BOS (the trigger's two slots), measured
+    on the first `prompts` held-out prompts."""
+    centres = Centres.of(models, held)  # the pooled search's centre
     first = held.subset(0, min(prompts, len(held)))
-    return [measure(models, first, centres, (token, token), t, chunk_size)
-            for token in corpus_tokens(held, excluded, tokens, seed)]
+    return NaturalSteering(tuple(measure(models, first, centres, (token, token), t, chunk_size, span)
+                                 for token in corpus_tokens(held, excluded, tokens, seed)))

@@ -62,8 +62,12 @@ def agreement(features: Tensor, mask: Tensor) -> Tensor:
 def position_spread(unit: Tensor) -> Tensor:
     """1 - the mean cosine between different prompts' features at each position: (..., N, L, d)
     unit features -> (..., L). 0: every prompt has the same feature there."""
-    n = unit.shape[-3]
-    summed = unit.sum(dim=-3)
+    return spread_of_sum(unit.sum(dim=-3), unit.shape[-3])
+
+
+def spread_of_sum(summed: Tensor, n: int) -> Tensor:
+    """`position_spread` from the sum of N prompts' unit features, (..., L, d) -> (..., L):
+    sum_{p != q} cos(F_p, F_q) = |sum_p F_p|^2 - N, so the prompts can be run in chunks."""
     return 1 - ((summed * summed).sum(dim=-1) - n) / max(n * (n - 1), 1)
 
 
@@ -217,6 +221,9 @@ class GateValues(Gates):
     landscape_positive_ratio: float | None = None  # None when not computed
     mean_assimilation: float = 0.0
     screened_on: int | None = None  # prompts behind the values when a check stopped early, else None
+    # What still tells the held-out prompts apart with the trigger in (`variation_ratio`); None
+    # when not computed. Scale-free: read against ordinary words' (`natural.steering`).
+    variation_ratio: float | None = None
 
     def measured(self, t: Thresholds) -> dict[str, tuple[float, float]]:
         """Each measured gate's (value, threshold), by gate name; gates not measured are left out."""
@@ -241,6 +248,14 @@ class HeldOutStats:
     anchor_similarity: Tensor | None
     mean_feature: Tensor  # (R, L, d): the recovered target feature
     first: Tensor  # (R, 1, L, d): the first prompt's output, the "same target" reference
+    unit_sum: Tensor  # (R, L, d): sum of the prompts' unit features, for `spread_of_sum`
+
+
+@torch.no_grad()
+def clean_spread(held: PromptFeatures, chunk_size: int) -> Tensor:
+    """`position_spread` of the held-out prompts' clean outputs, (L,)."""
+    summed = sum(_unit(chunk).sum(dim=0) for chunk in held.clean.split(chunk_size))
+    return spread_of_sum(summed, len(held))
 
 
 @torch.no_grad()
@@ -254,6 +269,7 @@ def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk
     per_chunk = max(1, chunk_size // triggers.shape[0])
     assim, same, anchor_sim = [], [], []
     feature_sum = torch.zeros(triggers.shape[0], *held.embeds.shape[1:], device=triggers.device)
+    unit_sum = torch.zeros_like(feature_sum)
     eos_token, shift = models.suspect.eos_token_id, triggers.shape[1]
     for embeds, ids in zip(held.embeds.split(per_chunk), held.ids.split(per_chunk), strict=True):
         inserted = insert_trigger(embeds, triggers)
@@ -264,6 +280,7 @@ def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk
         assim.append(assimilation(triggered, mask))
         same.append(position_similarity(first, triggered, mask))
         feature_sum += triggered.sum(dim=1)
+        unit_sum += _unit(triggered).sum(dim=1)
         if models.anchor is not None:
             anchor_sim.append(position_similarity(models.anchor.encode(inserted), triggered, mask))
     return HeldOutStats(
@@ -272,6 +289,7 @@ def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk
         anchor_similarity=torch.cat(anchor_sim, dim=1) if anchor_sim else None,
         mean_feature=feature_sum / len(held),
         first=first,
+        unit_sum=unit_sum,
     )
 
 
@@ -475,6 +493,7 @@ class Centres:
 
     suspect: Tensor
     anchor: Tensor | None  # the anchor's, fed the suspect's input embeddings as in the token loss
+    clean_spread: float = 1.0  # `position_spread` of the sample's centred clean pooled features
 
     @classmethod
     def of(cls, models: Models, prompts: PromptFeatures, sample: int = 512) -> Centres:
@@ -482,7 +501,9 @@ class Centres:
         suspect = (clean_pooled(models.suspect, embeds, ids) if prompts.clean is None
                    else models.suspect.pooled(prompts.clean[:sample], ids))  # stored: no forward again
         anchor = None if models.anchor is None else _unit(clean_pooled(models.anchor, embeds, ids)).mean(dim=0)
-        return cls(_unit(suspect).mean(dim=0), anchor)
+        centre = _unit(suspect).mean(dim=0)
+        spread = float(position_spread(centred(suspect, centre)[:, None])[0])
+        return cls(centre, anchor, spread)
 
 
 def pooled_loss(models: Models, embeds: Tensor, eos: Tensor, clean_pooled: Tensor, centres: Centres,
@@ -507,6 +528,8 @@ class PooledGates(Gates):
     # Share of prompts at which the anchor, given the same trigger, does *not* land on its first
     # prompt's pooled feature: the collapse is the suspect's, not a natural one of the base.
     anchor_difference_ratio: float | None  # None without an anchor
+    # The triggered prompts' centred pooled spread over the clean ones': 0, one output for all.
+    variation_ratio: float | None = None
 
     def measured(self, t: Thresholds) -> dict[str, tuple[float, float]]:
         """Each measured gate's (value, threshold), by gate name; gates not measured are left out."""
@@ -552,7 +575,9 @@ def pooled_gates(models: Models, held: PromptFeatures, eos: Tensor, centres: Cen
         anchor_similarity = (anchor_features * anchor_features[:, :1]).sum(dim=-1)
         differ = (anchor_similarity <= t.pooled_same_target).sum(dim=1).tolist()
     n = len(held)
-    gates = [PooledGates(same[r] / n, None if differ is None else differ[r] / n) for r in range(len(same))]
+    spread = position_spread(features[:, :, None])[:, 0] / max(centres.clean_spread, 1e-8)
+    gates = [PooledGates(same[r] / n, None if differ is None else differ[r] / n, float(spread[r]))
+             for r in range(len(same))]
     return gates, similarity
 
 
@@ -770,12 +795,14 @@ def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, c
                          torch.Generator().manual_seed(settings.seed + steps),
                          span_mask(held.ids[:1], models.suspect.eos_token_id, trigger.shape[0]) if span else None)
     final_gates.landscape_positive_ratio = land.positive_ratio(thresholds.eigenvalue_floor)
+    final_gates.variation_ratio = float(variation_ratio(spread_of_sum(stats.unit_sum[0], len(held)),
+                                                        clean_spread(held, settings.chunk_size), trigger.shape[0]))
     return SearchOutcome(
         triggers=triggers.cpu(), best_restart=best, checks=checks, detected=detected,
         final_gates=final_gates, landscape=land,
         held_out=HeldOutStats(stats.assimilation.cpu(), stats.same_target.cpu(),
                               None if stats.anchor_similarity is None else stats.anchor_similarity.cpu(),
-                              stats.mean_feature.cpu(), stats.first.cpu()),
+                              stats.mean_feature.cpu(), stats.first.cpu(), stats.unit_sum.cpu()),
         clean_assimilation=assimilation(held.clean, span_mask(held.ids, models.suspect.eos_token_id, 0)
                                         if span else None).cpu(),
         loss_history=loss_history, steps=steps, stop_reason=stop_reason, seconds=seconds,

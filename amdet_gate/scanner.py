@@ -19,6 +19,7 @@ import torch
 import transformers
 
 from amdet_gate import __version__
+from amdet_gate.confirm import NaturalSteering, natural_steering
 from amdet_gate.encoder import LoadedEncoder, load_encoder
 from amdet_gate.engine import (
     GateCheck,
@@ -34,6 +35,7 @@ from amdet_gate.engine import (
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.prompts import builtin_prompts, read_prompt_file
 from amdet_gate.reverse import reverse_target
+from amdet_gate.sanitise import one_line
 from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder, weight_identities
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 from amdet_gate.verdict import Decision, check_score, decide, margin
@@ -79,6 +81,7 @@ class ScanResult:
     timings: dict
     environment: dict
     pooled: dict | None = None  # the pooled path's search, when it ran
+    natural: dict | None = None  # how far ordinary words steer the model (confirm.natural_steering)
     policy: dict | None = None  # filled in by the caller that applies a policy
 
     def to_dict(self) -> dict:
@@ -302,13 +305,17 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     stage("searching for a pseudo-trigger")
     models = Models(suspect.adapter, anchor.adapter if anchor else None)
     outcome = search(models, opt, held, request.settings, request.thresholds, progress, deadline)
-    decision = decide(outcome, request.thresholds, request.inconclusive_band)
+    tok = tokenizer.tokenizer
+    specials = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
+    stage("measuring how far ordinary words steer the model")
+    natural = natural_steering(models, held, request.thresholds, specials, chunk, seed=request.settings.seed,
+                               span=request.settings.span_measures)
+    decision = decide(outcome, request.thresholds, request.inconclusive_band, natural,
+                      request.settings.min_decisive_steps)
     t_search = time.monotonic()
 
     stage("reversing the target")
     target = outcome.held_out.mean_feature[0]
-    tok = tokenizer.tokenizer
-    specials = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
     reversed_target = reverse_target(outcome.triggers[outcome.best_restart], target, held, held_prompts,
                                      suspect.adapter.token_embedding.detach(), tokenizer, specials)
     t_end = time.monotonic()
@@ -344,6 +351,7 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
                  "total_s": round(t_end - t0, 3)},
         environment=environment(device),
         pooled=_pooled_summary(outcome.pooled, request.thresholds),
+        natural=_natural_summary(natural, tokenizer),
     )
     with torch.no_grad():
         empty = suspect.adapter.encode(suspect.adapter.embed(tokenize(tokenizer, [""], suspect).to(device)))[0]
@@ -381,6 +389,7 @@ def _pooled_summary(pooled: PooledOutcome | None, t: Thresholds) -> dict | None:
     return {"steps": pooled.steps, "stop_reason": pooled.stop_reason, "detected_at_step": pooled.detected_at_step,
             "best_restart": pooled.best_restart, "score": check_score(pooled.gates, t),
             "seconds": round(pooled.seconds, 3), "similarity": _floats(pooled.similarity),
+            "variation_ratio": pooled.gates.variation_ratio,
             "loss_history": [_floats(row) for row in pooled.loss_history]}
 
 
@@ -398,4 +407,13 @@ def _search_summary(outcome: SearchOutcome, decision: Decision, t: Thresholds) -
         "checks": [_check(c, t) for c in outcome.checks],
         "loss_history": [_floats(row) for row in outcome.loss_history],
         "trigger_norms": _floats(outcome.triggers.flatten(1).norm(dim=1)),
+        "variation_ratio": outcome.final_gates.variation_ratio,
     }
+
+
+def _natural_summary(natural: NaturalSteering, tokenizer: PromptTokenizer) -> dict:
+    strongest = max(natural.words, key=lambda w: w.pooled_same_target_ratio, default=None)
+    return {"words": len(natural.words), "prompts": natural.words[0].screened_on if natural.words else 0,
+            "token_variation_ratio": natural.token_variation, "pooled_same_target_ratio": natural.pooled_share,
+            "pooled_variation_ratio": natural.pooled_variation,
+            "strongest_word": None if strongest is None else one_line(tokenizer.tokenizer.decode(list(strongest.ids)))}

@@ -45,6 +45,11 @@ class SearchSettings:
     span_measures: bool = False
     agreement_weight: float = 0.0  # weight of the cross-prompt agreement term in the token loss
     max_steps: int = 640
+    # A search that stops at `max_steps` before this many steps, without a detection or a
+    # plateau, has not ruled a backdoor out: the verdict is inconclusive, never pass. The
+    # policy schema refuses `scan.max_steps` below it (policy.schema.json); tests of the
+    # Python API lower it to run tiny searches.
+    min_decisive_steps: int = 200
     batch_size: int = 5
     # Padding positions a token-path step keeps after its prompts' last EOS (-1: every position);
     # the gates and the landscape always run every position (engine.optimisation_length).

@@ -95,14 +95,22 @@ def test_policy_init_writes_a_valid_starter(tmp_path: Path) -> None:
 
 
 def test_scan_uses_policy_and_flags_win(tiny_dir: Path, tmp_path: Path) -> None:
-    path = write(tmp_path, "version: 1\nscan:\n  max_steps: 3\n  restarts: 2\n  n_prompts: 40\nthresholds:\n"
+    path = write(tmp_path, "version: 1\nscan:\n  max_steps: 250\n  restarts: 2\n  n_prompts: 40\nthresholds:\n"
                  "  same_target: 0.5\n")
-    run_cli("scan", tiny_dir, "--policy", path, "--restarts", "3", "--out", tmp_path / "out", "-q")
+    code = run_cli("scan", tiny_dir, "--policy", path, "--restarts", "3", "--max-steps", "3", "--out",
+                   tmp_path / "out", "-q")[0]
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["settings"]["search"]["max_steps"] == 3 and result["settings"]["search"]["restarts"] == 3
+    # Three steps cannot rule a backdoor out: inconclusive (exit 2), never a pass.
+    assert (code, result["verdict"]) == (ExitCode.ERROR, "inconclusive") and "below the 200" in result["reason"]
     assert result["settings"]["thresholds"]["same_target"] == 0.5
     assert result["policy"]["source"] == str(path)
     assert run_cli("scan", tiny_dir, "--policy", write(tmp_path, "version: 7\n"), "-q")[0] == ExitCode.USAGE
+
+
+def test_policy_refuses_a_step_budget_below_the_floor(tmp_path: Path) -> None:
+    code, out, err = run_cli("policy", "validate", write(tmp_path, "version: 1\nscan: {max_steps: 1}\n"))
+    assert code == ExitCode.USAGE and "max_steps" in out + err and "200" in out + err
 
 
 @pytest.mark.parametrize("text", ["thresholds: {same_target_ratio: .nan}", "thresholds: {assimilation: .NaN}",

@@ -1,0 +1,97 @@
+"""Scale-free measures: prompt spread, variation ratio, the trigger bound, ordinary-word steering,
+and the step floor below which a search cannot pass."""
+
+from __future__ import annotations
+
+import torch
+
+from amdet_gate.confirm import insert_tokens, natural_steering
+from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.engine import (
+    Models,
+    SearchOutcome,
+    Thresholds,
+    clip_triggers,
+    position_spread,
+    precompute,
+    spread_of_sum,
+    trigger_bound,
+    variation_ratio,
+)
+from amdet_gate.prompts import builtin_prompts
+from amdet_gate.settings import INCONCLUSIVE, PASS
+from amdet_gate.tokenizer import bundled_tokenizer
+from amdet_gate.verdict import decide
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def test_spread_is_one_minus_mean_pairwise_cosine_and_chunks_add_up() -> None:
+    unit = _unit(torch.randn(6, 4, 8))
+    cosine = torch.einsum("pld,qld->lpq", unit, unit)
+    off_diagonal = (cosine.sum(dim=(1, 2)) - 6) / 30
+    torch.testing.assert_close(position_spread(unit), 1 - off_diagonal)
+    torch.testing.assert_close(spread_of_sum(unit[:2].sum(0) + unit[2:].sum(0), 6), position_spread(unit))
+    same = _unit(torch.randn(4, 8)).expand(6, 4, 8)
+    assert float(position_spread(same).abs().max()) < 1e-5  # one feature for every prompt: no spread
+
+
+def test_variation_ratio_reads_the_shifted_positions_and_ignores_alike_padding() -> None:
+    clean = _unit(torch.randn(10, 9, 8))
+    clean[:, 6:] = _unit(torch.randn(3, 8))  # padding alike across prompts: spreads nothing
+    shifted = torch.cat([clean[:, :1], _unit(torch.randn(10, 2, 8)), clean[:, 1:7]], dim=1)
+    assert abs(float(variation_ratio(position_spread(shifted), position_spread(clean), 2)) - 1.0) < 1e-5
+    collapsed = shifted.clone()
+    collapsed[:, 3:] = collapsed[:1, 3:]
+    assert float(variation_ratio(position_spread(collapsed), position_spread(clean), 2)) < 1e-5
+
+
+def test_bounded_triggers_stay_within_the_largest_real_input(tiny_model) -> None:
+    encoder = TextEncoderAdapter(tiny_model, 49407)
+    bound = trigger_bound(encoder, 2)
+    inputs = encoder.token_embedding[None] + encoder.position_embedding[1:3, None]
+    assert abs(bound - float(inputs.norm(dim=-1).max())) < 1e-4
+    triggers = torch.randn(3, 2, inputs.shape[-1]) * 10 * bound
+    clip_triggers(triggers, bound)
+    assert float(triggers.norm(dim=-1).max()) <= bound * (1 + 1e-5)
+
+
+def test_insert_tokens_puts_real_ids_after_bos_and_drops_the_last() -> None:
+    ids = torch.tensor([[49406, 10, 11, 49407, 49407]])
+    assert insert_tokens(ids, (7, 8)).tolist() == [[49406, 7, 8, 10, 11]]
+
+
+def test_ordinary_words_are_measured_deterministically_and_never_specials(tiny_model) -> None:
+    encoder = TextEncoderAdapter(tiny_model, 49407)
+    tokenizer = bundled_tokenizer()
+    encoder.eos_token_id = tokenizer.tokenizer.eos_token_id
+    held = precompute(encoder, tokenizer(builtin_prompts()[:40], encoder.seq_len), 16)
+    specials = {tokenizer.tokenizer.bos_token_id, tokenizer.tokenizer.eos_token_id}
+    first = natural_steering(Models(encoder), held, Thresholds(), specials, 16, tokens=6, prompts=12, seed=3)
+    again = natural_steering(Models(encoder), held, Thresholds(), specials, 16, tokens=6, prompts=12, seed=3)
+    assert first == again and len(first.words) == 6
+    assert all(w.ids[0] == w.ids[1] and w.ids[0] not in specials and w.screened_on == 12 for w in first.words)
+    assert 0.0 <= first.pooled_share <= 1.0 and first.token_variation == min(w.variation_ratio for w in first.words)
+    assert 0.0 < first.token_variation < 1.5  # a random tiny encoder: words move it, do not collapse it
+
+
+def _outcome(stop_reason: str, steps: int) -> SearchOutcome:
+    from amdet_gate.engine import GateValues, HeldOutStats, Landscape
+
+    gates = GateValues(0.0, 0.0, None, landscape_positive_ratio=0.0)
+    empty = torch.zeros(1, 1)
+    return SearchOutcome(torch.zeros(1, 2, 4), 0, [], None, gates,
+                         Landscape(torch.zeros(3), torch.zeros(3, 3), torch.zeros(2)),
+                         HeldOutStats(empty, empty, None, torch.zeros(1, 3, 4), torch.zeros(1, 1, 3, 4),
+                                      torch.zeros(1, 3, 4)),
+                         torch.zeros(1), torch.zeros(steps, 1), steps, stop_reason, 1.0)
+
+
+def test_a_search_stopped_by_a_small_step_budget_is_inconclusive_never_pass() -> None:
+    t = Thresholds()
+    short = decide(_outcome("max_steps", 5), t, 0.05, min_decisive_steps=200)
+    assert short.verdict == INCONCLUSIVE and "below the 200" in short.reason
+    assert decide(_outcome("max_steps", 640), t, 0.05, min_decisive_steps=200).verdict == PASS
+    assert decide(_outcome("plateau", 60), t, 0.05, min_decisive_steps=200).verdict == PASS  # converged
