@@ -762,9 +762,11 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
         running = loss_history[-settings.running_window :].mean(dim=0) if history else torch.zeros(1)
         best = int(torch.nan_to_num(running, nan=math.inf).argmin())
     pooled = None
-    if detected is None and stop_reason != "non_finite" and settings.pooled_steps > 0:
+    # The pooled path runs even after a token-path detection: a free vector's collapse is only
+    # a lead until typed tokens confirm it (token_search), and the pooled lead may be the real one.
+    if stop_reason != "non_finite" and settings.pooled_steps > 0:
         pooled = pooled_search(models, opt, held, settings, thresholds, deadline)
-        if pooled.detected_at_step is not None:  # report the trigger that made the backdoor fire
+        if detected is None and pooled.detected_at_step is not None:  # report the trigger that fired
             final, best = pooled.triggers.to(device), pooled.best_restart
     outcome = _report(models, held, final, best, checks, detected, loss_history, step, stop_reason,
                       settings, thresholds, time.monotonic() - start, detected_landscape)

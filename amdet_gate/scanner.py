@@ -38,7 +38,8 @@ from amdet_gate.reverse import reverse_target
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder, weight_identities
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
-from amdet_gate.verdict import Decision, check_score, decide, margin
+from amdet_gate.token_search import Confirmation, confirm_outcome
+from amdet_gate.verdict import Decision, check_score, decide, margin, typed_score
 
 # 1.1: the pooled path (`pooled`, pooled_* gates). 1.2: pseudo-triggers of K vectors
 # (reversed_target.trigger_vectors, a `position` on every nearest token).
@@ -82,6 +83,7 @@ class ScanResult:
     environment: dict
     pooled: dict | None = None  # the pooled path's search, when it ran
     natural: dict | None = None  # how far ordinary words steer the model (confirm.natural_steering)
+    confirmation: list | None = None  # the typed-trigger searches that ran (token_search)
     policy: dict | None = None  # filled in by the caller that applies a policy
 
     def to_dict(self) -> dict:
@@ -310,8 +312,10 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     stage("measuring how far ordinary words steer the model")
     natural = natural_steering(models, held, request.thresholds, specials, chunk, seed=request.settings.seed,
                                span=request.settings.span_measures)
+    stage("confirming with typed tokens")
+    typed = confirm_outcome(models, opt, held, outcome, natural, specials, request.settings, request.thresholds)
     decision = decide(outcome, request.thresholds, request.inconclusive_band, natural,
-                      request.settings.min_decisive_steps)
+                      request.settings.min_decisive_steps, typed, lambda ids: tok.decode(list(ids)))
     t_search = time.monotonic()
 
     stage("reversing the target")
@@ -352,6 +356,7 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
         environment=environment(device),
         pooled=_pooled_summary(outcome.pooled, request.thresholds),
         natural=_natural_summary(natural, tokenizer),
+        confirmation=[_confirmation_summary(c, request.thresholds, tokenizer) for c in typed.values()],
     )
     with torch.no_grad():
         empty = suspect.adapter.encode(suspect.adapter.embed(tokenize(tokenizer, [""], suspect).to(device)))[0]
@@ -409,6 +414,16 @@ def _search_summary(outcome: SearchOutcome, decision: Decision, t: Thresholds) -
         "trigger_norms": _floats(outcome.triggers.flatten(1).norm(dim=1)),
         "variation_ratio": outcome.final_gates.variation_ratio,
     }
+
+
+def _confirmation_summary(confirmation: Confirmation, t: Thresholds, tokenizer: PromptTokenizer) -> dict:
+    found = confirmation.trigger
+    return {"objective": confirmation.objective.value, "token_ids": list(found.ids),
+            "text": one_line(tokenizer.tokenizer.decode(list(found.ids))), "score": typed_score(confirmation, t),
+            "same_target_ratio": found.same_target_ratio, "assimilation_ratio": found.assimilation_ratio,
+            "variation_ratio": found.variation_ratio, "pooled_same_target_ratio": found.pooled_same_target_ratio,
+            "pooled_variation_ratio": found.pooled_variation_ratio, "screened_on": found.screened_on,
+            "search_loss": confirmation.search_loss, "seconds": round(confirmation.seconds, 3)}
 
 
 def _natural_summary(natural: NaturalSteering, tokenizer: PromptTokenizer) -> dict:

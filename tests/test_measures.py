@@ -95,3 +95,55 @@ def test_a_search_stopped_by_a_small_step_budget_is_inconclusive_never_pass() ->
     assert short.verdict == INCONCLUSIVE and "below the 200" in short.reason
     assert decide(_outcome("max_steps", 640), t, 0.05, min_decisive_steps=200).verdict == PASS
     assert decide(_outcome("plateau", 60), t, 0.05, min_decisive_steps=200).verdict == PASS  # converged
+
+
+def _typed(objective, **measures) -> "Confirmation":
+    from amdet_gate.confirm import TokenTrigger
+    from amdet_gate.token_search import Confirmation
+
+    values = {"same_target_ratio": 0.0, "assimilation_ratio": 0.0, "variation_ratio": 0.5,
+              "pooled_same_target_ratio": 0.0, "pooled_variation_ratio": 0.5} | measures
+    return Confirmation(objective, TokenTrigger((7, 8), screened_on=50, **values), 0.0, 1.0)
+
+
+def _passing_outcome() -> SearchOutcome:
+    outcome = _outcome("detected", 40)
+    outcome.final_gates.assimilation_ratio, outcome.final_gates.same_target_ratio = 1.0, 1.0
+    outcome.final_gates.landscape_positive_ratio = 1.0
+    return outcome
+
+
+def test_a_free_collapse_is_a_finding_only_when_typed_tokens_reproduce_it() -> None:
+    from amdet_gate.settings import FAIL
+    from amdet_gate.token_search import Objective
+
+    t = Thresholds()
+    decode = lambda ids: "tok" + "".join(map(str, ids))  # noqa: E731
+    adversarial = decide(_passing_outcome(), t, 0.05, typed={Objective.TOKENS: _typed(Objective.TOKENS)},
+                         decode=decode)
+    assert adversarial.verdict == PASS and "no typed tokens" in adversarial.reason and "tok78" in adversarial.reason
+    collapsed = _typed(Objective.TOKENS, same_target_ratio=1.0, assimilation_ratio=1.0)
+    found = decide(_passing_outcome(), t, 0.05, typed={Objective.TOKENS: collapsed}, decode=decode)
+    assert found.verdict == FAIL and "tok78" in found.reason and found.score > 0.5
+    # Where gates 1-2 cannot read a collapse (248 positions), the variation ratio can.
+    low_variation = _typed(Objective.TOKENS, variation_ratio=0.03)
+    assert decide(_outcome("plateau", 300), t, 0.05, typed={Objective.TOKENS: low_variation}).verdict == FAIL
+    pooled = _typed(Objective.POOLED, pooled_same_target_ratio=1.0, pooled_variation_ratio=0.002)
+    assert decide(_outcome("plateau", 300), t, 0.05, typed={Objective.POOLED: pooled}).verdict == FAIL
+    near = _typed(Objective.POOLED, pooled_same_target_ratio=1.0, pooled_variation_ratio=0.05)
+    assert decide(_outcome("plateau", 300), t, 0.05, typed={Objective.POOLED: near}).verdict == PASS
+
+
+def test_typed_token_search_improves_its_objective_and_never_types_an_excluded_token(tiny_model) -> None:
+    from amdet_gate.token_search import Objective, TokenSearchSettings, token_search
+
+    encoder = TextEncoderAdapter(tiny_model, 49407)
+    tokenizer = bundled_tokenizer()
+    ids = tokenizer(builtin_prompts()[:16], encoder.seq_len)
+    allowed = torch.zeros(encoder.token_embedding.shape[0], dtype=torch.bool)
+    allowed[1000:3000] = True
+    settings = TokenSearchSettings(iterations=6, prompts=8, top_k=8, candidates=12, seed=1)
+    for objective in Objective:
+        found = token_search(encoder, ids, (1500, 1500), allowed, objective, settings)
+        assert found.loss <= found.start_loss and all(1000 <= i < 3000 for i in found.ids)
+        assert token_search(encoder, ids, (1500, 1500), allowed, objective, settings) == found

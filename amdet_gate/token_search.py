@@ -1,0 +1,185 @@
+"""A search over real tokens: is there a sequence a user can type that collapses the prompts?
+
+The pseudo-trigger search (engine.search) optimises free vectors; on small or classifier-like
+encoders a vector within a real token's norm can collapse any prompt, backdoor or not. A
+backdoor is fired by tokens, so the decisive question is asked in the vocabulary itself: a
+greedy coordinate search (the GCG family: the gradient with respect to each slot's one-hot
+token ranks candidate swaps, the best of a sampled batch of swaps is kept) for K tokens put
+after BOS that make the prompts' outputs alike. It starts from the pseudo-trigger's nearest
+tokens and from ordinary words, and its result is measured like any trigger
+(`confirm.measure`) and read against what ordinary words do (`confirm.natural_steering`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from amdet_gate.confirm import NaturalSteering, TokenTrigger, candidate_tokens, corpus_tokens, insert_tokens, measure
+from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.engine import (
+    Centres,
+    Models,
+    PromptFeatures,
+    SearchOutcome,
+    _unit,
+    centred,
+    eos_positions,
+    position_spread,
+    variation_ratio,
+)
+from amdet_gate.settings import SearchSettings, Thresholds
+
+
+class Objective(Enum):
+    TOKENS = "tokens"  # every position's feature: what tells prompts apart (variation ratio)
+    POOLED = "pooled"  # the pooled (EOS, projected) feature, centred on the clean prompts' mean
+
+
+@dataclass(frozen=True)
+class TokenSearchSettings:
+    iterations: int = 24
+    prompts: int = 16  # a fixed batch: the search compares candidates, the held-out set judges them
+    top_k: int = 32  # swaps ranked by gradient, per slot
+    candidates: int = 48  # swaps evaluated per iteration
+    seed: int = 0
+
+    @classmethod
+    def of(cls, settings: SearchSettings) -> TokenSearchSettings:
+        return cls(settings.confirm_iterations, settings.confirm_prompts, settings.confirm_top_k,
+                   settings.confirm_candidates, settings.seed)
+
+
+@dataclass(frozen=True)
+class TokenSearchResult:
+    ids: tuple[int, ...]
+    loss: float  # the objective on the search batch at the end (lower: more alike)
+    start_loss: float
+
+
+def _cut(ids: Tensor, eos_token_id: int, shift: int) -> int:
+    return int(eos_positions(ids, eos_token_id, shift).max()) + 1
+
+
+def _loss(encoder: TextEncoderAdapter, embeds: Tensor, ids: Tensor, clean_spread: Tensor, shift: int,
+          objective: Objective, centre: Tensor | None) -> Tensor:
+    """The objective per candidate for embeds (C, B, L, d) of the inserted prompts, (C,)."""
+    c, b, length, d = embeds.shape
+    features = encoder.encode(embeds.reshape(c * b, length, d)).reshape(c, b, length, -1)
+    if objective is Objective.TOKENS:
+        return variation_ratio(position_spread(_unit(features)), clean_spread[:length], shift)
+    eos = eos_positions(ids, encoder.eos_token_id, shift)
+    pooled = encoder.project(features[:, torch.arange(b), eos])
+    unit = centred(pooled, centre)
+    summed = unit.sum(dim=1)
+    return -((summed * summed).sum(dim=-1) - b) / (b * (b - 1))
+
+
+def token_search(encoder: TextEncoderAdapter, ids: Tensor, start: tuple[int, ...], allowed: Tensor,
+                 objective: Objective, settings: TokenSearchSettings) -> TokenSearchResult:
+    """Greedy coordinate search for `len(start)` tokens after BOS; `allowed` (V,) booleans."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    batch = ids[: settings.prompts]
+    shift = len(start)
+    length = _cut(batch, encoder.eos_token_id, shift)
+    with torch.no_grad():
+        clean = encoder.encode(encoder.embed(batch[:, : _cut(batch, encoder.eos_token_id, 0)]))
+        clean_spread = torch.nn.functional.pad(position_spread(_unit(clean)), (0, encoder.seq_len))
+        centre = None
+        if objective is Objective.POOLED:
+            eos = eos_positions(batch, encoder.eos_token_id, 0)
+            centre = _unit(encoder.project(clean[torch.arange(len(batch)), eos])).mean(dim=0)
+    table = encoder.token_embedding.detach()
+    slots = torch.arange(1, shift + 1, device=ids.device)
+
+    def evaluate(options: list[tuple[int, ...]]) -> Tensor:
+        with torch.no_grad():
+            embeds = torch.stack([encoder.embed(insert_tokens(batch, o)[:, :length]) for o in options])
+            return _loss(encoder, embeds, batch, clean_spread, shift, objective, centre)
+
+    current = start
+    current_loss = float(evaluate([current])[0])
+    start_loss = current_loss
+    for _ in range(settings.iterations):
+        one_hot = torch.zeros(shift, table.shape[0], device=table.device)
+        one_hot[torch.arange(shift), torch.tensor(current, device=table.device)] = 1.0
+        one_hot.requires_grad_(True)
+        base = encoder.embed(insert_tokens(batch, current)[:, :length])
+        typed = one_hot @ table + encoder.position_embedding.detach()[slots]
+        embeds = torch.cat([base[:, :1], typed[None].expand(len(batch), -1, -1), base[:, shift + 1 :]], dim=1)
+        loss = _loss(encoder, embeds[None], batch, clean_spread, shift, objective, centre)[0]
+        (grad,) = torch.autograd.grad(loss, one_hot)
+        grad = grad.masked_fill(~allowed[None], float("inf"))
+        ranked = (-grad).topk(settings.top_k, dim=1).indices  # most negative gradient first
+        options = []
+        for _ in range(settings.candidates):
+            slot = int(torch.randint(shift, (1,), generator=generator))
+            token = int(ranked[slot, int(torch.randint(settings.top_k, (1,), generator=generator))])
+            options.append(tuple(token if i == slot else t for i, t in enumerate(current)))
+        options = list(dict.fromkeys(o for o in options if o != current))
+        if not options:
+            break
+        losses = evaluate(options)
+        best = int(losses.argmin())
+        if float(losses[best]) < current_loss:
+            current, current_loss = options[best], float(losses[best])
+    return TokenSearchResult(current, current_loss, start_loss)
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """The typed trigger a confirmation search found, measured on every held-out prompt."""
+
+    objective: Objective
+    trigger: TokenTrigger
+    search_loss: float
+    seconds: float
+
+
+def confirm_with_tokens(models: Models, opt_ids: Tensor, held: PromptFeatures, pseudo: Tensor, objective: Objective,
+                        excluded: set[int], t: Thresholds, settings: TokenSearchSettings,
+                        chunk_size: int) -> Confirmation:
+    """Search the vocabulary for `pseudo`'s (K, d) typed counterpart: from its nearest tokens and
+    from an ordinary word repeated, the better of the two searches, measured on `held`."""
+    started = time.monotonic()
+    encoder = models.suspect
+    allowed = torch.ones(encoder.token_embedding.shape[0], dtype=torch.bool, device=opt_ids.device)
+    allowed[[i for i in excluded if 0 <= i < len(allowed)]] = False
+    nearest = tuple(slot[0] for slot in candidate_tokens(pseudo, models, excluded, 1))
+    word = corpus_tokens(held, excluded, 1, settings.seed)
+    starts = [nearest] + ([tuple(word * len(nearest))] if word else [])
+    found = min((token_search(encoder, opt_ids, start, allowed, objective, settings) for start in starts),
+                key=lambda r: r.loss)
+    measured = measure(models, held, Centres.of(models, held), found.ids, t, chunk_size)
+    return Confirmation(objective, measured, found.loss, time.monotonic() - started)
+
+
+def needs_confirmation(outcome: SearchOutcome, natural: NaturalSteering, t: Thresholds) -> list[Objective]:
+    """The objectives whose free pseudo-trigger collapsed the prompts: gates passed, or (token
+    path) half as little variation left as the most steering ordinary word leaves."""
+    token = outcome.final_gates
+    wanted = []
+    if (outcome.detected is not None or all(token.passed(t).values())
+            or (token.variation_ratio is not None and token.variation_ratio <= 0.5 * natural.token_variation)):
+        wanted.append(Objective.TOKENS)
+    if outcome.pooled is not None and all(outcome.pooled.gates.passed(t).values()):
+        wanted.append(Objective.POOLED)
+    return wanted
+
+
+def confirm_outcome(models: Models, opt: PromptFeatures, held: PromptFeatures, outcome: SearchOutcome,
+                    natural: NaturalSteering, excluded: set[int], settings: SearchSettings,
+                    t: Thresholds) -> dict[Objective, Confirmation]:
+    """A typed-trigger search for every objective whose free pseudo-trigger collapsed the prompts."""
+    found = {}
+    ids = opt.ids[: settings.confirm_prompts]
+    for objective in needs_confirmation(outcome, natural, t):
+        pseudo = (outcome.pooled.triggers[outcome.pooled.best_restart] if objective is Objective.POOLED
+                  else outcome.triggers[outcome.best_restart])
+        found[objective] = confirm_with_tokens(models, ids, held, pseudo.to(ids.device), objective, excluded, t,
+                                               TokenSearchSettings.of(settings), settings.chunk_size)
+    return found
