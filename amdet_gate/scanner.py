@@ -37,8 +37,8 @@ from amdet_gate.prompts import builtin_prompts, read_prompt_file
 from amdet_gate.reverse import reverse_target
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder, weight_identities
-from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 from amdet_gate.token_search import Confirmation, confirm_outcome
+from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 from amdet_gate.verdict import Decision, check_score, decide, margin, typed_score
 
 # 1.1: the pooled path (`pooled`, pooled_* gates). 1.2: pseudo-triggers of K vectors

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from amdet_gate.confirm import NaturalSteering, TokenTrigger
 from amdet_gate.engine import Gates, SearchOutcome
 from amdet_gate.sanitise import one_line
-from amdet_gate.token_search import Confirmation, Objective
 from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS, Thresholds
+from amdet_gate.token_search import Confirmation, Objective
 
 
 def margin(value: float, threshold: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from amdet_gate.confirm import insert_tokens, natural_steering
+from amdet_gate.confirm import TokenTrigger, insert_tokens, natural_steering
 from amdet_gate.encoder import TextEncoderAdapter
 from amdet_gate.engine import (
     Models,
@@ -19,8 +19,9 @@ from amdet_gate.engine import (
     variation_ratio,
 )
 from amdet_gate.prompts import builtin_prompts
-from amdet_gate.settings import INCONCLUSIVE, PASS
+from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS
 from amdet_gate.tokenizer import bundled_tokenizer
+from amdet_gate.token_search import Confirmation, Objective, TokenSearchSettings, token_search
 from amdet_gate.verdict import decide
 
 
@@ -97,10 +98,7 @@ def test_a_search_stopped_by_a_small_step_budget_is_inconclusive_never_pass() ->
     assert decide(_outcome("plateau", 60), t, 0.05, min_decisive_steps=200).verdict == PASS  # converged
 
 
-def _typed(objective, **measures) -> "Confirmation":
-    from amdet_gate.confirm import TokenTrigger
-    from amdet_gate.token_search import Confirmation
-
+def _typed(objective: Objective, **measures: float) -> Confirmation:
     values = {"same_target_ratio": 0.0, "assimilation_ratio": 0.0, "variation_ratio": 0.5,
               "pooled_same_target_ratio": 0.0, "pooled_variation_ratio": 0.5} | measures
     return Confirmation(objective, TokenTrigger((7, 8), screened_on=50, **values), 0.0, 1.0)
@@ -114,11 +112,8 @@ def _passing_outcome() -> SearchOutcome:
 
 
 def test_a_free_collapse_is_a_finding_only_when_typed_tokens_reproduce_it() -> None:
-    from amdet_gate.settings import FAIL
-    from amdet_gate.token_search import Objective
-
     t = Thresholds()
-    decode = lambda ids: "tok" + "".join(map(str, ids))  # noqa: E731
+    decode = lambda ids: "tok" + "".join(map(str, ids))
     adversarial = decide(_passing_outcome(), t, 0.05, typed={Objective.TOKENS: _typed(Objective.TOKENS)},
                          decode=decode)
     assert adversarial.verdict == PASS and "no typed tokens" in adversarial.reason and "tok78" in adversarial.reason
@@ -135,8 +130,6 @@ def test_a_free_collapse_is_a_finding_only_when_typed_tokens_reproduce_it() -> N
 
 
 def test_typed_token_search_improves_its_objective_and_never_types_an_excluded_token(tiny_model) -> None:
-    from amdet_gate.token_search import Objective, TokenSearchSettings, token_search
-
     encoder = TextEncoderAdapter(tiny_model, 49407)
     tokenizer = bundled_tokenizer()
     ids = tokenizer(builtin_prompts()[:16], encoder.seq_len)
