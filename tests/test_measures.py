@@ -20,8 +20,8 @@ from amdet_gate.engine import (
 )
 from amdet_gate.prompts import builtin_prompts
 from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS
-from amdet_gate.tokenizer import bundled_tokenizer
 from amdet_gate.token_search import Confirmation, Objective, TokenSearchSettings, token_search
+from amdet_gate.tokenizer import bundled_tokenizer
 from amdet_gate.verdict import decide
 
 
