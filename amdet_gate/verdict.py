@@ -56,7 +56,7 @@ class TypedCollapseGates(Gates):
 
     def measured(self, t: Thresholds) -> dict[str, tuple[float, float]]:
         return {"typed_assimilation_ratio": (self.trigger.assimilation_ratio, t.assimilation_ratio),
-                "typed_same_target_ratio": (self.trigger.same_target_ratio, t.same_target_ratio)}
+                "typed_same_target_ratio": (self.trigger.same_target_ratio, t.typed_same_target_ratio)}
 
 
 @dataclass(frozen=True)
