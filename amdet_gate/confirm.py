@@ -17,18 +17,17 @@ from torch import Tensor
 
 from amdet_gate.engine import (
     Centres,
+    CleanSpread,
     Models,
     PromptFeatures,
     _unit,
     assimilation,
     centred,
-    clean_spread,
     eos_positions,
     position_similarity,
     position_spread,
     span_mask,
     spread_of_sum,
-    variation_ratio,
 )
 from amdet_gate.settings import Thresholds
 
@@ -38,7 +37,7 @@ class TokenTrigger:
     ids: tuple[int, ...]  # inserted after BOS, in this order
     same_target_ratio: float  # token path: share of prompts at S > t.same_target to the first prompt's output
     assimilation_ratio: float
-    variation_ratio: float  # token path: `engine.variation_ratio` against the same prompts' clean outputs
+    variation_ratio: float  # token path: `engine.CleanSpread.ratio` against the same prompts' clean outputs
     pooled_same_target_ratio: float  # pooled path: share at centred cosine > t.pooled_same_target
     pooled_variation_ratio: float  # pooled path: centred spread over the clean one
     screened_on: int  # held-out prompts behind these shares
@@ -82,13 +81,14 @@ def measure(models: Models, held: PromptFeatures, centres: Centres, tokens: tupl
     eos_token, shift = encoder.eos_token_id, len(tokens)
     same, assim, pooled, pooled_all_units = [], [], [], []
     first = first_pooled = unit_sum = None
+    reference = CleanSpread.of(held.clean, chunk_size)
     for ids in held.ids.split(chunk_size):
         features = encoder.encode(encoder.embed(insert_tokens(ids, tokens)))
         mask = span_mask(ids, eos_token, shift) if span else None
         first = features[:1] if first is None else first
         same.append(position_similarity(first, features, mask))
         assim.append(assimilation(features, mask))
-        summed = _unit(features).sum(dim=0)
+        summed = reference.centred_sum(features, shift)
         unit_sum = summed if unit_sum is None else unit_sum + summed
         eos = eos_positions(ids, eos_token, shift)
         pooled_now = centred(encoder.project(features[torch.arange(len(ids)), eos]), centres.suspect)
@@ -97,7 +97,7 @@ def measure(models: Models, held: PromptFeatures, centres: Centres, tokens: tupl
         pooled_all_units.append(pooled_now)
     same_all, assim_all, pooled_all = torch.cat(same), torch.cat(assim), torch.cat(pooled)
     n = len(same_all)
-    token_variation = variation_ratio(spread_of_sum(unit_sum, n), clean_spread(held, chunk_size), shift)
+    token_variation = reference.ratio(spread_of_sum(unit_sum, n), shift)
     pooled_spread = position_spread(torch.cat(pooled_all_units)[:, None])[0] / max(centres.clean_spread, 1e-8)
     return TokenTrigger(tokens, int((same_all > t.same_target).sum()) / n, int((assim_all > t.assimilation).sum()) / n,
                         float(token_variation), int((pooled_all > t.pooled_same_target).sum()) / n,

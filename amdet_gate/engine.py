@@ -49,16 +49,6 @@ def position_similarity(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Ten
     return (cosine * weight).sum(dim=-1) / weight.sum(dim=-1).clamp_min(1)
 
 
-def agreement(features: Tensor, mask: Tensor) -> Tensor:
-    """Mean cosine between different prompts' features at the same position, over the masked
-    positions: (R, B, L, d) x (B, L) -> (R,). One target whatever the prompt gives 1."""
-    weight = mask.to(features.dtype)
-    summed = (_unit(features) * weight[..., None]).sum(dim=1)  # (R, L, d)
-    count = weight.sum(dim=0)  # (L,) prompts at each position
-    pairs = (summed * summed).sum(dim=-1) - count  # sum over p != q of cos(F_p, F_q), (R, L)
-    return pairs.sum(dim=-1) / (count * (count - 1)).sum().clamp_min(1)
-
-
 def position_spread(unit: Tensor) -> Tensor:
     """1 - the mean cosine between different prompts' features at each position: (..., N, L, d)
     unit features -> (..., L). 0: every prompt has the same feature there."""
@@ -71,17 +61,46 @@ def spread_of_sum(summed: Tensor, n: int) -> Tensor:
     return 1 - ((summed * summed).sum(dim=-1) - n) / max(n * (n - 1), 1)
 
 
-def variation_ratio(spread: Tensor, clean_spread: Tensor, shift: int) -> Tensor:
-    """How much of what tells prompts apart is left with a trigger of `shift` vectors inserted.
+@dataclass(frozen=True)
+class CleanSpread:
+    """What tells the clean prompts apart at each position: the reference of a variation ratio.
 
-    `spread` (..., L) is the triggered prompts' `position_spread`, `clean_spread` (L,) the clean
-    ones'. Triggered positions K+1 .. L-1 hold the tokens of clean positions 1 .. L-1-K; both are
-    summed, so a position where clean prompts do not differ (position-specific padding) weighs
-    nothing and one that carries the prompt weighs what it carries. 1: as varied as clean
-    prompts; 0: one output whatever the prompt.
+    Features are compared after removing each position's mean clean direction (`centre`):
+    encoders whose outputs share a large common direction (every prompt at cosine 0.9 to every
+    other) would otherwise look collapsed whatever a trigger does. Positions weigh what clean
+    prompts differ there before centring (`weight`), so padding that is alike across prompts or
+    position-specific weighs nothing, and a position that carries the prompt weighs what it carries.
     """
-    length = spread.shape[-1]
-    return spread[..., shift + 1 :].sum(dim=-1) / clean_spread[1 : length - shift].sum().clamp_min(1e-8)
+
+    centre: Tensor  # (L, d): mean unit clean feature per position
+    weight: Tensor  # (L,): `position_spread` of the clean features
+    spread: Tensor  # (L,): `position_spread` of the centred clean features
+
+    @classmethod
+    def of(cls, clean: Tensor, chunk_size: int = 256) -> CleanSpread:
+        """From clean features (N, L, d)."""
+        n = clean.shape[0]
+        unit_sum = sum(_unit(c).sum(dim=0) for c in clean.split(chunk_size))
+        centre = unit_sum / n
+        centred_sum = sum(_unit(_unit(c) - centre).sum(dim=0) for c in clean.split(chunk_size))
+        return cls(centre, spread_of_sum(unit_sum, n), spread_of_sum(centred_sum, n))
+
+    def shifted_centre(self, shift: int, length: int) -> Tensor:
+        """The centre of triggered features (length, d): slot l > shift holds clean position l - shift."""
+        return torch.cat([self.centre[:1].expand(shift + 1, -1), self.centre[1 : length - shift]])
+
+    def centred_sum(self, features: Tensor, shift: int) -> Tensor:
+        """Sum over prompts of the centred unit triggered features, (..., N, L, d) -> (..., L, d)."""
+        return _unit(_unit(features) - self.shifted_centre(shift, features.shape[-2])).sum(dim=-3)
+
+    def ratio(self, spread: Tensor, shift: int) -> Tensor:
+        """How much of what tells prompts apart is left with a trigger of `shift` vectors in:
+        `spread` (..., L) is the triggered prompts' centred spread. 1: as varied as clean
+        prompts; 0: one output whatever the prompt."""
+        length = spread.shape[-1]
+        weight = self.weight[1 : length - shift]
+        clean = (self.spread[1 : length - shift] * weight).sum().clamp_min(1e-8)
+        return (spread[..., shift + 1 :] * weight).sum(dim=-1) / clean
 
 
 def span_mask(ids: Tensor, eos_token_id: int, shift: int, length: int | None = None) -> Tensor:
@@ -126,11 +145,10 @@ class Models:
 
 
 def inversion_loss(models: Models, embeds: Tensor, clean: Tensor, triggers: Tensor,
-                   beta: float, gamma: float, mask: Tensor | None = None, agree: float = 0.0) -> Tensor:
+                   beta: float, gamma: float, mask: Tensor | None = None) -> Tensor:
     """L(v) = -A(F_s) + beta * S(F_orig, F_s) + gamma * S(F_anchor, F_s), per (restart, prompt).
 
-    With a span mask (B, L) the measures read only the positions the prompts occupy, and
-    `agree` adds agree * (the batch's `variation_ratio`), the same for every prompt of it.
+    With a span mask (B, L) the measures read only the positions the prompts occupy.
     """
     inserted = insert_trigger(embeds, triggers)
     triggered = models.suspect.encode(inserted)
@@ -138,9 +156,6 @@ def inversion_loss(models: Models, embeds: Tensor, clean: Tensor, triggers: Tens
     loss = -assimilation(triggered, mask) + beta * position_similarity(shifted_clean, triggered, mask)
     if models.anchor is not None and gamma:
         loss = loss + gamma * position_similarity(models.anchor.encode(inserted), triggered, mask)
-    if agree:  # what still tells the batch's prompts apart, relative to their clean outputs
-        spread = position_spread(_unit(triggered))
-        loss = loss + agree * variation_ratio(spread, position_spread(_unit(clean)), triggers.shape[1])[:, None]
     return loss
 
 
@@ -221,7 +236,7 @@ class GateValues(Gates):
     landscape_positive_ratio: float | None = None  # None when not computed
     mean_assimilation: float = 0.0
     screened_on: int | None = None  # prompts behind the values when a check stopped early, else None
-    # What still tells the held-out prompts apart with the trigger in (`variation_ratio`); None
+    # What still tells the held-out prompts apart with the trigger in (`CleanSpread.ratio`); None
     # when not computed. Scale-free: read against ordinary words' (`natural.steering`).
     variation_ratio: float | None = None
 
@@ -248,23 +263,18 @@ class HeldOutStats:
     anchor_similarity: Tensor | None
     mean_feature: Tensor  # (R, L, d): the recovered target feature
     first: Tensor  # (R, 1, L, d): the first prompt's output, the "same target" reference
-    unit_sum: Tensor  # (R, L, d): sum of the prompts' unit features, for `spread_of_sum`
-
-
-@torch.no_grad()
-def clean_spread(held: PromptFeatures, chunk_size: int) -> Tensor:
-    """`position_spread` of the held-out prompts' clean outputs, (L,)."""
-    summed = sum(_unit(chunk).sum(dim=0) for chunk in held.clean.split(chunk_size))
-    return spread_of_sum(summed, len(held))
+    unit_sum: Tensor  # (R, L, d): sum of the prompts' unit (or centred unit) features, for `spread_of_sum`
 
 
 @torch.no_grad()
 def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk_size: int,
-                   first: Tensor | None = None, span: bool = False) -> HeldOutStats:
+                   first: Tensor | None = None, span: bool = False,
+                   reference: CleanSpread | None = None) -> HeldOutStats:
     """Gates 1-3 inputs for every trigger at once, in chunks of prompts.
 
     `first` is the reference output for the same-target gate; by default the first prompt's.
     `span`: the measures read only the positions each prompt occupies (`span_mask`).
+    `reference`: `unit_sum` holds the features centred on it (`CleanSpread.centred_sum`).
     """
     per_chunk = max(1, chunk_size // triggers.shape[0])
     assim, same, anchor_sim = [], [], []
@@ -280,7 +290,8 @@ def held_out_stats(models: Models, held: PromptFeatures, triggers: Tensor, chunk
         assim.append(assimilation(triggered, mask))
         same.append(position_similarity(first, triggered, mask))
         feature_sum += triggered.sum(dim=1)
-        unit_sum += _unit(triggered).sum(dim=1)
+        unit_sum += (_unit(triggered).sum(dim=1) if reference is None
+                     else reference.centred_sum(triggered, shift))
         if models.anchor is not None:
             anchor_sim.append(position_similarity(models.anchor.encode(inserted), triggered, mask))
     return HeldOutStats(
@@ -705,7 +716,7 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
         length = optimisation_length(opt.ids[batch], eos_token, settings)
         mask = span_mask(opt.ids[batch], eos_token, shift, length) if span else None
         loss = inversion_loss(models, opt.embeds[batch, :length], clean_features(models.suspect, opt, batch, length),
-                              triggers, settings.beta, settings.gamma, mask, settings.agreement_weight).mean(dim=1)
+                              triggers, settings.beta, settings.gamma, mask).mean(dim=1)
         step += 1
         if not descend(optimiser, loss, triggers, history, bound):
             stop_reason = "non_finite"
@@ -786,7 +797,8 @@ def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, c
     """
     trigger = triggers[best]
     span = settings.span_measures
-    stats = held_out_stats(models, held, trigger[None], settings.chunk_size, span=span)
+    reference = CleanSpread.of(held.clean, settings.chunk_size)
+    stats = held_out_stats(models, held, trigger[None], settings.chunk_size, span=span, reference=reference)
     final_gates = gate_values(stats, thresholds)[0]
     land = known_landscape
     if land is None:
@@ -797,8 +809,8 @@ def _report(models: Models, held: PromptFeatures, triggers: Tensor, best: int, c
                          torch.Generator().manual_seed(settings.seed + steps),
                          span_mask(held.ids[:1], models.suspect.eos_token_id, trigger.shape[0]) if span else None)
     final_gates.landscape_positive_ratio = land.positive_ratio(thresholds.eigenvalue_floor)
-    final_gates.variation_ratio = float(variation_ratio(spread_of_sum(stats.unit_sum[0], len(held)),
-                                                        clean_spread(held, settings.chunk_size), trigger.shape[0]))
+    final_gates.variation_ratio = float(reference.ratio(spread_of_sum(stats.unit_sum[0], len(held)),
+                                                        trigger.shape[0]))
     return SearchOutcome(
         triggers=triggers.cpu(), best_restart=best, checks=checks, detected=detected,
         final_gates=final_gates, landscape=land,

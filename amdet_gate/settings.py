@@ -52,7 +52,6 @@ class SearchSettings:
     bounded_triggers: bool = True
     # Token-path measures over the positions each prompt occupies (engine.span_mask), not all L.
     span_measures: bool = False
-    agreement_weight: float = 0.0  # weight of the cross-prompt agreement term in the token loss
     # The typed-trigger search (token_search) that confirms a free pseudo-trigger's collapse:
     # greedy coordinate steps, swaps tried per step, the prompts it compares them on.
     confirm_iterations: int = 24

@@ -23,14 +23,14 @@ from amdet_gate.confirm import NaturalSteering, TokenTrigger, candidate_tokens, 
 from amdet_gate.encoder import TextEncoderAdapter
 from amdet_gate.engine import (
     Centres,
+    CleanSpread,
     Models,
     PromptFeatures,
     SearchOutcome,
     _unit,
     centred,
     eos_positions,
-    position_spread,
-    variation_ratio,
+    spread_of_sum,
 )
 from amdet_gate.settings import SearchSettings, Thresholds
 
@@ -65,13 +65,13 @@ def _cut(ids: Tensor, eos_token_id: int, shift: int) -> int:
     return int(eos_positions(ids, eos_token_id, shift).max()) + 1
 
 
-def _loss(encoder: TextEncoderAdapter, embeds: Tensor, ids: Tensor, clean_spread: Tensor, shift: int,
+def _loss(encoder: TextEncoderAdapter, embeds: Tensor, ids: Tensor, reference: CleanSpread, shift: int,
           objective: Objective, centre: Tensor | None) -> Tensor:
     """The objective per candidate for embeds (C, B, L, d) of the inserted prompts, (C,)."""
     c, b, length, d = embeds.shape
     features = encoder.encode(embeds.reshape(c * b, length, d)).reshape(c, b, length, -1)
     if objective is Objective.TOKENS:
-        return variation_ratio(position_spread(_unit(features)), clean_spread[:length], shift)
+        return reference.ratio(spread_of_sum(reference.centred_sum(features, shift), b), shift)
     eos = eos_positions(ids, encoder.eos_token_id, shift)
     pooled = encoder.project(features[:, torch.arange(b), eos])
     unit = centred(pooled, centre)
@@ -88,7 +88,7 @@ def token_search(encoder: TextEncoderAdapter, ids: Tensor, start: tuple[int, ...
     length = _cut(batch, encoder.eos_token_id, shift)
     with torch.no_grad():
         clean = encoder.encode(encoder.embed(batch[:, : _cut(batch, encoder.eos_token_id, 0)]))
-        clean_spread = torch.nn.functional.pad(position_spread(_unit(clean)), (0, encoder.seq_len))
+        reference = CleanSpread.of(clean)  # covers the length - shift clean positions the triggered ones hold
         centre = None
         if objective is Objective.POOLED:
             eos = eos_positions(batch, encoder.eos_token_id, 0)
@@ -99,7 +99,7 @@ def token_search(encoder: TextEncoderAdapter, ids: Tensor, start: tuple[int, ...
     def evaluate(options: list[tuple[int, ...]]) -> Tensor:
         with torch.no_grad():
             embeds = torch.stack([encoder.embed(insert_tokens(batch, o)[:, :length]) for o in options])
-            return _loss(encoder, embeds, batch, clean_spread, shift, objective, centre)
+            return _loss(encoder, embeds, batch, reference, shift, objective, centre)
 
     current = start
     current_loss = float(evaluate([current])[0])
@@ -111,7 +111,7 @@ def token_search(encoder: TextEncoderAdapter, ids: Tensor, start: tuple[int, ...
         base = encoder.embed(insert_tokens(batch, current)[:, :length])
         typed = one_hot @ table + encoder.position_embedding.detach()[slots]
         embeds = torch.cat([base[:, :1], typed[None].expand(len(batch), -1, -1), base[:, shift + 1 :]], dim=1)
-        loss = _loss(encoder, embeds[None], batch, clean_spread, shift, objective, centre)[0]
+        loss = _loss(encoder, embeds[None], batch, reference, shift, objective, centre)[0]
         (grad,) = torch.autograd.grad(loss, one_hot)
         grad = grad.masked_fill(~allowed[None], float("inf"))
         ranked = (-grad).topk(settings.top_k, dim=1).indices  # most negative gradient first
