@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amdet_gate.scanner import ScanRequest, scan_model
+from amdet_gate.scanner import ScanRequest, ScanResult, scan_model
 from amdet_gate.settings import FAIL, INCONCLUSIVE
 from bench.population.build import DEFAULT_ROOT, BuiltMember, build
 from bench.population.members import population
@@ -52,12 +52,12 @@ def auroc(positives: list[float], negatives: list[float]) -> float:
     return sum(pairs) / len(pairs) if pairs else float("nan")
 
 
-def _evidence(result) -> str:
-    found = result.confirmation if hasattr(result, "confirmation") else None
-    if not found:
-        return result.search.get("stop_reason", "")
-    best = found[0]
-    return f"tokens {best['text']!r} {best['share']:.2f}"
+def _evidence(result: ScanResult) -> str:
+    """Which path led, and the typed tokens its confirmation found (result.confirmation)."""
+    if not result.confirmation:
+        return f"no lead (token search {result.search.get('stop_reason', '')})"
+    best = max(result.confirmation, key=lambda c: c["score"])
+    return f"{best['objective']} lead, typed {best['text']!r} score {best['score']:.2f}"
 
 
 def scan(member: BuiltMember, mode: str) -> Row:
