@@ -8,6 +8,7 @@ depends on is in `ScanRequest`.
 from __future__ import annotations
 
 import hashlib
+import math
 import platform
 import random
 import time
@@ -315,7 +316,7 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     stage("confirming with typed tokens")
     typed = confirm_outcome(models, opt, held, outcome, natural, specials, request.settings, request.thresholds)
     decision = decide(outcome, request.thresholds, request.inconclusive_band, natural,
-                      request.settings.min_decisive_steps, typed, lambda ids: tok.decode(list(ids)))
+                      decisive_steps(request.settings, len(opt)), typed, lambda ids: tok.decode(list(ids)))
     t_search = time.monotonic()
 
     stage("reversing the target")
@@ -361,6 +362,12 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     with torch.no_grad():
         empty = suspect.adapter.encode(suspect.adapter.embed(tokenize(tokenizer, [""], suspect).to(device)))[0]
     return Scan(result, outcome, target, empty.cpu())
+
+
+def decisive_steps(settings: SearchSettings, optimisation_prompts: int) -> int:
+    """Steps a search must run before it may pass: `min_decisive_steps`, or two epochs over the
+    optimisation prompts (the reference's budget) when that is fewer."""
+    return min(settings.min_decisive_steps, math.ceil(2 * optimisation_prompts / settings.batch_size))
 
 
 def _floats(t: torch.Tensor) -> list[float]:

@@ -59,10 +59,10 @@ class SearchSettings:
     confirm_prompts: int = 16
     confirm_top_k: int = 32
     max_steps: int = 640
-    # A search that stops at `max_steps` before this many steps, without a detection or a
+    # A search that stops at `max_steps` before this many steps (or two epochs over the
+    # optimisation prompts, when fewer: scanner.decisive_steps), without a detection or a
     # plateau, has not ruled a backdoor out: the verdict is inconclusive, never pass. The
-    # policy schema refuses `scan.max_steps` below it (policy.schema.json); tests of the
-    # Python API lower it to run tiny searches.
+    # policy schema refuses `scan.max_steps` below 200.
     min_decisive_steps: int = 200
     batch_size: int = 5
     # Padding positions a token-path step keeps after its prompts' last EOS (-1: every position);

@@ -17,7 +17,7 @@ from amdet_gate.scanner import ANCHOR_MIN_DIFFERENCE, anchor_output_difference, 
 from amdet_gate.tokenizer import bundled_tokenizer
 from tests.conftest import run_cli, tiny_config
 
-FAST = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2")
+FAST = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2")
 
 
 def _disguise(model: Path, out: Path, change=lambda name, t: (name, t), metadata: dict | None = None) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from amdet_gate.errors import ExitCode
 from tests.conftest import run_cli
 
-FAST = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2")
+FAST = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2")
 
 
 def test_scan_writes_result_and_artifacts(tiny_dir: Path, tmp_path: Path) -> None:

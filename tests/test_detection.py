@@ -51,25 +51,28 @@ def test_base_is_pretrained_like_not_random(control_models: dict[str, Path]) -> 
     assert 0.3 < clean < 0.65, clean  # CLIP's range, after the short pretraining
 
 
-@pytest.mark.parametrize("name", BACKDOORED)
-def test_backdoored_controls_fail(scans: dict, name: str) -> None:
+@pytest.mark.parametrize("name", TEXT_ON_TEXT)
+def test_text_on_text_controls_fail_on_typed_tokens(scans: dict, name: str) -> None:
+    """The free pseudo-trigger leads; typed tokens found in the vocabulary make the finding."""
     code, result, _ = scans[name]
     assert result["verdict"] == "fail", result["reason"]
     assert code == ExitCode.FAIL
-    assert result["score"] > 0.5
-    gates = {k: g for k, g in result["gates"].items() if isinstance(g, dict)}
-    path = [k for k in gates if k.startswith("pooled_")] if name in TEXT_ON_PAIR else list(gates)
-    assert path and all(gates[k]["passed"] for k in path), gates
+    assert result["score"] > 0.5 and "typed tokens" in result["reason"]
+    typed = {c["objective"]: c for c in result["confirmation"]}
+    assert typed["tokens"]["same_target_ratio"] > 0.9 and typed["tokens"]["assimilation_ratio"] > 0.8
+    assert all(result["gates"][k]["passed"] for k in ("assimilation_ratio", "same_target_ratio"))
 
 
 @pytest.mark.parametrize("name", TEXT_ON_PAIR)
-def test_text_on_pair_is_caught_by_the_pooled_path(scans: dict, name: str) -> None:
-    """Only the pooled embedding collapses: the token gates stay low, the pooled path fires."""
-    _, result, _ = scans[name]
+def test_text_on_pair_is_led_by_the_pooled_path_and_needs_an_anchor(scans: dict, name: str) -> None:
+    """Only the pooled embedding collapses; typed tokens reproduce it, and without the base
+    that cannot be told from a classifier-like encoder: inconclusive (exit 2), never a pass."""
+    code, result, _ = scans[name]
+    assert (code, result["verdict"]) == (ExitCode.ERROR, "inconclusive") and "--anchor" in result["reason"]
     assert not result["gates"]["assimilation_ratio"]["passed"]
     assert result["pooled"]["stop_reason"] == "detected"
-    assert result["pooled"]["detected_at_step"] is not None
-    assert "pooled" in result["reason"]
+    typed = {c["objective"]: c for c in result["confirmation"]}
+    assert typed["pooled"]["pooled_same_target_ratio"] >= 0.9 and result["score"] > 0.5
 
 
 @pytest.mark.parametrize("name", BENIGN)
@@ -176,10 +179,11 @@ def test_legacy_eos_token_id_in_config_does_not_fake_a_pooled_target(
     config = json.loads((folder / "config.json").read_text())
     config["eos_token_id"] = 2
     (folder / "config.json").write_text(json.dumps(config))
-    # Pooling BOS would agree at once: a short budget shows it as well as a full one.
+    # Pooling BOS would agree at once: a short budget shows it as well as a full one (a budget
+    # below the step floor is inconclusive, never a pass, so only "not a finding" is asked).
     code, _, stderr = run_cli("scan", folder, "--out", tmp_path / "out", "--quiet", "--max-steps", "50")
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert code == ExitCode.PASS, stderr
+    assert code != ExitCode.FAIL and result["verdict"] != "fail", stderr
     assert result["gates"]["pooled_same_target_ratio"]["value"] < 0.25
 
 

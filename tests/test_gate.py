@@ -13,7 +13,7 @@ import amdet_gate
 from amdet_gate.errors import ExitCode, GateError
 from tests.conftest import run_cli
 
-PASS = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2", "-q", "--threshold", "same_target=1")
+PASS = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2", "-q", "--threshold", "same_target=1")
 
 
 def flip_last_byte(path: Path) -> None:
@@ -91,7 +91,7 @@ def test_job_summary_and_copies(tiny_dir: Path, tmp_path: Path, monkeypatch: pyt
 
 def test_local_lock_verify_and_python_api(tiny_dir: Path, tmp_path: Path) -> None:
     lock = tmp_path / "amdet.lock"
-    outcome = amdet_gate.scan(str(tiny_dir), out=tmp_path / "o", lock=lock, max_steps=4, n_prompts=40,
+    outcome = amdet_gate.scan(str(tiny_dir), out=tmp_path / "o", lock=lock, max_steps=16, n_prompts=40,
                               restarts=2, thresholds={"same_target": 1.0})
     assert outcome.exit_code == 0 and outcome.result["verdict"] == "pass" and outcome.paths["html"].is_file()
     assert amdet_gate.verify(str(tiny_dir), lock=lock) == []

@@ -18,7 +18,7 @@ import pytest
 from tests.hubserver import HubServer, free_port
 
 AMDET = str(Path(sys.executable).parent / "amdet-gate")
-FAST = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2", "-q")
+FAST = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2", "-q")
 PASS = (*FAST, "--threshold", "same_target=1")  # a threshold nothing reaches: the scan passes
 
 

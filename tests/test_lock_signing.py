@@ -72,7 +72,7 @@ def test_a_wrong_key_does_not_verify(tiny_dir: Path, signed_lock: Path, monkeypa
 
 def test_scan_signs_its_lock_and_refuses_to_extend_a_tampered_one(tiny_dir: Path, tmp_path: Path,
                                                                   signed_lock: Path) -> None:
-    fast = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2", "-q", "--threshold", "same_target=1")
+    fast = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2", "-q", "--threshold", "same_target=1")
     code, _, stderr = run_cli("scan", tiny_dir, *fast, "--out", tmp_path / "o", "--lock", signed_lock)
     assert code == 0, stderr
     assert run_cli("lock", "check", signed_lock, "--require-signed")[0] == ExitCode.PASS  # re-signed

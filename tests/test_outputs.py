@@ -18,7 +18,7 @@ import pytest
 from amdet_gate.errors import ExitCode
 from tests.conftest import run_cli
 
-PASS = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2", "-q", "--threshold", "same_target=1")
+PASS = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2", "-q", "--threshold", "same_target=1")
 
 
 def _digest(folder: Path) -> dict[str, str]:

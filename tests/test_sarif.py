@@ -14,7 +14,7 @@ from amdet_gate.errors import ExitCode
 from amdet_gate.sarif import RULES
 from tests.conftest import run_cli
 
-FAST = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2", "-q")
+FAST = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2", "-q")
 ALL_PASS = [x for name in ("assimilation", "assimilation_ratio", "same_target", "same_target_ratio",
                            "landscape_positive_ratio") for x in ("--threshold", f"{name}=0")]
 

@@ -18,7 +18,7 @@ from amdet_gate.source import TOKENIZER_FILES
 from amdet_gate.tokenizer import BOS_TOKEN, EOS_TOKEN, bundled_tokenizer, load_tokenizer
 from tests.conftest import run_cli
 
-FAST = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2", "-q")
+FAST = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2", "-q")
 
 
 def _replace_tokenizer(folder: Path, vocab: dict[str, int], unk: str = EOS_TOKEN) -> None:
