@@ -17,7 +17,7 @@ def test_scan_writes_result_and_artifacts(tiny_dir: Path, tmp_path: Path) -> Non
     assert code in (ExitCode.PASS, ExitCode.FAIL, ExitCode.ERROR)
     assert code == {"pass": 0, "fail": 1, "inconclusive": 2}[result["verdict"]]
     assert result["verdict"].upper() in stdout
-    assert result["search"]["steps"] <= 4 and result["prompts"]["held_out"] == 10
+    assert result["search"]["steps"] <= 16 and result["prompts"]["held_out"] == 10
     for name in ("pseudo_trigger.safetensors", "target_feature.safetensors", "landscape.safetensors",
                  "textual_inversion/learned_embeds.safetensors"):
         assert (tmp_path / "out" / name).is_file()

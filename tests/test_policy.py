@@ -101,9 +101,9 @@ def test_scan_uses_policy_and_flags_win(tiny_dir: Path, tmp_path: Path) -> None:
                    tmp_path / "out", "-q")[0]
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["settings"]["search"]["max_steps"] == 3 and result["settings"]["search"]["restarts"] == 3
-    # Three steps cannot rule a backdoor out (the floor: two epochs over 32 optimisation
-    # prompts in batches of 5): inconclusive (exit 2), never a pass.
-    assert (code, result["verdict"]) == (ExitCode.ERROR, "inconclusive") and "below the 13" in result["reason"]
+    # Three steps cannot rule a backdoor out (the floor here: two epochs over the 30
+    # optimisation prompts in batches of 5, 12 steps): inconclusive (exit 2), never a pass.
+    assert (code, result["verdict"]) == (ExitCode.ERROR, "inconclusive") and "below the 12" in result["reason"]
     assert result["settings"]["thresholds"]["same_target"] == 0.5
     assert result["policy"]["source"] == str(path)
     assert run_cli("scan", tiny_dir, "--policy", write(tmp_path, "version: 7\n"), "-q")[0] == ExitCode.USAGE
