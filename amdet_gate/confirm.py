@@ -153,7 +153,7 @@ class NaturalSteering:
 
 @torch.no_grad()
 def natural_steering(models: Models, held: PromptFeatures, t: Thresholds, excluded: set[int], chunk_size: int,
-                     tokens: int = 48, prompts: int = 48, seed: int = 0, span: bool = False) -> NaturalSteering:
+                     tokens: int = 16, prompts: int = 32, seed: int = 0, span: bool = False) -> NaturalSteering:
     """Each of `tokens` corpus words, inserted twice after BOS (the trigger's two slots), measured
     on the first `prompts` held-out prompts."""
     centres = Centres.of(models, held)  # the pooled search's centre
