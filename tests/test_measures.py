@@ -146,3 +146,25 @@ def test_typed_token_search_improves_its_objective_and_never_types_an_excluded_t
         found = token_search(encoder, ids, (1500, 1500), allowed, objective, settings)
         assert found.loss <= found.start_loss and all(1000 <= i < 3000 for i in found.ids)
         assert token_search(encoder, ids, (1500, 1500), allowed, objective, settings) == found
+
+
+def test_pooled_path_reads_the_projected_feature_when_the_checkpoint_has_one(tmp_path) -> None:  # noqa: ANN001
+    """CLIPTextModelWithProjection: the pooled path measures what SDXL and retrieval read."""
+    from transformers import CLIPTextModelWithProjection
+
+    from amdet_gate.encoder import load_encoder
+    from tests.conftest import save_bundled_tokenizer, tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.projection_dim = 24
+    model = CLIPTextModelWithProjection(config).eval()
+    model.save_pretrained(str(tmp_path / "m"))
+    save_bundled_tokenizer(tmp_path / "m")
+    adapter = load_encoder(tmp_path / "m").adapter
+    ids = bundled_tokenizer()(builtin_prompts()[:4], adapter.seq_len)
+    pooled = adapter.pooled(adapter.encode(adapter.embed(ids)), ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids).text_embeds
+    assert pooled.shape == (4, 24)
+    torch.testing.assert_close(pooled, expected, atol=1e-4, rtol=1e-4)
