@@ -148,7 +148,7 @@ def test_typed_token_search_improves_its_objective_and_never_types_an_excluded_t
         assert token_search(encoder, ids, (1500, 1500), allowed, objective, settings) == found
 
 
-def test_pooled_path_reads_the_projected_feature_when_the_checkpoint_has_one(tmp_path) -> None:  # noqa: ANN001
+def test_pooled_path_reads_the_projected_feature_when_the_checkpoint_has_one(tmp_path) -> None:
     """CLIPTextModelWithProjection: the pooled path measures what SDXL and retrieval read."""
     from transformers import CLIPTextModelWithProjection
 
