@@ -13,7 +13,8 @@ import torch
 from hostile import Case, Invocation, Outcome, Workspace
 from safetensors.torch import load_file, save_file
 
-FAST = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2", "-q")
+FAST = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2", "-q")
+UNBUDGETED = FAST[2:]  # the same scan, its step budget left to the case
 PASSING = (*FAST, "--threshold", "same_target=1")  # a tiny random encoder, decided as a pass
 LOCK_KEY = "a-ci-secret-of-32-characters-xx"
 SAMPLE_RESULT = Path(__file__).resolve().parents[1] / "tests" / "data" / "sample_result.json"
