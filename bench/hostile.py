@@ -158,7 +158,9 @@ def judge(ws: Workspace, case: Case, inv: Invocation, out: Outcome) -> list[str]
     stray = [line for line in lines if not line.startswith("amdet-gate: ")]
     if case.expect in (0, 1) and errors:
         problems.append(f"an error line on success: {errors[0][:120]!r}")
-    if case.expect not in (0, 1) and len(errors) != 1:
+    # An inconclusive verdict is exit 2 too, reported as a verdict on stdout, not as an error.
+    inconclusive = case.expect == 2 and not errors and "INCONCLUSIVE" in out.stdout
+    if case.expect not in (0, 1) and len(errors) != 1 and not inconclusive:
         problems.append(f"{len(errors)} error lines on stderr: {out.stderr[-300:]!r}")
     if stray:
         problems.append(f"stray stderr: {stray[0][:120]!r}")

@@ -123,7 +123,7 @@ CASES: list[Case] = [
     Case("AMDET_TIME_BUDGET=inf", scan_with(env={"AMDET_TIME_BUDGET": "inf"}), USAGE),
     # --- a search cut short by its step budget is inconclusive, never a pass ----------------------
     Case("search cut short: --max-steps 1", scan_with("--max-steps", "1", flags=UNBUDGETED), ERROR),
-    Case("search cut short: AMDET_MAX_STEPS=5", scan_with(env={"AMDET_MAX_STEPS": "5"}, flags=UNBUDGETED), ERROR),
+    Case("search cut short: AMDET_MAX_STEPS=5", scan_with(env={"AMDET_MAX_STEPS": "5"}, flags=UNBUDGETED), USAGE),
     Case("search cut short: policy scan.max_steps 1",
          scan_with("--policy", lambda ws: write(ws, "short.yaml", "version: 1\nscan: {max_steps: 1}\n"),
                    flags=UNBUDGETED), USAGE),

@@ -64,11 +64,15 @@ def test_text_on_text_controls_fail_on_typed_tokens(scans: dict, name: str) -> N
 
 
 @pytest.mark.parametrize("name", TEXT_ON_PAIR)
-def test_text_on_pair_is_led_by_the_pooled_path_and_needs_an_anchor(scans: dict, name: str) -> None:
-    """Only the pooled embedding collapses; typed tokens reproduce it, and without the base
-    that cannot be told from a classifier-like encoder: inconclusive (exit 2), never a pass."""
+def test_text_on_pair_is_led_by_the_pooled_path_and_never_passes(scans: dict, name: str) -> None:
+    """Only the pooled embedding collapses under the free vector; typed tokens reproduce it.
+    Without the base, a pooled-only collapse is inconclusive (a classifier-like encoder does the
+    same for its class words); the typed trigger may also collapse the EOS and padding features
+    the pooled output comes from, which is a finding of its own."""
     code, result, _ = scans[name]
-    assert (code, result["verdict"]) == (ExitCode.ERROR, "inconclusive") and "--anchor" in result["reason"]
+    assert (code, result["verdict"]) in ((ExitCode.ERROR, "inconclusive"), (ExitCode.FAIL, "fail"))
+    if result["verdict"] == "inconclusive":
+        assert "--anchor" in result["reason"]
     assert not result["gates"]["assimilation_ratio"]["passed"]
     assert result["pooled"]["stop_reason"] == "detected"
     typed = {c["objective"]: c for c in result["confirmation"]}
