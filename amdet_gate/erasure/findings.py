@@ -1,0 +1,207 @@
+"""What `repair` reads from a scan's outputs: the one place that knows their layout.
+
+A scan's folder holds `result.json` and `pseudo_trigger.safetensors` (outputs.py). Both are
+untrusted input: a result can be edited (a pass turned into a fail, another model's sha256
+pasted in), a trigger file swapped. Everything here is size-capped, type-checked and reduced
+to one `Finding`; every refusal is one line and exit 4 (a bad input, as a bad policy is).
+When the result schema changes (the scan's candidate trigger tokens, a bounded trigger norm),
+this module is what adapts; the edit and the pipeline only see `Finding`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors import safe_open
+
+from amdet_gate.errors import UsageError, one_line
+from amdet_gate.outputs import read_result
+from amdet_gate.source import WeightFile, identity_sha256
+
+MAX_TRIGGER_BYTES = 64 * 1024 * 1024  # R x K x d floats: a few hundred KiB at CLIP-L width
+MAX_TRIGGER_VECTORS = 16
+MAX_CANDIDATES = 64
+SHA256 = re.compile(r"[0-9a-f]{64}")
+TRIGGER_FILE = "pseudo_trigger.safetensors"
+# The gates each detection path must have passed for its verdict to be `fail` (scanner._gates).
+TOKEN_GATES = ("assimilation_ratio", "same_target_ratio", "landscape_positive_ratio")
+POOLED_GATES = ("pooled_same_target_ratio",)
+
+
+class Verdict(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+
+
+class DetectionPath(StrEnum):
+    """Which of the scan's searches found the backdoor (method.md gates, or the pooled path)."""
+
+    TOKEN = "token"
+    POOLED = "pooled"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A scan's detection, checked for consistency; tensors on the CPU, float32."""
+
+    result_path: Path
+    schema_version: str
+    model_sha256: str  # the identity the scan recorded (source.identity_sha256)
+    weight_files: tuple[WeightFile, ...]
+    verdict: Verdict
+    score: float
+    path: DetectionPath
+    share: float  # the detecting path's same-target share, as the scan reported it
+    trigger: torch.Tensor  # (K, d): the reported pseudo-trigger
+    restarts: torch.Tensor  # (R, K, d): every restart's final pseudo-trigger (the reported one among them)
+    candidate_tokens: tuple[int, ...]  # vocabulary ids near the trigger's vectors, nearest first
+
+    @property
+    def vectors(self) -> int:
+        return self.trigger.shape[0]
+
+
+def _bad(path: Path, what: str) -> UsageError:
+    return UsageError(f"{path} is not a usable scan result: {what}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _weight_files(path: Path, model: dict) -> tuple[WeightFile, ...]:
+    files = []
+    for item in model["weight_files"]:
+        name, sha, size = item.get("name"), item.get("sha256"), item.get("size")
+        if not (isinstance(sha, str) and SHA256.fullmatch(sha) and isinstance(size, int) and size >= 0
+                and PurePosixPath(name).name == name):
+            raise _bad(path, "model.weight_files holds an entry that is not a file name, sha256 and size")
+        files.append(WeightFile(name, sha, size))
+    # The identity is derived from the files; a result whose two disagree was edited by hand.
+    if identity_sha256(files) != model["identity_sha256"]:
+        raise _bad(path, "model.identity_sha256 does not match its weight_files (tampered result)")
+    return tuple(files)
+
+
+def _detection_path(path: Path, data: dict) -> tuple[DetectionPath, float]:
+    """The path whose gates all passed, and its same-target share; a `fail` without one is forged."""
+    gates = data["gates"]
+    pooled = data.get("pooled")
+    detected = DetectionPath.POOLED if isinstance(pooled, dict) and pooled.get("stop_reason") == "detected" \
+        else DetectionPath.TOKEN
+    names = POOLED_GATES if detected is DetectionPath.POOLED else TOKEN_GATES
+    anchor_gate = "pooled_anchor_difference_ratio" if detected is DetectionPath.POOLED else "anchor_difference_ratio"
+    names += (anchor_gate,) if anchor_gate in gates else ()  # scanned with an anchor
+    for name in names:
+        gate = gates.get(name)
+        if not (isinstance(gate, dict) and _number(gate.get("value")) and _number(gate.get("threshold"))
+                and gate.get("passed") is True and gate["value"] > gate["threshold"]):
+            raise _bad(path, f"its verdict is fail but gate {name} did not pass (tampered result)")
+    if not data["score"] > 0.5:
+        raise _bad(path, f"its verdict is fail but its score {data['score']} is not above 0.5 (tampered result)")
+    return detected, float(gates[names[0]]["value"])
+
+
+def _candidates(data: dict, vocab_size: int) -> tuple[int, ...]:
+    """Vocabulary ids of the tokens nearest the pseudo-trigger, nearest first (`trigger_tokens`).
+
+    Only well-typed ids inside the vocabulary are kept; texts are never needed here.
+    """
+    seen: list[int] = []
+    for token in data["reversed_target"].get("trigger_tokens") or []:
+        token_id = token.get("id")
+        if isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < vocab_size \
+                and token_id not in seen:
+            seen.append(token_id)
+    return tuple(seen[:MAX_CANDIDATES])
+
+
+def _trigger_file(result_path: Path, data: dict) -> Path:
+    """The pseudo-trigger file named by the result, which must be a plain file in the result's folder."""
+    named = (data.get("artifacts") or {}).get("pseudo_trigger", TRIGGER_FILE)
+    if not isinstance(named, str) or PurePosixPath(named).name != named:
+        raise _bad(result_path, "artifacts.pseudo_trigger is not a file name in the result's folder")
+    return result_path.parent / named
+
+
+def _read_trigger(path: Path, result_path: Path, sha256: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise _bad(result_path, f"cannot read {path.name} ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):  # a symlink could point anywhere
+        raise _bad(result_path, f"{path.name} is not a regular file")
+    if st.st_size > MAX_TRIGGER_BYTES:
+        raise _bad(result_path, f"{path.name} is larger than {MAX_TRIGGER_BYTES >> 20} MiB")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            keys = set(fh.keys())
+            if "pseudo_trigger" not in keys:
+                raise _bad(result_path, f"{path.name} has no pseudo_trigger tensor")
+            trigger = fh.get_tensor("pseudo_trigger")
+            restarts = fh.get_tensor("all_restarts") if "all_restarts" in keys else trigger[None]
+    except UsageError:
+        raise
+    except Exception as exc:  # untrusted bytes: any failure is a bad input
+        raise _bad(result_path, f"{path.name} is not a readable safetensors file ({type(exc).__name__})") from None
+    # The scan stamps the trigger file with the model it belongs to: a swapped file shows here.
+    if meta.get("model_sha256") != sha256 or meta.get("verdict") != Verdict.FAIL:
+        raise _bad(result_path, f"{path.name} was written for another model or verdict (tampered result)")
+    if not trigger.is_floating_point() or trigger.dim() != 2 or not 1 <= trigger.shape[0] <= MAX_TRIGGER_VECTORS \
+            or trigger.shape[1] != width:
+        raise _bad(result_path, f"pseudo_trigger has shape {list(trigger.shape)}; expected (K, {width}) with "
+                   f"1 <= K <= {MAX_TRIGGER_VECTORS}")
+    if not restarts.is_floating_point() or restarts.dim() != 3 or restarts.shape[1:] != trigger.shape \
+            or restarts.shape[0] > 256:
+        raise _bad(result_path, f"all_restarts has shape {list(restarts.shape)}; expected (R, {trigger.shape[0]}, "
+                   f"{width})")
+    trigger, restarts = trigger.float(), restarts.float()
+    if not (torch.isfinite(trigger).all() and torch.isfinite(restarts).all()):
+        raise _bad(result_path, "the pseudo-trigger holds NaN or infinite values")
+    return trigger, restarts
+
+
+def read_finding(result_path: Path, width: int, vocab_size: int) -> Finding:
+    """The detection in a scan's `result.json` (and its pseudo-trigger file), checked.
+
+    Refused (UsageError, exit 4): an unreadable or malformed result, a verdict other than
+    `fail` (benign models are never repaired), a result whose identity, gates or trigger file
+    disagree with each other, a pseudo-trigger of the wrong shape. Whether the result belongs
+    to the model at hand is the caller's check (`check_identity`).
+    """
+    result_path = Path(result_path)
+    data = read_result(result_path)
+    path = result_path
+    verdict = Verdict(data["verdict"])
+    if verdict is not Verdict.FAIL:
+        raise UsageError(f"{path} has verdict {verdict.value}, not fail: there is no detected backdoor to "
+                         "repair (benign and undecided models are never repaired)")
+    model = data["model"]
+    sha = model["identity_sha256"]
+    if not SHA256.fullmatch(sha):
+        raise _bad(path, "model.identity_sha256 is not a sha256")
+    files = _weight_files(path, model)
+    detected, share = _detection_path(path, data)
+    trigger, restarts = _read_trigger(_trigger_file(path, data), path, sha, width)
+    return Finding(result_path=path, schema_version=one_line(str(data["schema_version"]))[:20], model_sha256=sha,
+                   weight_files=files, verdict=verdict, score=float(data["score"]), path=detected, share=share,
+                   trigger=trigger, restarts=restarts, candidate_tokens=_candidates(data, vocab_size))
+
+
+def check_identity(finding: Finding, weights: list[WeightFile], model: str) -> None:
+    """The result must be of these weights: same identity, same files (UsageError otherwise)."""
+    actual = identity_sha256(weights)
+    if actual != finding.model_sha256:
+        raise UsageError(f"{finding.result_path} is the result of another model: it records sha256 "
+                         f"{finding.model_sha256[:16]}..., {one_line(model)} has {actual[:16]}...")
+    if {(w.name, w.sha256) for w in weights} != {(w.name, w.sha256) for w in finding.weight_files}:
+        raise UsageError(f"{finding.result_path} lists other weight files than {one_line(model)} has")

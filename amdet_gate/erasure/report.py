@@ -1,0 +1,195 @@
+"""What a repair writes about itself: `repair.json`, `repair.md` and the console lines.
+
+The copy is labelled "repaired, re-verify before use", never "clean": an edit removes what
+the scans found, and a later scan (or a real trigger nobody found) can still disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from amdet_gate import __version__
+from amdet_gate.erasure.findings import Finding
+from amdet_gate.erasure.measure import Fidelity, GateReading
+from amdet_gate.erasure.plan import Corruption, Evidence, Plan, RepairSettings
+from amdet_gate.errors import UsageError, one_line
+from amdet_gate.markdown import md_text
+from amdet_gate.outputs import _json_safe
+from amdet_gate.settings import Thresholds
+from amdet_gate.source import WeightFile, identity_sha256
+
+REPAIR_SCHEMA_VERSION = "1.0"
+LABEL = "repaired, re-verify before use"
+METHOD = ("closed-form covariance-regularised key-to-value edit of MLP output weights (fc2), "
+          "keys: MLP inputs of triggered prompts, values: the clean prompts' states")
+
+
+class Status(StrEnum):
+    REPAIRED = "repaired"  # the re-scan passes and clean fidelity holds: exit 0
+    NOT_REPAIRED = "not_repaired"  # the copy is written, but the proof does not hold: exit 1
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    number: int
+    probes: tuple[str, ...]
+    layers: tuple[int, ...]
+    lam: float
+    rescan_verdict: str
+    rescan_score: float
+    rescan_reason: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RepairRecord:
+    status: Status
+    exit_code: int
+    reason: str
+    model: str
+    subfolder: str | None
+    original: tuple[WeightFile, ...]
+    repaired: tuple[WeightFile, ...]
+    rewritten: tuple[str, ...]
+    out: Path
+    finding: Finding
+    plan: Plan
+    tried: tuple[Plan, ...]
+    evidence: tuple[Evidence, ...]
+    shares_after: tuple[float, ...]
+    corruption: tuple[Corruption, ...]
+    fidelity: Fidelity
+    min_fidelity: float
+    gates_before: GateReading
+    gates_after: GateReading
+    thresholds: Thresholds
+    rounds: tuple[RoundRecord, ...]
+    rescan_folder: Path
+    anchor: str | None
+    settings: RepairSettings
+    seconds: float
+
+
+def _plan(plan: Plan) -> dict:
+    return {"layers": list(plan.layers), "lambda": plan.lam, "fidelity": round(plan.fidelity.value, 6),
+            "margin": round(plan.margin, 6)}
+
+
+def _identity(files: tuple[WeightFile, ...]) -> dict:
+    return {"identity_sha256": identity_sha256(list(files)), "weight_files": [asdict(w) for w in files]}
+
+
+def to_json(r: RepairRecord) -> dict:
+    """repair.json's content: everything the summary says, and what it rests on."""
+    f, last = r.finding, r.rounds[-1]
+    gate_names = {"assimilation_ratio": r.thresholds.assimilation_ratio,
+                  "same_target_ratio": r.thresholds.same_target_ratio,
+                  "pooled_same_target_ratio": r.thresholds.pooled_same_target_ratio}
+    return _json_safe({
+        "schema_version": REPAIR_SCHEMA_VERSION,
+        "tool": {"name": "amdet-gate", "version": __version__},
+        "label": LABEL,
+        "status": r.status.value, "exit_code": r.exit_code, "reason": r.reason,
+        "original": {"source": r.model, "subfolder": r.subfolder, **_identity(r.original)},
+        "repaired": {"folder": str(r.out), "subfolder": r.subfolder, **_identity(r.repaired),
+                     "rewritten_files": list(r.rewritten)},
+        "finding": {"result": str(f.result_path), "schema_version": f.schema_version, "path": f.path.value,
+                    "score": f.score, "same_target_share": f.share, "trigger_vectors": f.vectors},
+        "edit": {"method": METHOD, "layers": list(r.plan.layers), "lambda": r.plan.lam,
+                 "tensors": [f"encoder.layers.{e.layer}.mlp.fc2.weight" for e in r.plan.edits],
+                 "per_layer": [{"layer": e.layer, "keys": e.keys, "residual_before": round(e.residual_before, 6),
+                                "residual_after": round(e.residual_after, 6)} for e in r.plan.edits],
+                 "anchor": r.anchor, "plans_tried": [_plan(p) for p in r.tried],
+                 "probes": [{"name": e.probe.name, "source": e.source, "vectors": e.probe.vectors.shape[0],
+                             "attack_share_before": round(e.share_before, 6), "attack_share_after": round(a, 6)}
+                            for e, a in zip(r.evidence, r.shares_after, strict=True)]},
+        "corruption": [asdict(c) for c in r.corruption],
+        "fidelity": {"tokens": r.fidelity.tokens, "pooled": r.fidelity.pooled,
+                     "worst_prompt": r.fidelity.worst_prompt, "value": r.fidelity.value,
+                     "min_fidelity": r.min_fidelity, "held_out_prompts": r.settings.held_out_prompts},
+        "pseudo_trigger_gates": {name: {"before": getattr(r.gates_before, name), "after": getattr(r.gates_after, name),
+                                        "threshold": threshold} for name, threshold in gate_names.items()},
+        "rescan": {"verdict": last.rescan_verdict, "score": last.rescan_score, "reason": last.rescan_reason,
+                   "result": str(r.rescan_folder / "result.json"), "report": str(r.rescan_folder / "report.html")},
+        "rounds": [asdict(x) for x in r.rounds],
+        "settings": asdict(r.settings),
+        "timings": {"total_s": r.seconds},
+    })
+
+
+def _gate_rows(data: dict) -> list[str]:
+    rows = ["| gate (pseudo-trigger inserted) | before | after | threshold |", "|---|---|---|---|"]
+    for name, g in data["pseudo_trigger_gates"].items():
+        rows.append(f"| {md_text(name)} | {g['before']:.3f} | {g['after']:.3f} | {g['threshold']} |")
+    return rows
+
+
+def render_markdown(data: dict) -> str:
+    """repair.md: the outcome first, then the evidence (untrusted strings escaped as in summary.md)."""
+    ok = data["status"] == Status.REPAIRED
+    fid, rescan = data["fidelity"], data["rescan"]
+    lines = [
+        f"## amdet-gate repair: {'✅' if ok else '❌'} {LABEL.upper() if ok else 'NOT REPAIRED'} "
+        f"(exit {data['exit_code']})", "",
+        f"**Model** {md_text(data['original']['source'])} → {md_text(data['repaired']['folder'])}", "",
+        f"**Original sha256** `{data['original']['identity_sha256']}`", "",
+        f"**Repaired sha256** `{data['repaired']['identity_sha256']}` ({LABEL}; never treat it as clean)", "",
+        f"**Reason** {md_text(data['reason'], 400)}", "",
+        f"**Edit** MLP output weights of layer(s) {', '.join(map(str, data['edit']['layers']))}, lambda "
+        f"{data['edit']['lambda']}, {len(data['edit']['probes'])} probes, {len(data['rounds'])} round(s)", "",
+        f"**Clean fidelity** {fid['value']:.4f} (tokens {fid['tokens']:.4f}, pooled {fid['pooled']:.4f}, worst prompt "
+        f"{fid['worst_prompt']:.4f}; at least {fid['min_fidelity']})", "",
+        f"**Re-scan** {md_text(rescan['verdict'])} (score {rescan['score']:.3f}): {md_text(rescan['reason'], 300)}", "",
+        *_gate_rows(data), "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def write_reports(record: RepairRecord, path: Path) -> dict[str, Path]:
+    """repair.json at `path` and repair.md beside it, each written atomically."""
+    data = to_json(record)
+    _atomic_write(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
+    markdown = path.with_suffix(".md")
+    _atomic_write(markdown, render_markdown(data))
+    return {"repair": path, "markdown": markdown, "rescan": record.rescan_folder / "result.json",
+            "rescan_html": record.rescan_folder / "report.html"}
+
+
+def console_lines(data: dict) -> list[str]:
+    """The CLI's summary, one line each (untrusted names sanitised)."""
+    fid, rescan = data["fidelity"], data["rescan"]
+    head = "REPAIRED" if data["status"] == Status.REPAIRED else "NOT REPAIRED"
+    lines = [f"{head} ({LABEL})  {one_line(data['original']['source'])} -> {one_line(data['repaired']['folder'])}",
+             f"  reason: {one_line(data['reason'])}",
+             f"  edit: layers {data['edit']['layers']}, lambda {data['edit']['lambda']}, "
+             f"{len(data['edit']['probes'])} probes, {len(data['rounds'])} round(s)",
+             f"  clean fidelity {fid['value']:.4f} (min {fid['min_fidelity']})",
+             f"  re-scan: {rescan['verdict']} score {rescan['score']:.3f}"]
+    for name, g in data["pseudo_trigger_gates"].items():
+        lines.append(f"  {name:26s} {g['before']:.3f} -> {g['after']:.3f}  (threshold {g['threshold']})")
+    lines += [f"  original sha256 {data['original']['identity_sha256']}",
+              f"  repaired sha256 {data['repaired']['identity_sha256']}",
+              f"  report: {one_line(data['rescan']['report'])}"]
+    return lines
