@@ -10,19 +10,20 @@ this module is what adapts; the edit and the pipeline only see `Finding`.
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import re
-import stat
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 
-from amdet_gate.errors import UsageError, one_line
+from amdet_gate.errors import UsageError
+from amdet_gate.files import read_capped
 from amdet_gate.outputs import read_result
+from amdet_gate.sanitise import one_line
 from amdet_gate.source import WeightFile, identity_sha256
 
 MAX_TRIGGER_BYTES = 64 * 1024 * 1024  # R x K x d floats: a few hundred KiB at CLIP-L width
@@ -132,27 +133,27 @@ def _trigger_file(result_path: Path, data: dict) -> Path:
     return result_path.parent / named
 
 
+def _header_metadata(data: bytes) -> dict:
+    """A safetensors file's `__metadata__` (the scan stamps its trigger file with the model's sha256)."""
+    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if not 2 <= length <= len(data) - 8:
+        raise ValueError("no safetensors header")
+    meta = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _read_trigger(path: Path, result_path: Path, sha256: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The capped reader refuses a FIFO, a device, a folder and a file that resolves outside the result's folder.
+    data = read_capped(path, MAX_TRIGGER_BYTES, "pseudo-trigger file", UsageError, inside=result_path.parent)
     try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise _bad(result_path, f"cannot read {path.name} ({exc.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):  # a symlink could point anywhere
-        raise _bad(result_path, f"{path.name} is not a regular file")
-    if st.st_size > MAX_TRIGGER_BYTES:
-        raise _bad(result_path, f"{path.name} is larger than {MAX_TRIGGER_BYTES >> 20} MiB")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            keys = set(fh.keys())
-            if "pseudo_trigger" not in keys:
-                raise _bad(result_path, f"{path.name} has no pseudo_trigger tensor")
-            trigger = fh.get_tensor("pseudo_trigger")
-            restarts = fh.get_tensor("all_restarts") if "all_restarts" in keys else trigger[None]
-    except UsageError:
-        raise
+        meta = _header_metadata(data)
+        tensors = load_safetensors(data)
     except Exception as exc:  # untrusted bytes: any failure is a bad input
         raise _bad(result_path, f"{path.name} is not a readable safetensors file ({type(exc).__name__})") from None
+    if "pseudo_trigger" not in tensors:
+        raise _bad(result_path, f"{path.name} has no pseudo_trigger tensor")
+    trigger = tensors["pseudo_trigger"]
+    restarts = tensors.get("all_restarts", trigger[None])
     # The scan stamps the trigger file with the model it belongs to: a swapped file shows here.
     if meta.get("model_sha256") != sha256 or meta.get("verdict") != Verdict.FAIL:
         raise _bad(result_path, f"{path.name} was written for another model or verdict (tampered result)")

@@ -22,7 +22,16 @@ from safetensors.torch import save_file
 
 from amdet_gate.encoder import _text_key
 from amdet_gate.errors import LoadError, UsageError
-from amdet_gate.source import INDEX_FILE, TOKENIZER_FILES, ModelSource, find_weight_files, tokenizer_folder
+from amdet_gate.files import read_capped
+from amdet_gate.source import (
+    INDEX_FILE,
+    MAX_TOKENIZER_FILE_BYTES,
+    TOKENIZER_FILES,
+    ModelSource,
+    find_weight_files,
+    read_small,
+    tokenizer_folder,
+)
 
 REPORT_FILE = "repair.json"
 PROVENANCE_KEY = "amdet_gate_repair"  # safetensors metadata: what this file is a repair of
@@ -44,21 +53,32 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_out(source: ModelSource, out: Path, rescan_out: Path) -> None:
-    """Refuse, before any work, an --out that could overwrite the model or someone else's files.
-
-    --out may not exist, be empty, or hold an earlier repair (a repair.json): that one is replaced.
+def check_out(source: ModelSource, out: Path, rescan_out: Path, result: Path) -> None:
+    """Refuse, before any work, an --out that could overwrite the model, the scan's result or someone
+    else's files. --out may not exist, be empty, or hold an earlier repair (a repair.json): that one
+    is replaced. The re-scan's folder is cleared by the gate, so it may hold none of those either.
     """
     model, target, rescan = source.root.resolve(), out.resolve(), rescan_out.resolve()
+    scanned = result.resolve().parent
     if _inside(target, model) or _inside(model, target):
         raise UsageError(f"--out {out} overlaps the model folder {source.root}; write the copy elsewhere")
-    if _inside(rescan, target) or _inside(target, rescan) or _inside(rescan, model):
+    if _inside(rescan, target) or _inside(target, rescan) or _inside(rescan, model) or _inside(model, rescan):
         raise UsageError(f"--rescan-out {rescan_out} must lie outside the model and the repaired copy")
+    if _inside(scanned, target) or _inside(scanned, rescan):
+        raise UsageError(f"--result {result} lies inside --out or --rescan-out, which the repair replaces; "
+                         "keep the scan's folder apart")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UsageError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / REPORT_FILE).is_file():
         raise UsageError(f"--out {out} is not empty and holds no earlier repair ({REPORT_FILE}); "
                          "give an empty or new folder")
+
+
+def clear_record(out: Path) -> None:
+    """Remove an earlier repair's record, so that a run that stops early leaves no stale "repaired"."""
+    for name in (REPORT_FILE, REPORT_FILE.replace(".json", ".md")):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
 
 
 def _rewrite(path: Path, target: Path, edits: dict[str, torch.Tensor], provenance: str) -> bool:
@@ -103,16 +123,18 @@ def write_copy(plan: CopyPlan, edits: dict[str, torch.Tensor], provenance: str) 
                 rewritten.append(path.name)
             else:
                 shutil.copyfile(path, folder / path.name)
+        # Small files go through the capped reader, inside the model's boundary, as the scan read them.
         for name in ("config.json", INDEX_FILE):
             if (source.folder / name).is_file():
-                shutil.copyfile(source.folder / name, folder / name)
+                (folder / name).write_text(read_small(source.folder / name, source.boundary), encoding="utf-8")
         tokenizer = tokenizer_folder(source)
         if tokenizer is not None:  # the model's own, or a pipeline's sibling tokenizer/ kept beside it
             tok_out = staging / tokenizer.relative_to(source.root)
             tok_out.mkdir(parents=True, exist_ok=True)
             for name in TOKENIZER_FILES:
                 if (tokenizer / name).is_file():
-                    shutil.copyfile(tokenizer / name, tok_out / name)
+                    (tok_out / name).write_bytes(read_capped(tokenizer / name, MAX_TOKENIZER_FILE_BYTES,
+                                                             "tokenizer file", LoadError, inside=source.boundary))
         _move_into_place(staging, out)
         staging = None
     except OSError as exc:

@@ -25,18 +25,26 @@ from amdet_gate.engine import PromptFeatures, precompute
 from amdet_gate.erasure import report as reports
 from amdet_gate.erasure.edit import applied, edited_weights
 from amdet_gate.erasure.findings import DetectionPath, Finding, check_identity, read_finding
-from amdet_gate.erasure.layout import REPORT_FILE, CopyPlan, check_out, write_copy
+from amdet_gate.erasure.layout import REPORT_FILE, CopyPlan, check_out, clear_record, write_copy
 from amdet_gate.erasure.measure import Fidelity, GateReading, attack_share, features, fidelity, gate_reading
 from amdet_gate.erasure.plan import Evidence, Plan, RepairSettings, choose, collect, corruption_profile, first_layer
-from amdet_gate.errors import ExitCode, UsageError
-from amdet_gate.gate import GateOptions, GateOutcome, run_gate
+from amdet_gate.errors import ExitCode, LoadError, UsageError
+from amdet_gate.gate import GateOptions, GateOutcome, prepare_outputs, run_gate
 from amdet_gate.policy import load_policy
 from amdet_gate.prompts import builtin_prompts, read_prompt_file
-from amdet_gate.scanner import load_models, pick_device, split_prompts, tokenize
+from amdet_gate.scanner import check_anchor_is_another_model, load_models, pick_device, split_prompts, tokenize
 from amdet_gate.settings import FAIL, PASS, Thresholds
-from amdet_gate.source import ModelSource, identity_sha256, resolve_source, tokenizer_folder, weight_identities
+from amdet_gate.source import (
+    ModelSource,
+    WeightFile,
+    identity_sha256,
+    resolve_source,
+    tokenizer_folder,
+    weight_identities,
+)
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 
+MIN_PROMPTS = 60  # edit, judge and proof prompts are disjoint draws of the corpus
 REPRODUCE_TOLERANCE = 0.15  # the stored trigger's same-target share may differ this much on other prompts
 
 
@@ -74,7 +82,8 @@ class Round:
     probes: tuple[str, ...]
     plan: Plan
     rescan: GateOutcome
-    seconds: float
+    edit_s: float  # solving and choosing the edit, writing the copy
+    rescan_s: float
 
 
 @dataclass(frozen=True)
@@ -98,38 +107,55 @@ class _Loaded:
 
 @dataclass(frozen=True)
 class _Prompts:
+    """Three disjoint draws of the corpus: the edit's keys, the plan's judgement, and the proof.
+
+    The proof prompts (fidelity, attack shares, gates in repair.json) take no part in choosing the
+    edit, so the figures reported are not the ones the plan was selected on.
+    """
+
     edit_ids: torch.Tensor
     edit_embeds: torch.Tensor
-    held: PromptFeatures  # with the original model's clean outputs
+    judge: PromptFeatures  # probe screening, corruption profile, plan choice; the original's clean outputs
+    held: PromptFeatures  # the proof; the original's clean outputs
 
 
 def _load(request: RepairRequest) -> _Loaded:
     source = resolve_source(request.model, request.revision, request.subfolder)
-    check_out(source, request.out, request.rescan_folder)
+    check_out(source, request.out, request.rescan_folder, request.result)
+    # Nothing stale survives a run that stops early: no earlier "repaired" record, no earlier re-scan.
+    clear_record(request.out)
+    prepare_outputs(_rescan_options(request, source.subfolder), os.environ)
     anchor_source = None if request.anchor is None else resolve_source(
         request.anchor, request.anchor_revision, request.anchor_subfolder)
     device = pick_device(request.device)
     weights = weight_identities(source.folder)
     suspect, anchor = load_models(source, anchor_source, device, weights)  # re-hashes after the read
-    if anchor is not None and identity_sha256(anchor.weight_files) == identity_sha256(weights):
-        raise UsageError("the anchor has the same weights as the model; give a clean reference encoder")
     tokenizer = load_tokenizer(tokenizer_folder(source))
     for enc in (suspect, anchor):
         if enc is not None:  # as scanner.scan_model: EOS is the tokenizer's, not the config's
             enc.adapter.eos_token_id = tokenizer.tokenizer.eos_token_id
+    if anchor is not None:  # as the scan: by tensors and outputs, not by file hash
+        check_anchor_is_another_model(suspect, anchor, tokenizer)
     return _Loaded(source, anchor_source, suspect, anchor, tokenizer, device)
 
 
 def _prompts(request: RepairRequest, loaded: _Loaded) -> _Prompts:
     s = request.settings
     corpus = read_prompt_file(request.prompts) if request.prompts else builtin_prompts()
-    total = s.edit_prompts + s.held_out_prompts
-    edit, held = split_prompts(corpus, total, s.held_out_prompts / total, s.seed)
+    if len(corpus) < MIN_PROMPTS:
+        raise UsageError(f"--prompts: {len(corpus)} distinct prompts; a repair needs at least {MIN_PROMPTS}")
+    total = s.edit_prompts + s.judge_prompts + s.held_out_prompts
+    edit, rest = split_prompts(corpus, total, (s.judge_prompts + s.held_out_prompts) / total, s.seed)
+    judged = max(1, round(len(rest) * s.judge_prompts / (s.judge_prompts + s.held_out_prompts)))
     adapter = loaded.suspect.adapter
+
+    def features_of(prompts: list[str]) -> PromptFeatures:
+        return precompute(adapter, tokenize(loaded.tokenizer, prompts, loaded.suspect).to(loaded.device),
+                          s.chunk_size)
+
     with torch.no_grad():
         edit_ids = tokenize(loaded.tokenizer, edit, loaded.suspect).to(loaded.device)
-        held_features = precompute(adapter, tokenize(loaded.tokenizer, held, loaded.suspect), s.chunk_size)
-        return _Prompts(edit_ids, adapter.embed(edit_ids), held_features)
+        return _Prompts(edit_ids, adapter.embed(edit_ids), features_of(rest[:judged]), features_of(rest[judged:]))
 
 
 def _specials(tokenizer: PromptTokenizer) -> set[int]:
@@ -137,14 +163,28 @@ def _specials(tokenizer: PromptTokenizer) -> set[int]:
     return {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
 
 
+def _rescan_options(request: RepairRequest, subfolder: str | None) -> GateOptions:
+    """The re-scan as a user's `amdet-gate scan` of the copy: the policy's settings, a fresh search."""
+    return GateOptions(model=str(request.out), subfolder=subfolder, anchor=request.anchor,
+                       anchor_revision=request.anchor_revision, anchor_subfolder=request.anchor_subfolder,
+                       policy=request.policy, out=request.rescan_folder, device=request.device,
+                       use_cache=request.use_cache)
+
+
 def _rescan(request: RepairRequest, loaded: _Loaded, stage: Callable[[str], None]) -> GateOutcome:
     """The repaired copy through the whole gate, as `amdet-gate scan` runs it: a fresh search."""
     stage("re-scanning the repaired copy (full scan)")
-    options = GateOptions(model=str(request.out), subfolder=loaded.source.subfolder, anchor=request.anchor,
-                          anchor_revision=request.anchor_revision, anchor_subfolder=request.anchor_subfolder,
-                          policy=request.policy, out=request.rescan_folder, device=request.device,
-                          use_cache=request.use_cache)
-    return run_gate(options)
+    return run_gate(_rescan_options(request, loaded.source.subfolder))
+
+
+def _check_copy(loaded: _Loaded, copy: CopyPlan, rewritten: list[str]) -> list[WeightFile]:
+    """The copy's weight identities; a file that was not rewritten must be the original's bytes."""
+    files = weight_identities(copy.folder)
+    original = {w.name: w.sha256 for w in loaded.suspect.weight_files}
+    for file in files:
+        if file.name not in rewritten and original.get(file.name) != file.sha256:
+            raise LoadError(f"{file.name} in {copy.out} is not a byte copy of the original (its sha256 differs)")
+    return files
 
 
 def _measure(loaded: _Loaded, prompts: _Prompts, finding: Finding, evidence: list[Evidence], plan: Plan,
@@ -168,6 +208,15 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
         raise UsageError(f"--rounds {request.rounds}: must be 1 to 5")
     settings, chunk = request.settings, request.settings.chunk_size
     thresholds = load_policy(request.policy, os.environ, date.today()).thresholds
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        timings[name] = round(timings.get(name, 0.0) + now - clock, 3)
+        clock = now
+
     stage("loading the model and the scan result")
     loaded = _load(request)
     adapter = loaded.suspect.adapter
@@ -175,6 +224,7 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
     check_identity(finding, loaded.suspect.weight_files, request.model)
     prompts = _prompts(request, loaded)
     anchor = loaded.anchor.adapter if loaded.anchor else None
+    lap("load_s")
 
     stage("measuring what the pseudo-trigger does")
     held = prompts.held
@@ -184,37 +234,48 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
         raise UsageError(f"{finding.result_path}: its pseudo-trigger does not reproduce the finding on "
                          f"{request.model} (same-target share {reproduced:.2f}, the result says {finding.share:.2f}); "
                          "a tampered result, or one of another model")
-    profile = corruption_profile(adapter, held, finding.trigger, chunk)
+    judge = prompts.judge
+    profile = corruption_profile(adapter, judge, finding.trigger, chunk)
     first = first_layer(profile, settings)
-    evidence = collect(adapter, held, held.clean, finding, settings, _specials(loaded.tokenizer), "scan")
+    evidence = collect(adapter, judge, judge.clean, finding, settings, _specials(loaded.tokenizer), "scan")
+    lap("probes_s")
 
     rounds: list[Round] = []
     tried: list[Plan] = []
     while True:
         t_round = time.monotonic()
         stage(f"round {len(rounds) + 1}: solving the edit ({len(evidence)} probes)")
-        plan, candidates = choose(adapter, evidence, prompts.edit_ids, prompts.edit_embeds, held, held.clean,
-                                  settings, first, anchor)
+        plan, candidates = choose(adapter, evidence, prompts.edit_ids, prompts.edit_embeds, judge, settings, first,
+                                  anchor)
         tried += candidates
         stage(f"writing the repaired copy (layers {', '.join(map(str, plan.layers))})")
-        rewritten = write_copy(CopyPlan(loaded.source, request.out), edited_weights(adapter, list(plan.edits)),
-                               provenance=f"repair of sha256 {finding.model_sha256}; repaired, re-verify before use")
+        copy = CopyPlan(loaded.source, request.out)
+        rewritten = write_copy(copy, edited_weights(adapter, list(plan.edits)),
+                               provenance=f"repair of sha256 {finding.model_sha256}; {reports.LABEL}")
+        repaired_files = _check_copy(loaded, copy, rewritten)
+        lap("edit_s")
+        t_rescan = time.monotonic()
         rescan = _rescan(request, loaded, stage)
+        if rescan.result["model"]["identity_sha256"] != identity_sha256(repaired_files):
+            raise LoadError(f"the re-scan of {request.out} read other weights than the repair wrote")
+        lap("rescan_s")
         rounds.append(Round(len(rounds) + 1, tuple(e.probe.name for e in evidence), plan, rescan,
-                            time.monotonic() - t_round))
+                            round(t_rescan - t_round, 3), round(time.monotonic() - t_rescan, 3)))
         if rescan.result["verdict"] != FAIL or len(rounds) >= request.rounds:
             break
         # The fresh search found another pseudo-trigger on the repaired copy: erase it too, in a
         # new edit solved from the original weights with every probe so far.
         found = read_finding(request.rescan_folder / "result.json", adapter.hidden_size,
                              int(loaded.suspect.config["vocab_size"]))
-        check_identity(found, weight_identities(CopyPlan(loaded.source, request.out).folder), str(request.out))
+        check_identity(found, repaired_files, str(request.out))
         with applied(adapter, list(plan.edits)):
-            repaired_clean = features(adapter, held.embeds, chunk)
-            evidence += collect(adapter, held, repaired_clean, found, settings, _specials(loaded.tokenizer),
+            repaired_clean = features(adapter, judge.embeds, chunk)
+            evidence += collect(adapter, judge, repaired_clean, found, settings, _specials(loaded.tokenizer),
                                 f"rescan-{len(rounds)}")
+        lap("probes_s")
 
     fid, after, shares = _measure(loaded, prompts, finding, evidence, plan, thresholds, chunk)
+    lap("measure_s")
     verdict = rescan.result["verdict"]
     if verdict != PASS:
         status, reason = reports.Status.NOT_REPAIRED, (
@@ -227,7 +288,6 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
         status, reason = reports.Status.REPAIRED, (
             f"the re-scan passes and clean fidelity is {fid.value:.4f} (>= {request.min_fidelity})")
     code = ExitCode.PASS if status is reports.Status.REPAIRED else ExitCode.FAIL
-    repaired_files = weight_identities(CopyPlan(loaded.source, request.out).folder)
     record = reports.RepairRecord(
         status=status, exit_code=int(code), reason=reason, model=request.model, subfolder=loaded.source.subfolder,
         original=tuple(loaded.suspect.weight_files), repaired=tuple(repaired_files), rewritten=tuple(rewritten),
@@ -236,8 +296,8 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
         gates_before=before, gates_after=after, thresholds=thresholds,
         rounds=tuple(reports.RoundRecord(r.number, r.probes, r.plan.layers, r.plan.lam, r.rescan.result["verdict"],
                                          float(r.rescan.result["score"]), r.rescan.result["reason"],
-                                         round(r.seconds, 3)) for r in rounds),
+                                         r.edit_s, r.rescan_s) for r in rounds),
         rescan_folder=request.rescan_folder, anchor=request.anchor, settings=settings,
-        seconds=round(time.monotonic() - t0, 3))
+        timings={**timings, "total_s": round(time.monotonic() - t0, 3)})
     paths = reports.write_reports(record, request.out / REPORT_FILE)
     return RepairOutcome(code, status, reason, reports.to_json(record), paths)

@@ -38,6 +38,7 @@ from amdet_gate.erasure.edit import (
     insert_at,
     layer_states,
     place,
+    trace_first,
 )
 from amdet_gate.erasure.findings import DetectionPath, Finding
 from amdet_gate.erasure.measure import (
@@ -58,7 +59,8 @@ class RepairSettings:
 
     seed: int = 0
     edit_prompts: int = 256  # keys and the clean covariance
-    held_out_prompts: int = 256  # fidelity, attack shares, gates (never used for the edit)
+    judge_prompts: int = 128  # probes screened and plans chosen on these
+    held_out_prompts: int = 256  # the proof: fidelity, attack shares, gates (neither edit nor choice)
     copies: tuple[int, ...] = (4,)  # extra placements: the probe this many times at random places
     lambdas: tuple[float, ...] = (3.0, 1.0, 0.3)
     max_layers: int = 2  # layers edited, from the first one the trigger's effect spreads in
@@ -66,7 +68,6 @@ class RepairSettings:
     fires: float = 0.5  # a candidate with an attack share above this is a trigger of the backdoor
     candidates: int = 20  # nearest tokens tried
     max_probes: int = 8  # per finding
-    screen_prompts: int = 128  # held-out prompts a candidate is tried on
     fidelity_floor: float = 0.99  # a plan must keep at least this clean fidelity to be preferred
     chunk_size: int = 64
 
@@ -97,7 +98,8 @@ class Plan:
     lam: float
     edits: tuple[LayerEdit, ...]
     fidelity: Fidelity
-    margin: float  # mean over probes and prompts of S(out, target) - S(out, clean): lower is better
+    margin: float | None  # mean over probes and prompts of S(out, target) - S(out, clean), lower is
+    # better; None for a plan below the fidelity floor (never chosen on it)
 
 
 @torch.no_grad()
@@ -156,13 +158,12 @@ def collect(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tensor, fi
             settings: RepairSettings, specials: set[int], source: str) -> list[Evidence]:
     """The probes of one finding, measured on `adapter` (the model the finding was made on):
     the pseudo-trigger, then the real tokens that fire, then the other restarts that fire,
-    at most `max_probes`. Shares are measured on the first `screen_prompts` held-out prompts."""
+    at most `max_probes`. Shares are measured on the judge prompts `held`."""
     chunk = settings.chunk_size
     trigger = finding.trigger.to(held.embeds)
     target = target_of(adapter, held, trigger, finding.path, chunk)
     k = max(finding.vectors, 1)
-    screen = cut(PromptFeatures(held.ids, held.embeds, clean).subset(0, settings.screen_prompts),
-                 adapter.eos_token_id, k)
+    screen = cut(PromptFeatures(held.ids, held.embeds, clean), adapter.eos_token_id, k)
 
     def share(vectors: Tensor) -> float:
         return attack_share(adapter, screen, screen.clean, vectors, target, chunk)
@@ -206,15 +207,16 @@ def margin(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tensor, evi
 
 @torch.no_grad()
 def choose(adapter: TextEncoderAdapter, evidence: list[Evidence], edit_ids: Tensor, edit_embeds: Tensor,
-           held: PromptFeatures, clean: Tensor, settings: RepairSettings, first: int,
+           judge: PromptFeatures, settings: RepairSettings, first: int,
            anchor: TextEncoderAdapter | None = None) -> tuple[Plan, list[Plan]]:
-    """Every (layers from `first`, lambda) plan, measured; the chosen one, and all that were tried."""
+    """Every (layers from `first`, lambda) plan, measured on the judge prompts (with the original's
+    clean outputs); the chosen one, and all that were tried."""
     probes = [e.probe for e in evidence]
     eos = adapter.eos_token_id
     extra = max(p.vectors.shape[0] for p in probes) * max(1, *settings.copies)
     edit = cut(PromptFeatures(edit_ids, edit_embeds, None), eos, extra)
     edit_ids, edit_embeds = edit.ids, edit.embeds
-    held = cut(PromptFeatures(held.ids, held.embeds, clean), eos, extra)
+    held = cut(judge, eos, extra)
     clean = held.clean
     placed = place(probes, edit_ids, adapter.eos_token_id, settings.copies, settings.seed)
     # The same placements on the held-out prompts, per probe, to judge every plan alike.
@@ -222,14 +224,24 @@ def choose(adapter: TextEncoderAdapter, evidence: list[Evidence], edit_ids: Tens
     per_probe = [[p for p in judged if p.probe is probe] for probe in probes]
     tried: list[Plan] = []
     span = list(range(first, min(first + settings.max_layers, len(adapter.model.encoder.layers))))
-    by_lambda = edit_layers(adapter, span, placed, edit_embeds, settings.lambdas, settings.chunk_size, anchor)
-    for lam, edits in by_lambda.items():
+    traces = trace_first(adapter, span, placed, edit_embeds, settings.chunk_size, anchor)
+    # Largest lambda first: a smaller one trades clean fidelity for a lower margin. Once no plan of a
+    # lambda keeps the floor, the smaller ones cannot either, and are not traced; a plan below the
+    # floor is never chosen on its margin, so its margin is not measured (None).
+    for lam in sorted(settings.lambdas, reverse=True):
+        edits = edit_layers(adapter, traces, placed, edit_embeds, lam, settings.chunk_size, anchor)
+        kept = False
         for m in range(1, len(edits) + 1):  # layers first..first+m-1: the first m edits are that plan's
             with applied(adapter, edits[:m]):
                 after = features(adapter, held.embeds, settings.chunk_size)
-                tried.append(Plan(tuple(span[:m]), lam, tuple(edits[:m]),
-                                  fidelity(clean, after, held.ids, adapter.eos_token_id),
-                                  margin(adapter, held, after, evidence, per_probe, settings.chunk_size)))
-    faithful = [p for p in tried if p.fidelity.value >= settings.fidelity_floor]
-    best = min(faithful, key=lambda p: p.margin) if faithful else max(tried, key=lambda p: p.fidelity.value)
+                fid = fidelity(clean, after, held.ids, adapter.eos_token_id)
+                faithful = fid.value >= settings.fidelity_floor
+                pull = margin(adapter, held, after, evidence, per_probe, settings.chunk_size) if faithful else None
+            tried.append(Plan(tuple(span[:m]), lam, tuple(edits[:m]), fid, pull))
+            kept = kept or faithful
+        if not kept:
+            break
+    faithful_plans = [p for p in tried if p.margin is not None]
+    best = (min(faithful_plans, key=lambda p: p.margin) if faithful_plans
+            else max(tried, key=lambda p: p.fidelity.value))
     return best, tried

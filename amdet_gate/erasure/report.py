@@ -6,10 +6,6 @@ the scans found, and a later scan (or a real trigger nobody found) can still dis
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -18,9 +14,8 @@ from amdet_gate import __version__
 from amdet_gate.erasure.findings import Finding
 from amdet_gate.erasure.measure import Fidelity, GateReading
 from amdet_gate.erasure.plan import Corruption, Evidence, Plan, RepairSettings
-from amdet_gate.errors import UsageError, one_line
-from amdet_gate.markdown import md_text
-from amdet_gate.outputs import _json_safe
+from amdet_gate.outputs import _json_safe, write_json, write_text
+from amdet_gate.sanitise import md_text, one_line
 from amdet_gate.settings import Thresholds
 from amdet_gate.source import WeightFile, identity_sha256
 
@@ -44,7 +39,8 @@ class RoundRecord:
     rescan_verdict: str
     rescan_score: float
     rescan_reason: str
-    seconds: float
+    edit_s: float
+    rescan_s: float
 
 
 @dataclass(frozen=True)
@@ -73,12 +69,12 @@ class RepairRecord:
     rescan_folder: Path
     anchor: str | None
     settings: RepairSettings
-    seconds: float
+    timings: dict[str, float]  # load_s, probes_s, edit_s, rescan_s, measure_s, total_s
 
 
 def _plan(plan: Plan) -> dict:
     return {"layers": list(plan.layers), "lambda": plan.lam, "fidelity": round(plan.fidelity.value, 6),
-            "margin": round(plan.margin, 6)}
+            "margin": None if plan.margin is None else round(plan.margin, 6)}
 
 
 def _identity(files: tuple[WeightFile, ...]) -> dict:
@@ -116,10 +112,11 @@ def to_json(r: RepairRecord) -> dict:
         "pseudo_trigger_gates": {name: {"before": getattr(r.gates_before, name), "after": getattr(r.gates_after, name),
                                         "threshold": threshold} for name, threshold in gate_names.items()},
         "rescan": {"verdict": last.rescan_verdict, "score": last.rescan_score, "reason": last.rescan_reason,
+                   "identity_sha256": identity_sha256(list(r.repaired)),  # the pipeline checked the scan read it
                    "result": str(r.rescan_folder / "result.json"), "report": str(r.rescan_folder / "report.html")},
         "rounds": [asdict(x) for x in r.rounds],
         "settings": asdict(r.settings),
-        "timings": {"total_s": r.seconds},
+        "timings": dict(r.timings),
     })
 
 
@@ -151,28 +148,12 @@ def render_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
 def write_reports(record: RepairRecord, path: Path) -> dict[str, Path]:
     """repair.json at `path` and repair.md beside it, each written atomically."""
     data = to_json(record)
-    _atomic_write(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
+    write_json(path, data)
     markdown = path.with_suffix(".md")
-    _atomic_write(markdown, render_markdown(data))
+    write_text(markdown, render_markdown(data))
     return {"repair": path, "markdown": markdown, "rescan": record.rescan_folder / "result.json",
             "rescan_html": record.rescan_folder / "report.html"}
 
