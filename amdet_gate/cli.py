@@ -188,6 +188,8 @@ def repair(
         raise _fail(exc) from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, exit 2 (the output folder is left incomplete)
         raise _fail(GateError("interrupted")) from None
+    for warning in outcome.warnings:
+        say(f"amdet-gate: warning: {one_line(warning)}", err=True)
     for line in console_lines(outcome.report):
         say(line)
     raise typer.Exit(int(outcome.exit_code))

@@ -30,6 +30,7 @@ from amdet_gate.erasure.measure import Fidelity, GateReading, attack_share, feat
 from amdet_gate.erasure.plan import Evidence, Plan, RepairSettings, choose, collect, corruption_profile, first_layer
 from amdet_gate.errors import ExitCode, LoadError, UsageError
 from amdet_gate.gate import GateOptions, GateOutcome, prepare_outputs, run_gate
+from amdet_gate.outputs import append_step_summary
 from amdet_gate.policy import load_policy
 from amdet_gate.prompts import builtin_prompts, read_prompt_file
 from amdet_gate.scanner import check_anchor_is_another_model, load_models, pick_device, split_prompts, tokenize
@@ -93,6 +94,7 @@ class RepairOutcome:
     reason: str
     report: dict  # repair.json's content, as written
     paths: dict[str, Path]
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,17 @@ def _measure(loaded: _Loaded, prompts: _Prompts, finding: Finding, evidence: lis
     return fid, gates, shares
 
 
+def decide(rescan: dict, fid: Fidelity, min_fidelity: float, rounds: int) -> tuple[reports.Status, str]:
+    """Repaired only when the fresh re-scan passes and clean fidelity holds; otherwise why not."""
+    verdict = rescan["verdict"]
+    if verdict != PASS:
+        return reports.Status.NOT_REPAIRED, (f"the re-scan of the repaired copy is {verdict} after {rounds} "
+                                             f"round(s): {rescan['reason']}")
+    if fid.value < min_fidelity:
+        return reports.Status.NOT_REPAIRED, f"clean fidelity {fid.value:.4f} is below --min-fidelity {min_fidelity}"
+    return reports.Status.REPAIRED, f"the re-scan passes and clean fidelity is {fid.value:.4f} (>= {min_fidelity})"
+
+
 def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda name: None) -> RepairOutcome:
     """Repair the model a scan found backdoored; raises GateError (with its exit code) on bad input."""
     t0 = time.monotonic()
@@ -276,17 +289,7 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
 
     fid, after, shares = _measure(loaded, prompts, finding, evidence, plan, thresholds, chunk)
     lap("measure_s")
-    verdict = rescan.result["verdict"]
-    if verdict != PASS:
-        status, reason = reports.Status.NOT_REPAIRED, (
-            f"the re-scan of the repaired copy is still {verdict} after {len(rounds)} round(s): "
-            f"{rescan.result['reason']}")
-    elif fid.value < request.min_fidelity:
-        status, reason = reports.Status.NOT_REPAIRED, (
-            f"clean fidelity {fid.value:.4f} is below --min-fidelity {request.min_fidelity}")
-    else:
-        status, reason = reports.Status.REPAIRED, (
-            f"the re-scan passes and clean fidelity is {fid.value:.4f} (>= {request.min_fidelity})")
+    status, reason = decide(rescan.result, fid, request.min_fidelity, len(rounds))
     code = ExitCode.PASS if status is reports.Status.REPAIRED else ExitCode.FAIL
     record = reports.RepairRecord(
         status=status, exit_code=int(code), reason=reason, model=request.model, subfolder=loaded.source.subfolder,
@@ -300,4 +303,6 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
         rescan_folder=request.rescan_folder, anchor=request.anchor, settings=settings,
         timings={**timings, "total_s": round(time.monotonic() - t0, 3)})
     paths = reports.write_reports(record, request.out / REPORT_FILE)
-    return RepairOutcome(code, status, reason, reports.to_json(record), paths)
+    # In CI the job summary gets the repair's verdict after the re-scan's (a failure is a warning).
+    warning = append_step_summary(os.environ, paths["markdown"].read_text(encoding="utf-8"))
+    return RepairOutcome(code, status, reason, reports.to_json(record), paths, (warning,) if warning else ())
