@@ -17,20 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import amdet_gate
 from amdet_gate import controls
 from amdet_gate.encoder import load_encoder
+from amdet_gate.erasure.edit import LayerEdit, edited_weights
 from amdet_gate.erasure.findings import DetectionPath
+from amdet_gate.erasure.layout import CopyPlan, write_copy
 from amdet_gate.erasure.measure import Fidelity, attack_success, prompt_target
 from amdet_gate.erasure.pipeline import decide
 from amdet_gate.erasure.report import LABEL, Status
 from amdet_gate.errors import ExitCode, GateError
 from amdet_gate.prompts import builtin_prompts
-from amdet_gate.source import sha256_file
-from amdet_gate.tokenizer import bundled_tokenizer
+from amdet_gate.source import INDEX_FILE, ModelSource, sha256_file
+from amdet_gate.tokenizer import bundled_tokenizer, save_bundled_tokenizer
 from tests.conftest import run_cli
 
 CONTROL = "backdoor_rare_word"
@@ -64,7 +66,8 @@ def repaired(control_model: Callable[[str], Path], tmp_path_factory: pytest.Temp
 
 def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+        metadata = dict(fh.metadata() or {})
+    return load_file(str(path)), metadata
 
 
 def test_repaired_copy_passes_the_rescan_and_keeps_fidelity(repaired: Repaired) -> None:
@@ -265,3 +268,43 @@ def test_python_api_raises_gate_error(repaired: Repaired, tmp_path: Path) -> Non
     with pytest.raises(GateError) as caught:
         amdet_gate.repair(str(repaired.out), result=Path(repaired.report["rescan"]["result"]), out=tmp_path / "out")
     assert caught.value.exit_code == ExitCode.USAGE and "not fail" in str(caught.value)
+
+
+# --- the copy's layout, on tiny encoders (no scan) ----------------------------------------------
+
+def _edit_fc2(folder: Path, subfolder: str | None = None) -> tuple[ModelSource, Path, str, torch.Tensor]:
+    source = ModelSource(str(folder), folder, subfolder)
+    adapter = load_encoder(folder, subfolder).adapter
+    name = "encoder.layers.1.mlp.fc2.weight"
+    edit = LayerEdit(1, torch.full_like(adapter.model.encoder.layers[1].mlp.fc2.weight, 0.5), 1, 0.0, 0.0)
+    return source, folder.parent / "out", name, edited_weights(adapter, [edit])[name]
+
+
+def test_sharded_copy_rewrites_only_the_shard_that_holds_the_edit(tmp_path: Path, tiny_model: CLIPTextModel) -> None:
+    folder = tmp_path / "sharded"
+    tiny_model.to(torch.float16).save_pretrained(str(folder), max_shard_size="1MB")
+    tiny_model.float()
+    save_bundled_tokenizer(folder)
+    source, out, name, value = _edit_fc2(folder)
+    rewritten = write_copy(CopyPlan(source, out), {name: value}, provenance=LABEL)
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 1 and len(rewritten) == 1
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    for shard in shards:
+        same = (out / shard).read_bytes() == (folder / shard).read_bytes()
+        assert same == (shard not in rewritten), shard
+    tensors, _ = _tensors(out / rewritten[0])
+    assert tensors[name].dtype == torch.float16 and torch.equal(tensors[name], value.half())
+    assert (out / INDEX_FILE).read_bytes() == (folder / INDEX_FILE).read_bytes()
+
+
+def test_pipeline_copy_keeps_text_encoder_and_tokenizer_folders(tmp_path: Path, tiny_model: CLIPTextModel) -> None:
+    root = tmp_path / "pipeline"
+    tiny_model.save_pretrained(str(root / "text_encoder"))
+    save_bundled_tokenizer(root / "tokenizer")
+    (root / "unet").mkdir()  # not the encoder's: not copied
+    source, out, name, value = _edit_fc2(root, "text_encoder")
+    write_copy(CopyPlan(source, out), {name: value}, provenance=LABEL)
+    assert sorted(p.name for p in out.iterdir()) == ["text_encoder", "tokenizer"]
+    assert {p.name for p in (out / "tokenizer").iterdir()} == {p.name for p in (root / "tokenizer").iterdir()}
+    assert torch.equal(load_encoder(out, "text_encoder").adapter.model.state_dict()[name], value)
