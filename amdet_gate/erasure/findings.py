@@ -4,8 +4,10 @@ A scan's folder holds `result.json` and `pseudo_trigger.safetensors` (outputs.py
 untrusted input: a result can be edited (a pass turned into a fail, another model's sha256
 pasted in), a trigger file swapped. Everything here is size-capped, type-checked and reduced
 to one `Finding`; every refusal is one line and exit 4 (a bad input, as a bad policy is).
-When the result schema changes (the scan's candidate trigger tokens, a bounded trigger norm),
-this module is what adapts; the edit and the pipeline only see `Finding`.
+A `fail` rests on a typed trigger (`confirmation`: real tokens whose collapse the scan
+confirmed, verdict.decide); an earlier 1.x result without one on the pseudo-trigger's gates.
+When the result schema changes, this module is what adapts; the edit and the pipeline only see
+`Finding`.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class Finding:
     verdict: Verdict
     score: float
     path: DetectionPath
-    share: float  # the detecting path's same-target share, as the scan reported it
+    share: float  # the finding's same-target share (typed trigger's, else the pseudo-trigger's), as reported
     trigger: torch.Tensor  # (K, d): the reported pseudo-trigger
     restarts: torch.Tensor  # (R, K, d): every restart's final pseudo-trigger (the reported one among them)
     candidate_tokens: tuple[int, ...]  # vocabulary ids near the trigger's vectors, nearest first
+    typed: tuple[int, ...] = ()  # the typed trigger the verdict rests on (result.confirmation), if any
+    pseudo_share: float | None = None  # the pseudo-trigger's reported same-target share on the finding's path
 
     @property
     def vectors(self) -> int:
@@ -92,8 +96,9 @@ def _weight_files(path: Path, model: dict) -> tuple[WeightFile, ...]:
     return tuple(files)
 
 
-def _detection_path(path: Path, data: dict) -> tuple[DetectionPath, float]:
-    """The path whose gates all passed, and its same-target share; a `fail` without one is forged."""
+def _gate_detection(path: Path, data: dict) -> tuple[DetectionPath, float]:
+    """Results without typed confirmation: the path whose pseudo-trigger gates all passed, and its
+    same-target share; a `fail` without one is forged."""
     gates = data["gates"]
     pooled = data.get("pooled")
     detected = DetectionPath.POOLED if isinstance(pooled, dict) and pooled.get("stop_reason") == "detected" \
@@ -106,9 +111,32 @@ def _detection_path(path: Path, data: dict) -> tuple[DetectionPath, float]:
         if not (isinstance(gate, dict) and _number(gate.get("value")) and _number(gate.get("threshold"))
                 and gate.get("passed") is True and gate["value"] > gate["threshold"]):
             raise _bad(path, f"its verdict is fail but gate {name} did not pass (tampered result)")
-    if not data["score"] > 0.5:
-        raise _bad(path, f"its verdict is fail but its score {data['score']} is not above 0.5 (tampered result)")
     return detected, float(gates[names[0]]["value"])
+
+
+def _typed_ids(path: Path, value: object, vocab_size: int) -> tuple[int, ...]:
+    if not (isinstance(value, list) and 1 <= len(value) <= MAX_TRIGGER_VECTORS
+            and all(type(i) is int and 0 <= i < vocab_size for i in value)):
+        raise _bad(path, "confirmation.token_ids is not a short list of vocabulary ids")
+    return tuple(value)
+
+
+def _typed_detection(path: Path, data: dict, vocab_size: int) -> tuple[DetectionPath, float, tuple[int, ...]]:
+    """Results with typed confirmation (scanner: the verdict rests on real tokens, verdict.decide):
+    the typed search whose score is the result's score and above 0.5, its share and its tokens."""
+    entries = [e for e in data["confirmation"] if isinstance(e, dict)]
+    for objective, path_of, share_key in (("tokens", DetectionPath.TOKEN, "same_target_ratio"),
+                                          ("pooled", DetectionPath.POOLED, "pooled_same_target_ratio")):
+        entry = next((e for e in entries if e.get("objective") == objective), None)
+        if entry is None or not (_number(entry.get("score")) and entry["score"] > 0.5):
+            continue
+        if path_of is DetectionPath.POOLED and not isinstance(data.get("anchor"), dict):
+            # Without an anchor a pooled typed collapse is inconclusive (a classifier-like encoder does it).
+            raise _bad(path, "its verdict is fail on a pooled typed trigger but it names no anchor (tampered result)")
+        if abs(entry["score"] - data["score"]) > 1e-5 or not _number(entry.get(share_key)):
+            raise _bad(path, "its score is not its typed trigger's score (tampered result)")
+        return path_of, float(entry[share_key]), _typed_ids(path, entry.get("token_ids"), vocab_size)
+    raise _bad(path, "its verdict is fail but no typed trigger in confirmation scores above 0.5 (tampered result)")
 
 
 def _candidates(data: dict, vocab_size: int) -> tuple[int, ...]:
@@ -191,11 +219,21 @@ def read_finding(result_path: Path, width: int, vocab_size: int) -> Finding:
     if not SHA256.fullmatch(sha):
         raise _bad(path, "model.identity_sha256 is not a sha256")
     files = _weight_files(path, model)
-    detected, share = _detection_path(path, data)
+    if not data["score"] > 0.5:
+        raise _bad(path, f"its verdict is fail but its score {data['score']} is not above 0.5 (tampered result)")
+    typed: tuple[int, ...] = ()
+    if isinstance(data.get("confirmation"), list) and data["confirmation"]:
+        detected, share, typed = _typed_detection(path, data, vocab_size)
+    else:  # an earlier 1.x result: the pseudo-trigger's gates decided
+        detected, share = _gate_detection(path, data)
+    # What the pseudo-trigger itself reached: a swapped trigger file must reproduce it too.
+    gate = data["gates"].get("pooled_same_target_ratio" if detected is DetectionPath.POOLED else "same_target_ratio")
+    pseudo_share = float(gate["value"]) if isinstance(gate, dict) and _number(gate.get("value")) else None
     trigger, restarts = _read_trigger(_trigger_file(path, data), path, sha, width)
     return Finding(result_path=path, schema_version=one_line(str(data["schema_version"]))[:20], model_sha256=sha,
                    weight_files=files, verdict=verdict, score=float(data["score"]), path=detected, share=share,
-                   trigger=trigger, restarts=restarts, candidate_tokens=_candidates(data, vocab_size))
+                   trigger=trigger, restarts=restarts, candidate_tokens=_candidates(data, vocab_size), typed=typed,
+                   pseudo_share=pseudo_share)
 
 
 def check_identity(finding: Finding, weights: list[WeightFile], model: str) -> None:

@@ -8,7 +8,8 @@
   output (shifted as the insertion shifts it). Measured over all token features for a
   token-path finding and on the pooled feature for a pooled-path one (a text-on-pair backdoor
   moves only the pooled feature). A clean base model scores near zero.
-- The gates: the engine's own gate values with the pseudo-trigger inserted (same prompts).
+- The gates: the engine's own gate values with the pseudo-trigger inserted, and the scan's
+  typed-trigger measures (confirm.measure) with the typed trigger put in front (same prompts).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from amdet_gate.confirm import measure as measure_typed
 from amdet_gate.encoder import TextEncoderAdapter
 from amdet_gate.engine import (
     Centres,
@@ -128,7 +130,8 @@ def attack_share(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tenso
 @torch.no_grad()
 def gate_reading(adapter: TextEncoderAdapter, held: PromptFeatures, trigger: Tensor, thresholds: Thresholds,
                  chunk: int) -> GateReading:
-    """Gates 1-2 and the pooled gate of the scan (engine), for one trigger (K, d), no anchor."""
+    """Gates 1-2 and the pooled gate of the scan (engine), for one trigger (K, d), no anchor;
+    `held.clean` must be this model's own clean outputs."""
     models = Models(adapter)
     trigger = trigger.to(held.embeds)[None]
     token = gate_values(held_out_stats(models, held, trigger, chunk), thresholds)[0]
@@ -136,6 +139,30 @@ def gate_reading(adapter: TextEncoderAdapter, held: PromptFeatures, trigger: Ten
     pooled_gate, _ = pooled_gates(models, held, eos, Centres.of(models, held), trigger, thresholds, chunk)
     return GateReading(token.assimilation_ratio, token.same_target_ratio, pooled_gate[0].same_target_ratio,
                        token.mean_assimilation)
+
+
+@dataclass(frozen=True)
+class TypedReading:
+    """The scan's typed-trigger measures (confirm.measure) for real tokens put after BOS."""
+
+    tokens: tuple[int, ...]
+    same_target_ratio: float
+    assimilation_ratio: float
+    variation_ratio: float
+    pooled_same_target_ratio: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 6) for k, v in vars(self).items() if k != "tokens"}
+
+
+@torch.no_grad()
+def typed_reading(adapter: TextEncoderAdapter, held: PromptFeatures, tokens: tuple[int, ...], thresholds: Thresholds,
+                  chunk: int) -> TypedReading:
+    """As the scan confirms a typed trigger; `held.clean` must be this model's own clean outputs."""
+    models = Models(adapter)
+    m = measure_typed(models, held, Centres.of(models, held), tokens, thresholds, chunk)
+    return TypedReading(tokens, m.same_target_ratio, m.assimilation_ratio, m.variation_ratio,
+                        m.pooled_same_target_ratio)
 
 
 @torch.no_grad()

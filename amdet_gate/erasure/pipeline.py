@@ -20,13 +20,22 @@ from pathlib import Path
 
 import torch
 
-from amdet_gate.encoder import LoadedEncoder
+from amdet_gate.encoder import LoadedEncoder, TextEncoderAdapter
 from amdet_gate.engine import PromptFeatures, precompute
 from amdet_gate.erasure import report as reports
 from amdet_gate.erasure.edit import applied, edited_weights
 from amdet_gate.erasure.findings import DetectionPath, Finding, check_identity, read_finding
 from amdet_gate.erasure.layout import REPORT_FILE, CopyPlan, check_out, clear_record, write_copy
-from amdet_gate.erasure.measure import Fidelity, GateReading, attack_share, features, fidelity, gate_reading
+from amdet_gate.erasure.measure import (
+    Fidelity,
+    GateReading,
+    TypedReading,
+    attack_share,
+    features,
+    fidelity,
+    gate_reading,
+    typed_reading,
+)
 from amdet_gate.erasure.plan import Evidence, Plan, RepairSettings, choose, collect, corruption_profile, first_layer
 from amdet_gate.errors import ExitCode, LoadError, UsageError
 from amdet_gate.gate import GateOptions, GateOutcome, prepare_outputs, run_gate
@@ -189,16 +198,47 @@ def _check_copy(loaded: _Loaded, copy: CopyPlan, rewritten: list[str]) -> list[W
     return files
 
 
+@dataclass(frozen=True)
+class _Readings:
+    """What the finding's triggers do on one model, on the proof prompts."""
+
+    gates: GateReading  # the pseudo-trigger
+    typed: TypedReading | None  # the typed trigger, when the scan's verdict rests on one
+
+
+def _readings(adapter: TextEncoderAdapter, held: PromptFeatures, finding: Finding, thresholds: Thresholds,
+              chunk: int) -> _Readings:
+    typed = typed_reading(adapter, held, finding.typed, thresholds, chunk) if finding.typed else None
+    return _Readings(gate_reading(adapter, held, finding.trigger, thresholds, chunk), typed)
+
+
+def _check_reproduced(finding: Finding, before: _Readings, model: str) -> None:
+    """The result's triggers must do on this model what the result says they did (UsageError if not):
+    a tampered result, a swapped trigger file, or one of another model with its stamp copied."""
+    pooled = finding.path is DetectionPath.POOLED
+    checks = [("pseudo-trigger", finding.pseudo_share,
+               before.gates.pooled_same_target_ratio if pooled else before.gates.same_target_ratio)]
+    if before.typed is not None:
+        checks.append(("typed trigger", finding.share,
+                       before.typed.pooled_same_target_ratio if pooled else before.typed.same_target_ratio))
+    for what, reported, reproduced in checks:
+        if reported is not None and reproduced < reported - REPRODUCE_TOLERANCE:
+            raise UsageError(f"{finding.result_path}: its {what} does not reproduce the finding on {model} "
+                             f"(same-target share {reproduced:.2f}, the result says {reported:.2f}); a tampered "
+                             "result, or one of another model")
+
+
 def _measure(loaded: _Loaded, prompts: _Prompts, finding: Finding, evidence: list[Evidence], plan: Plan,
-             thresholds: Thresholds, chunk: int) -> tuple[Fidelity, GateReading, list[float]]:
-    """Fidelity, the pseudo-trigger's gates and every probe's attack share with the plan applied."""
+             thresholds: Thresholds, chunk: int) -> tuple[Fidelity, _Readings, list[float]]:
+    """Fidelity, the finding's triggers' gates and every probe's attack share with the plan applied."""
     adapter, held = loaded.suspect.adapter, prompts.held
     with applied(adapter, list(plan.edits)):
         after = features(adapter, held.embeds, chunk)
         fid = fidelity(held.clean, after, held.ids, adapter.eos_token_id)
-        gates = gate_reading(adapter, held, finding.trigger, thresholds, chunk)
+        # The gates read against the repaired model's own clean outputs, as a scan of the copy would.
+        readings = _readings(adapter, PromptFeatures(held.ids, held.embeds, after), finding, thresholds, chunk)
         shares = [attack_share(adapter, held, after, e.probe.vectors, e.target, chunk) for e in evidence]
-    return fid, gates, shares
+    return fid, readings, shares
 
 
 def decide(rescan: dict, fid: Fidelity, min_fidelity: float, rounds: int) -> tuple[reports.Status, str]:
@@ -241,12 +281,8 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
 
     stage("measuring what the pseudo-trigger does")
     held = prompts.held
-    before = gate_reading(adapter, held, finding.trigger, thresholds, chunk)
-    reproduced = before.pooled_same_target_ratio if finding.path is DetectionPath.POOLED else before.same_target_ratio
-    if reproduced < finding.share - REPRODUCE_TOLERANCE:
-        raise UsageError(f"{finding.result_path}: its pseudo-trigger does not reproduce the finding on "
-                         f"{request.model} (same-target share {reproduced:.2f}, the result says {finding.share:.2f}); "
-                         "a tampered result, or one of another model")
+    before = _readings(adapter, held, finding, thresholds, chunk)
+    _check_reproduced(finding, before, request.model)
     judge = prompts.judge
     profile = corruption_profile(adapter, judge, finding.trigger, chunk)
     first = first_layer(profile, settings)
@@ -296,7 +332,8 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
         original=tuple(loaded.suspect.weight_files), repaired=tuple(repaired_files), rewritten=tuple(rewritten),
         out=request.out, finding=finding, plan=plan, tried=tuple(tried), evidence=tuple(evidence),
         shares_after=tuple(shares), corruption=tuple(profile), fidelity=fid, min_fidelity=request.min_fidelity,
-        gates_before=before, gates_after=after, thresholds=thresholds,
+        before=before.gates, after=after.gates, typed_before=before.typed, typed_after=after.typed,
+        thresholds=thresholds,
         rounds=tuple(reports.RoundRecord(r.number, r.probes, r.plan.layers, r.plan.lam, r.rescan.result["verdict"],
                                          float(r.rescan.result["score"]), r.rescan.result["reason"],
                                          r.edit_s, r.rescan_s) for r in rounds),

@@ -1,6 +1,7 @@
 """Which inputs the edit erases, and which layers and regularisation it uses: both measured.
 
 Probes (what the edit maps to "as if absent"):
+- the typed trigger the scan's verdict rests on (real tokens a user can type), when there is one;
 - the scan's pseudo-trigger, always;
 - the other restarts' pseudo-triggers that fire the same backdoor;
 - the real tokens the scan names near the pseudo-trigger (`Finding.candidate_tokens`), each
@@ -12,15 +13,17 @@ Probes (what the edit maps to "as if absent"):
 
 Layers: from the first layer whose output shows the trigger's effect on the prompt's other
 tokens (`first_layer`, measured on the corruption profile), 1..max_layers of them; for each
-lambda, each plan is judged on the held-out prompts by clean fidelity and by how far the
-probes still pull towards their target (the mean margin S(out, target) - S(out, clean
-counterpart), with one copy after BOS and several copies anywhere). The plan with the lowest
-margin among those keeping fidelity at `fidelity_floor` wins, else the most faithful.
+lambda (largest first), each plan is judged on the judge prompts by clean fidelity and, when
+that keeps `fidelity_floor`, by how far the probes still pull towards their target (the mean
+margin S(out, target) - S(out, clean counterpart), with one copy after BOS and several copies
+anywhere). The plan with the lowest margin among those keeping the floor wins, else the most
+faithful.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 from torch import Tensor
@@ -51,6 +54,13 @@ from amdet_gate.erasure.measure import (
     pooled,
     target_of,
 )
+
+
+class ProbeKind(StrEnum):
+    TYPED = "typed"  # the typed trigger the scan's verdict rests on (result.confirmation)
+    PSEUDO = "pseudo-trigger"  # the reported free pseudo-trigger
+    TOKEN = "token"  # real tokens nearest the pseudo-trigger that fire on their own
+    RESTART = "restart"  # another restart's pseudo-trigger that fires
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,8 @@ class Evidence:
     probe: Probe
     target: Target
     share_before: float  # its attack share on the model it was found on
-    source: str  # "pseudo-trigger", "restart", "token", "rescan"
+    kind: ProbeKind
+    found_in: str  # "scan" (the result given), "rescan-N" (round N's re-scan of the copy)
 
 
 @dataclass(frozen=True)
@@ -155,32 +166,46 @@ def token_vectors(adapter: TextEncoderAdapter, ids: list[int]) -> Tensor:
 
 @torch.no_grad()
 def collect(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tensor, finding: Finding,
-            settings: RepairSettings, specials: set[int], source: str) -> list[Evidence]:
-    """The probes of one finding, measured on `adapter` (the model the finding was made on):
-    the pseudo-trigger, then the real tokens that fire, then the other restarts that fire,
-    at most `max_probes`. Shares are measured on the judge prompts `held`."""
+            settings: RepairSettings, specials: set[int], found_in: str) -> list[Evidence]:
+    """The probes of one finding, measured on `adapter` (the model the finding was made on): the
+    typed trigger, the pseudo-trigger, then the real tokens that fire, then the other restarts that
+    fire, at most `max_probes`. Shares are measured on the judge prompts `held`.
+
+    Typed and token probes are judged against the typed trigger's target when the scan found one
+    (the backdoor's own), free vectors against the pseudo-trigger's.
+    """
     chunk = settings.chunk_size
     trigger = finding.trigger.to(held.embeds)
-    target = target_of(adapter, held, trigger, finding.path, chunk)
-    k = max(finding.vectors, 1)
-    screen = cut(PromptFeatures(held.ids, held.embeds, clean), adapter.eos_token_id, k)
+    pseudo_target = target_of(adapter, held, trigger, finding.path, chunk)
+    typed = token_vectors(adapter, list(finding.typed)) if finding.typed else None
+    target = pseudo_target if typed is None else target_of(adapter, held, typed, finding.path, chunk)
+    screen = cut(PromptFeatures(held.ids, held.embeds, clean), adapter.eos_token_id,
+                 max(finding.vectors, len(finding.typed)))
 
-    def share(vectors: Tensor) -> float:
-        return attack_share(adapter, screen, screen.clean, vectors, target, chunk)
+    def share(vectors: Tensor, goal: Target) -> float:
+        return attack_share(adapter, screen, screen.clean, vectors, goal, chunk)
 
-    found = [Evidence(Probe(f"{source}:pseudo-trigger", trigger), target, share(trigger), source)]
+    found = []
+    if typed is not None:
+        name = f"{found_in}:typed-{'-'.join(map(str, finding.typed))}"
+        found.append(Evidence(Probe(name, typed), target, share(typed, target), ProbeKind.TYPED, found_in))
+    found.append(Evidence(Probe(f"{found_in}:pseudo-trigger", trigger), pseudo_target, share(trigger, pseudo_target),
+                          ProbeKind.PSEUDO, found_in))
     tokens = [i for i in finding.candidate_tokens[: settings.candidates] if i not in specials]
     tried = [[i] for i in tokens]
     if len(tokens) >= finding.vectors > 1:
         tried.append(tokens[: finding.vectors])  # the nearest of each vector, as one sequence
     for ids in tried:
+        if tuple(ids) == finding.typed:
+            continue
         vectors = token_vectors(adapter, ids)
-        if (fired := share(vectors)) > settings.fires:
-            found.append(Evidence(Probe(f"{source}:tokens-{'-'.join(map(str, ids))}", vectors), target, fired,
-                                  "token"))
+        if (fired := share(vectors, target)) > settings.fires:
+            found.append(Evidence(Probe(f"{found_in}:tokens-{'-'.join(map(str, ids))}", vectors), target, fired,
+                                  ProbeKind.TOKEN, found_in))
     for r, restart in enumerate(finding.restarts.to(held.embeds)):
-        if not torch.equal(restart, trigger) and (fired := share(restart)) > settings.fires:
-            found.append(Evidence(Probe(f"{source}:restart-{r}", restart), target, fired, source))
+        if not torch.equal(restart, trigger) and (fired := share(restart, pseudo_target)) > settings.fires:
+            found.append(Evidence(Probe(f"{found_in}:restart-{r}", restart), pseudo_target, fired, ProbeKind.RESTART,
+                                  found_in))
     return found[: settings.max_probes]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from amdet_gate import __version__
 from amdet_gate.erasure.findings import Finding
-from amdet_gate.erasure.measure import Fidelity, GateReading
+from amdet_gate.erasure.measure import Fidelity, GateReading, TypedReading
 from amdet_gate.erasure.plan import Corruption, Evidence, Plan, RepairSettings
 from amdet_gate.outputs import _json_safe, write_json, write_text
 from amdet_gate.sanitise import md_text, one_line
@@ -62,8 +62,10 @@ class RepairRecord:
     corruption: tuple[Corruption, ...]
     fidelity: Fidelity
     min_fidelity: float
-    gates_before: GateReading
-    gates_after: GateReading
+    before: GateReading  # the pseudo-trigger's gates on the original
+    after: GateReading  # ... and on the repaired copy
+    typed_before: TypedReading | None  # the typed trigger's measures, when the finding has one
+    typed_after: TypedReading | None
     thresholds: Thresholds
     rounds: tuple[RoundRecord, ...]
     rescan_folder: Path
@@ -102,15 +104,21 @@ def to_json(r: RepairRecord) -> dict:
                  "per_layer": [{"layer": e.layer, "keys": e.keys, "residual_before": round(e.residual_before, 6),
                                 "residual_after": round(e.residual_after, 6)} for e in r.plan.edits],
                  "anchor": r.anchor, "plans_tried": [_plan(p) for p in r.tried],
-                 "probes": [{"name": e.probe.name, "source": e.source, "vectors": e.probe.vectors.shape[0],
-                             "attack_share_before": round(e.share_before, 6), "attack_share_after": round(a, 6)}
+                 "probes": [{"name": e.probe.name, "kind": e.kind.value, "found_in": e.found_in,
+                             "vectors": e.probe.vectors.shape[0], "attack_share_before": round(e.share_before, 6),
+                             "attack_share_after": round(a, 6)}
                             for e, a in zip(r.evidence, r.shares_after, strict=True)]},
         "corruption": [asdict(c) for c in r.corruption],
         "fidelity": {"tokens": r.fidelity.tokens, "pooled": r.fidelity.pooled,
                      "worst_prompt": r.fidelity.worst_prompt, "value": r.fidelity.value,
                      "min_fidelity": r.min_fidelity, "held_out_prompts": r.settings.held_out_prompts},
-        "pseudo_trigger_gates": {name: {"before": getattr(r.gates_before, name), "after": getattr(r.gates_after, name),
+        "pseudo_trigger_gates": {name: {"before": getattr(r.before, name), "after": getattr(r.after, name),
                                         "threshold": threshold} for name, threshold in gate_names.items()},
+        "typed_trigger": None if r.typed_before is None or r.typed_after is None else {
+            "token_ids": list(f.typed), "before": r.typed_before.as_dict(), "after": r.typed_after.as_dict(),
+            "thresholds": {"same_target_ratio": r.thresholds.typed_same_target_ratio,
+                           "pooled_same_target_ratio": r.thresholds.typed_pooled_same_target_ratio,
+                           "variation_ratio": r.thresholds.typed_variation}},
         "rescan": {"verdict": last.rescan_verdict, "score": last.rescan_score, "reason": last.rescan_reason,
                    "identity_sha256": identity_sha256(list(r.repaired)),  # the pipeline checked the scan read it
                    "result": str(r.rescan_folder / "result.json"), "report": str(r.rescan_folder / "report.html")},
@@ -121,9 +129,13 @@ def to_json(r: RepairRecord) -> dict:
 
 
 def _gate_rows(data: dict) -> list[str]:
-    rows = ["| gate (pseudo-trigger inserted) | before | after | threshold |", "|---|---|---|---|"]
+    rows = ["| gate | before | after | threshold |", "|---|---|---|---|"]
     for name, g in data["pseudo_trigger_gates"].items():
-        rows.append(f"| {md_text(name)} | {g['before']:.3f} | {g['after']:.3f} | {g['threshold']} |")
+        rows.append(f"| pseudo-trigger {md_text(name)} | {g['before']:.3f} | {g['after']:.3f} | {g['threshold']} |")
+    typed = data.get("typed_trigger")
+    for name, threshold in (typed or {}).get("thresholds", {}).items():
+        rows.append(f"| typed trigger {md_text(name)} | {typed['before'][name]:.3f} | {typed['after'][name]:.3f} "
+                    f"| {threshold} |")
     return rows
 
 
@@ -169,7 +181,11 @@ def console_lines(data: dict) -> list[str]:
              f"  clean fidelity {fid['value']:.4f} (min {fid['min_fidelity']})",
              f"  re-scan: {rescan['verdict']} score {rescan['score']:.3f}"]
     for name, g in data["pseudo_trigger_gates"].items():
-        lines.append(f"  {name:26s} {g['before']:.3f} -> {g['after']:.3f}  (threshold {g['threshold']})")
+        lines.append(f"  pseudo-trigger {name:26s} {g['before']:.3f} -> {g['after']:.3f}  (threshold {g['threshold']})")
+    typed = data.get("typed_trigger")
+    for name, threshold in (typed or {}).get("thresholds", {}).items():
+        lines.append(f"  typed trigger  {name:26s} {typed['before'][name]:.3f} -> {typed['after'][name]:.3f}  "
+                     f"(threshold {threshold})")
     lines += [f"  original sha256 {data['original']['identity_sha256']}",
               f"  repaired sha256 {data['repaired']['identity_sha256']}",
               f"  report: {one_line(data['rescan']['report'])}"]
