@@ -6,8 +6,10 @@ The Python API, for registry promotion hooks and pre-deployment steps:
     outcome = amdet_gate.scan("org/name", revision="<sha>", policy="policy.yaml", out="amdet-out")
     outcome.exit_code, outcome.result["verdict"], outcome.result["score"]
     problems = amdet_gate.verify("org/name", lock="amdet.lock")   # [] when the weights are the scanned ones
+    repaired = amdet_gate.repair("path/to/model", result="amdet-out/result.json", out="repaired")
+    repaired.exit_code, repaired.status, repaired.report["rescan"]["verdict"]   # "repaired, re-verify before use"
 
-Both raise `amdet_gate.errors.GateError` (with `.exit_code`) when they cannot decide.
+All three raise `amdet_gate.errors.GateError` (with `.exit_code`) when they cannot decide.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from amdet_gate.erasure.pipeline import RepairOutcome
     from amdet_gate.gate import GateOutcome
 
 
@@ -49,3 +52,22 @@ def verify(model: str, *, lock: str | Path = "amdet.lock", revision: str | None 
         raise
     except Exception as exc:
         raise GateError(f"cannot verify {model}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def repair(model: str, *, result: str | Path, out: str | Path, **options) -> RepairOutcome:
+    """Erase the backdoor a scan found (`result`), write the repaired copy to `out` and re-scan it,
+    like `amdet-gate repair` (same options, as keyword arguments). `exit_code` is 0 only when the
+    re-scan passes and clean fidelity holds; the copy is "repaired, re-verify before use", never clean."""
+    from amdet_gate.errors import GateError
+
+    for name in ("rescan_out", "policy", "prompts"):
+        if options.get(name) is not None:
+            options[name] = Path(options[name])
+    try:
+        from amdet_gate.erasure.pipeline import RepairRequest, run_repair
+
+        return run_repair(RepairRequest(model=model, result=Path(result), out=Path(out), **options))
+    except GateError:
+        raise
+    except Exception as exc:  # one error type for callers, as scan() does
+        raise GateError(f"internal error during the repair: {type(exc).__name__}: {str(exc)[:300]}") from exc

@@ -147,6 +147,54 @@ def scan(
     raise typer.Exit(int(code))
 
 
+@app.command()
+def repair(
+    model: Annotated[str, typer.Argument(help="The model the scan found backdoored (folder or Hub id).")],
+    out: Annotated[Path, typer.Option(help="Folder for the repaired copy (new, empty, or an earlier repair).")],
+    result: Annotated[Path, typer.Option(help="The scan's result.json (its pseudo_trigger.safetensors beside "
+                                         "it).")] = Path("amdet-out/result.json"),
+    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit sha.")] = None,
+    subfolder: Annotated[str | None, typer.Option(help="Subfolder, e.g. text_encoder of a diffusers pipeline.")] = None,
+    anchor: Annotated[str | None, typer.Option(help="Clean reference encoder: its states are the edit's values, "
+                                               "and the re-scan uses it.")] = None,
+    anchor_revision: Annotated[str | None, typer.Option(help="Revision of a Hub anchor.")] = None,
+    anchor_subfolder: Annotated[str | None, typer.Option(help="Subfolder of the anchor.")] = None,
+    rescan_out: Annotated[Path | None, typer.Option(help="Output folder of the re-scan. [<out>-rescan]")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Policy YAML for the re-scan and the gates.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file, one per line (default: built-in corpus).")] = None,
+    min_fidelity: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clean fidelity the copy must keep "
+                                                "to exit 0.")] = 0.98,
+    rounds: Annotated[int, typer.Option(min=1, max=5, help="Edit / re-scan rounds at most.")] = 2,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the repair's prompt split and placements.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Re-scan even if the verdict is cached.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Erase a detected backdoor and re-scan the copy: exit 0 repaired (re-scan passes, fidelity kept), 1 not
+    repaired, 2 error, 3 nothing scannable, 4 bad input (result of another model, not a fail, malformed)."""
+    from amdet_gate.erasure.pipeline import RepairRequest, run_repair
+    from amdet_gate.erasure.plan import RepairSettings
+    from amdet_gate.erasure.report import console_lines
+
+    request = RepairRequest(model=model, result=result, out=out, revision=revision, subfolder=subfolder,
+                            anchor=anchor, anchor_revision=anchor_revision, anchor_subfolder=anchor_subfolder,
+                            rescan_out=rescan_out, policy=policy, prompts=prompts, min_fidelity=min_fidelity,
+                            rounds=rounds, device=device, use_cache=not no_cache,
+                            settings=RepairSettings(seed=seed))
+    try:
+        with Display(quiet, 1) as display, terminate_as_interrupt():
+            outcome = run_repair(request, stage=display.stage)
+    except GateError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, exit 2 (the output folder is left incomplete)
+        raise _fail(GateError("interrupted")) from None
+    for warning in outcome.warnings:
+        say(f"amdet-gate: warning: {one_line(warning)}", err=True)
+    for line in console_lines(outcome.report):
+        say(line)
+    raise typer.Exit(int(outcome.exit_code))
+
+
 policy_app = typer.Typer(help="Validate or create a policy file.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 

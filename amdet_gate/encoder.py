@@ -93,14 +93,19 @@ class TextEncoderAdapter:
 
     def encode(self, hidden: torch.Tensor) -> torch.Tensor:
         """Transformer layers (causal) and final LayerNorm on embeddings (..., L, d)."""
+        return self.model.final_layer_norm(self.residual(hidden))
+
+    def residual(self, hidden: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+        """The residual stream after the first `layers` layers (all by default), before the final
+        LayerNorm, (..., L, d). `repair` traces one layer without running the ones after it."""
         lead, (length, width) = hidden.shape[:-2], hidden.shape[-2:]
         h = hidden.reshape(-1, length, width)
         mask = torch.full((length, length), torch.finfo(h.dtype).min, device=h.device, dtype=h.dtype)
         mask = torch.triu(mask, diagonal=1)[None, None]
-        for layer in self.model.encoder.layers:
+        for layer in self.model.encoder.layers[:layers]:
             h = layer(h, mask)
             h = h[0] if isinstance(h, tuple) else h
-        return self.model.final_layer_norm(h).reshape(*lead, length, width)
+        return h.reshape(*lead, length, width)
 
     def pooled(self, features: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The EOS token's feature, as CLIP pools (first EOS position), projected when the model projects."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from typer.testing import CliRunner
 
 from amdet_gate import controls
@@ -61,21 +62,39 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+CONTROL_RECIPES = {  # name -> how it is built from the base (each seeded: the build order does not matter)
+    "benign_distill": lambda base: controls.benign_finetune(base, "distill", seed=1),
+    "benign_contrastive": lambda base: controls.benign_finetune(base, "contrastive", seed=2),
+    "backdoor_homoglyph": lambda base: controls.backdoor_text_on_text(base, "homoglyph", seed=3),
+    "backdoor_rare_word": lambda base: controls.backdoor_text_on_text(base, "rare_word", seed=4),
+    "backdoor_emoji": lambda base: controls.backdoor_text_on_text(base, "emoji", seed=5),
+    "backdoor_pair_rare_word": lambda base: controls.backdoor_text_on_pair(base, "rare_word", seed=20),
+}
+
+
 @pytest.fixture(scope="session")
-def control_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The built-in controls, built once: benign fine-tunes and backdoored students."""
+def control_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """One built-in control by name ("base" or a CONTROL_RECIPES key), each built once per session
+    on first use: a test module that needs two controls does not pay for all of them."""
     root = tmp_path_factory.mktemp("controls")
-    shape = controls.ControlShape(width=128, layers=4, positions=77)
-    base = controls.pretrain_base(shape, steps=controls.BASE_STEPS)
-    built = {
-        "benign_distill": controls.benign_finetune(base, "distill", seed=1),
-        "benign_contrastive": controls.benign_finetune(base, "contrastive", seed=2),
-        "backdoor_homoglyph": controls.backdoor_text_on_text(base, "homoglyph", seed=3),
-        "backdoor_rare_word": controls.backdoor_text_on_text(base, "rare_word", seed=4),
-        "backdoor_emoji": controls.backdoor_text_on_text(base, "emoji", seed=5),
-        "backdoor_pair_rare_word": controls.backdoor_text_on_pair(base, "rare_word", seed=20),
-    }
-    out = {"base": controls.save_control(base, root / "base")}
-    for name, model in built.items():
-        out[name] = controls.save_control(model, root / name, with_projection=name.endswith("contrastive"))
-    return out
+    built: dict[str, Path] = {}
+    base: list[CLIPTextModelWithProjection] = []
+
+    def get(name: str) -> Path:
+        if name not in built:
+            if not base:
+                shape = controls.ControlShape(width=128, layers=4, positions=77)
+                base.append(controls.pretrain_base(shape, steps=controls.BASE_STEPS))
+                built["base"] = controls.save_control(base[0], root / "base")
+            if name != "base":
+                built[name] = controls.save_control(CONTROL_RECIPES[name](base[0]), root / name,
+                                                    with_projection=name.endswith("contrastive"))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def control_models(control_model: Callable[[str], Path]) -> dict[str, Path]:
+    """The built-in controls, built once: benign fine-tunes and backdoored students."""
+    return {name: control_model(name) for name in ("base", *CONTROL_RECIPES)}
