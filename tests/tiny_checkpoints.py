@@ -100,7 +100,7 @@ def others(shapes: dict[str, tuple[int, ...]], prefix: str = "", seed: int = 2) 
 def save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype = torch.float32,
          metadata: dict[str, str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file({k: v.to(dtype).clone().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from amdet_gate.checkpoints.layer import LayerChoice
 from amdet_gate.checkpoints.lora import base_hint, looks_like_lora, plan_lora
 from amdet_gate.checkpoints.parts import EncoderPart, Keys, Match, Unscanned, layouts
-from amdet_gate.errors import LoadError, UnsupportedModel
+from amdet_gate.errors import LoadError, PickleRefused, UnsupportedModel, UsageError
 from amdet_gate.safetensors_header import Header, read_header
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import PICKLE_SUFFIXES, read_small
@@ -54,8 +54,8 @@ def inventory(path: Path, inside: Path | None = None) -> Inventory:
     """The model at a local path, from headers and small JSON files only."""
     if path.is_file() or (path.is_symlink() and not path.is_dir()):
         if path.name.lower().endswith(PICKLE_SUFFIXES):
-            raise UnsupportedModel(f"{one_line(path.name)} is pickle-based; pickle can run code when loaded, so "
-                                   "amdet-gate reads safetensors only - convert the weights first")
+            raise PickleRefused(f"{one_line(path.name)} is pickle-based; pickle can run code when loaded, so "
+                                "amdet-gate reads safetensors only - convert the weights first")
         return file_inventory(path, read_header(path, inside))
     if (path / "model_index.json").is_file() and not (path / "config.json").exists():
         return pipeline_inventory(path)
@@ -102,7 +102,12 @@ def _from_match(path: Path, match: Match) -> Inventory:
 
 def prefix_summary(header: Header, limit: int = 4) -> str:
     """The file's top-level key prefixes with counts: what an unrecognised file holds, in one line."""
-    counts = Counter(".".join(k.split(".")[:2]) + ("." if k.count(".") >= 2 else "") for k in header.tensors)
+    def prefix(key: str) -> str:  # model.diffusion_model., first_stage_model., text_encoders.clip_l. ...
+        parts = key.split(".")
+        depth = 2 if parts[0] in ("model", "conditioner", "text_encoders") else 1
+        return ".".join(parts[:depth]) + ("." if len(parts) > depth else "")
+
+    counts = Counter(prefix(k) for k in header.tensors)
     shown = ", ".join(f"{one_line(p, 60)}* ({n})" for p, n in counts.most_common(limit))
     return shown + (f" and {len(counts) - limit} more prefixes" if len(counts) > limit else "") or "no tensors"
 
@@ -155,6 +160,4 @@ def select(inv: Inventory, wanted: str | None) -> list[str]:
         raise UnsupportedModel(f"--encoder {one_line(wanted, 40)} is a component that is not a CLIP text encoder; "
                                "nothing scannable")
     known = ", ".join(inv.names + [a for p in inv.parts for a in p.aliases])
-    from amdet_gate.errors import UsageError
-
     raise UsageError(f"--encoder {one_line(wanted, 40)}: this model's text encoders are {known}")
