@@ -85,7 +85,7 @@ def test_every_layout_loads_the_tensors_of_the_equivalent_folder(tmp_path: Path,
         assert (source.encoder.layout, source.encoder.layer.name) == (layout, layer)
         assert_same_tensors(enc, folder_encoder(tmp_path / f"hf-{name}", models[which]))
         projection = enc.adapter.projection
-        if layer == "final" and name == "text_encoder_2" or label == "clip_l":
+        if (layer == "final" and name == "text_encoder_2") or label == "clip_l":
             assert torch.equal(projection, tc.text_state(models[which])["text_projection.weight"])
         assert enc.details["encoder"] == name and enc.details["layer"]["scanned"] == layer
 
@@ -117,8 +117,9 @@ def open_clip_reference(state: dict[str, torch.Tensor], ids: torch.Tensor, heads
         b = {k.removeprefix(f"transformer.resblocks.{i}."): v for k, v in state.items()
              if k.startswith(f"transformer.resblocks.{i}.")}
         attention = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-        attention.load_state_dict({"in_proj_weight": b["attn.in_proj_weight"], "in_proj_bias": b["attn.in_proj_bias"],
-                                   "out_proj.weight": b["attn.out_proj.weight"], "out_proj.bias": b["attn.out_proj.bias"]})
+        attention.load_state_dict({"in_proj_weight": b["attn.in_proj_weight"],
+                                   "in_proj_bias": b["attn.in_proj_bias"], "out_proj.weight": b["attn.out_proj.weight"],
+                                   "out_proj.bias": b["attn.out_proj.bias"]})
         h = nnf.layer_norm(x, (width,), b["ln_1.weight"], b["ln_1.bias"])
         x = x + attention(h, h, h, attn_mask=mask, need_weights=False)[0]
         h = nnf.layer_norm(x, (width,), b["ln_2.weight"], b["ln_2.bias"])

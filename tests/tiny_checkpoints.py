@@ -73,7 +73,8 @@ def to_open_clip(model: CLIPTextModelWithProjection, prefix: str, extra_block: b
     n = model.config.num_hidden_layers
     out = {prefix + "token_embedding.weight": s["embeddings.token_embedding.weight"],
            prefix + "positional_embedding": s["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": s["final_layer_norm.weight"], prefix + "ln_final.bias": s["final_layer_norm.bias"]}
+           prefix + "ln_final.weight": s["final_layer_norm.weight"],
+           prefix + "ln_final.bias": s["final_layer_norm.bias"]}
     if with_projection:
         out[prefix + "text_projection"] = s["text_projection.weight"].T.contiguous()
     gen = torch.Generator().manual_seed(seed)
