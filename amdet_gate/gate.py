@@ -200,7 +200,9 @@ def run_inputs(options: GateOptions, env: Mapping[str, str]) -> tuple[dict[str, 
     folders: dict[str, Path] = {"the Hugging Face cache": Path(constants.HF_HUB_CACHE),
                                 "the verdict cache": options.cache_dir or default_cache_dir(env)}
     for name, spec in (("the model", options.model), ("the anchor", options.anchor),
-                       ("the pipeline", options.pipeline), ("the vision checkpoint", options.vision)):
+                       ("the pipeline", options.pipeline), ("the vision checkpoint", options.vision),
+                       ("the LoRA", options.lora), ("the --config file", options.text_config),
+                       ("the tokenizer", options.tokenizer)):
         if spec is not None and Path(spec).exists():
             (folders if Path(spec).is_dir() else files)[f"{name} {one_line(spec)}"] = Path(spec)
     policy = options.policy or (Path(env["AMDET_POLICY"]) if env.get("AMDET_POLICY") else None)
@@ -416,11 +418,21 @@ def verify_model(model: str, lock: Path, revision: str | None = None, subfolder:
     entry = find_entry(signed.lock, model, subfolder)
     if entry is None:
         return [f"{lock} has no entry for {model}" + (f" (subfolder {subfolder})" if subfolder else "")]
-    source = resolve_source(model, revision or entry.resolved_sha, subfolder, follow_symlinks=follow_symlinks)
+    single_file = Path(model).is_file()  # a checkpoint file: the lock's subfolder names its encoder
+    source = resolve_source(model, revision or entry.resolved_sha, None if single_file else subfolder,
+                            follow_symlinks=follow_symlinks)
+    if single_file:
+        from amdet_gate.checkpoints.attach import EncoderOptions, attach
+
+        source = attach(source, EncoderOptions(encoder=subfolder))
     problems = []
     if entry.resolved_sha and source.resolved_sha and source.resolved_sha != entry.resolved_sha:
         problems.append(f"{model} resolves to commit {source.resolved_sha}, the lock has {entry.resolved_sha}")
     weights = _identities(source)
+    if single_file and source.encoder is not None and source.encoder.identity(weights) == entry.identity_sha256:
+        # An encoder of a multi-encoder file is locked under the file's sha256 and its name (docs/sources.md);
+        # verify_entry recomputes the files' identity, which is what that name was added to.
+        entry = dataclasses.replace(entry, identity_sha256=identity_sha256(weights))
     problems += verify_entry(entry, weights)
     if entry.verdict != "pass":
         problems.append(f"{model} was scanned with verdict {entry.verdict}, not pass")
@@ -471,6 +483,6 @@ def _unscanned_policy(model: dict, policy: Policy, code: ExitCode, note: str,
 def _lock_view(result: dict) -> dict:
     """An encoder of a checkpoint file is locked under its name (the lock's key is model + subfolder)."""
     model = result["model"]
-    if model.get("key_prefix") is not None and model.get("encoder") and not model.get("subfolder"):
+    if model.get("key_prefix") is not None and len(model.get("encoders_in_model") or []) > 1:
         return {**result, "model": {**model, "subfolder": model["encoder"]}}
     return result
