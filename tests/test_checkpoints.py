@@ -230,3 +230,35 @@ def test_encoder_aliases_select_one(tmp_path: Path, encoders: dict) -> None:
     path = tc.sd3_file(tmp_path / "sd3.safetensors", encoders["l"], encoders["g"])
     assert scan_targets(str(path), None, EncoderOptions(encoder="clip_g")) == ["text_encoder_2"]
     assert scan_targets(str(path), None, EncoderOptions(encoder="text_encoder")) == ["text_encoder"]
+
+
+def with_hole(tensors: dict[str, torch.Tensor], path: Path, hole: int) -> Path:
+    """A safetensors file of `tensors` plus a `hole`-byte UNet tensor that is never written (a sparse file)."""
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()})
+    length = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8: 8 + length]), blob[8 + length:]
+    header["model.diffusion_model.input_blocks.0.0.weight"] = {"dtype": "U8", "shape": [hole],
+                                                               "data_offsets": [len(data), len(data) + hole]}
+    text = json.dumps(header).encode()
+    with path.open("wb") as fh:
+        fh.write(len(text).to_bytes(8, "little") + text + data)
+        fh.truncate(8 + len(text) + len(data) + hole)
+    return path
+
+
+def test_memory_is_bounded_by_the_encoder_not_the_file(tmp_path: Path, encoders: dict) -> None:
+    """A 2 GB SDXL-style file whose UNet is a hole: loading each encoder touches its own tensors only
+    (the process's peak memory grows by far less than the file)."""
+    import resource
+
+    tensors = {**tc.to_transformers(encoders["l"], "conditioner.embedders.0.transformer."),
+               **tc.to_open_clip(encoders["g"], "conditioner.embedders.1.model.")}
+    path = with_hole(tensors, tmp_path / "sd_xl_base.safetensors", 2 * 1024**3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for name in ("text_encoder", "text_encoder_2"):
+        _, enc = loaded(path, name)
+        assert enc.config["hidden_size"] in (64, 128)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak
+    assert grown < 512 * 1024**2, grown

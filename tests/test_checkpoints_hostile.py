@@ -20,7 +20,7 @@ from tests import tiny_checkpoints as tc
 from tests.conftest import run_cli
 
 TRUNCATED = b'{"a": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}}'  # 8 bytes promised, 4 there
-FAST = ("--max-steps", "2", "--n-prompts", "40", "--restarts", "1", "-q", "--no-cache")
+FAST = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "1", "-q", "--no-cache")
 
 
 def _clip_l_shapes(prefix: str) -> dict[str, list[int]]:

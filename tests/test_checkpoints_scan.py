@@ -21,7 +21,7 @@ from tests import lora_files as lf
 from tests import tiny_checkpoints as tc
 from tests.conftest import run_cli
 
-PASS = ("--max-steps", "4", "--n-prompts", "40", "--restarts", "2", "-q", "--threshold", "same_target=1")
+PASS = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2", "-q", "--threshold", "same_target=1")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from tests import lora_files as lf
 from tests import tiny_checkpoints as tc
 from tests.conftest import run_cli
 
-FAST = ("--max-steps", "2", "--n-prompts", "40", "--restarts", "1", "-q", "--no-cache")
+FAST = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "1", "-q", "--no-cache")
 
 
 @pytest.fixture(scope="module")

@@ -63,9 +63,10 @@ def inventory(path: Path, inside: Path | None = None) -> Inventory:
         weights = path / OPEN_CLIP_FILE
         if not weights.is_file():
             pickles = sorted(p.name for p in path.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
-            raise UnsupportedModel(f"{one_line(path)} is an OpenCLIP folder without {OPEN_CLIP_FILE}"
-                                   + (f" (only pickle weights: {', '.join(pickles[:2])}; convert them first)"
-                                      if pickles else ""))
+            error = PickleRefused if pickles else UnsupportedModel
+            raise error(f"{one_line(path)} is an OpenCLIP folder without {OPEN_CLIP_FILE}"
+                        + (f" (only pickle weights, which can run code when loaded: {', '.join(pickles[:2])}; "
+                           "convert them to safetensors first)" if pickles else ""))
         return file_inventory(weights, read_header(weights, inside))
     return Inventory("folder", path, None, None)
 
