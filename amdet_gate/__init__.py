@@ -29,7 +29,8 @@ def scan(model: str, *, policy: str | Path | None = None, out: str | Path = "amd
     from amdet_gate.errors import GateError
     from amdet_gate.gate import GateOptions, run_gate
 
-    for name in ("sarif", "html", "markdown", "prompts", "vision", "lock", "cache_dir"):
+    for name in ("sarif", "html", "markdown", "prompts", "vision", "lock", "cache_dir", "lora", "text_config",
+                 "tokenizer"):
         if options.get(name) is not None:
             options[name] = Path(options[name])
     try:

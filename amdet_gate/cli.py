@@ -113,8 +113,23 @@ def scan(
     threshold: Annotated[list[str] | None, typer.Option(help="Gate threshold NAME=VALUE (repeatable).")] = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 on a finding (report-only).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    # Single-file checkpoints, several encoders, LoRA (docs/sources.md)
+    encoder: Annotated[str | None, typer.Option(help="Scan only this text encoder (text_encoder_2, clip_g, ...). "
+                                                "[every one]")] = None,
+    layer: Annotated[str | None, typer.Option(help="Features scanned: final, or a hidden-states index such as -2. "
+                                              "[what the model's pipeline reads]")] = None,
+    config: Annotated[Path | None, typer.Option(help="config.json of the encoder in a single-file checkpoint "
+                                                "(default: shipped or inferred from the shapes).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder (default: the model's, else the "
+                                                   "bundled CLIP BPE).")] = None,
+    lora: Annotated[Path | None, typer.Option(help="LoRA adapter (.safetensors) merged into the model's text "
+                                              "encoders before the scan.")] = None,
+    lora_scale: Annotated[float | None, typer.Option(help="LoRA multiplier. [1.0]")] = None,
 ) -> None:
-    """Scan a text encoder; exit 0 pass, 1 backdoor found, 2 error/inconclusive, 3 nothing scannable, 4 usage."""
+    """Scan a text encoder; exit 0 pass, 1 backdoor found, 2 error/inconclusive, 3 nothing scannable, 4 usage.
+
+    MODEL may be a single-file checkpoint (SD 1.x/2.x, SDXL, SD 3, Flux), a ComfyUI or OpenCLIP text-encoder
+    file, or a diffusers pipeline folder: each CLIP text encoder is scanned, the exit code is the worst."""
     from amdet_gate.gate import INTERRUPTED, GateOptions, prepare_outputs, run_gate
 
     options = GateOptions(
@@ -123,7 +138,8 @@ def scan(
         sarif=sarif, html=html, markdown=markdown, seed=seed, restarts=restarts, max_steps=max_steps,
         time_budget=time_budget, device=device, render=render, pipeline=pipeline, pipeline_revision=pipeline_revision,
         render_steps=render_steps, vision=vision, lock=lock,
-        use_cache=not no_cache, cache_dir=cache_dir, follow_symlinks=follow_symlinks)
+        use_cache=not no_cache, cache_dir=cache_dir, follow_symlinks=follow_symlinks,
+        encoder=encoder, layer=layer, text_config=config, tokenizer=tokenizer, lora=lora, lora_scale=lora_scale)
     try:
         options.thresholds = parse_thresholds(threshold or [])
     except UsageError as exc:
@@ -142,6 +158,10 @@ def scan(
     else:
         print_outcome(outcome)
         code = outcome.exit_code
+        if outcome.encoder_runs:  # several encoders: --exit-zero turns each one's 1 into 0, never another's 2
+            from amdet_gate.multiscan import exit_code
+
+            code = exit_code(outcome.encoder_runs, exit_zero)
     if exit_zero and code == ExitCode.FAIL:  # report-only; never hides 2, 3 or 4
         code = ExitCode.PASS
     raise typer.Exit(int(code))

@@ -100,6 +100,9 @@ def print_outcome(outcome: GateOutcome) -> None:
     untrusted (a folder can be named `x\\n::error::y`): each goes through `one_line`."""
     from rich.text import Text
 
+    if outcome.encoder_runs:  # a model with several text encoders: each one's lines, then the model's
+        print_encoders(outcome)
+        return
     r = outcome.result
     for warning in outcome.warnings:
         say(f"amdet-gate: warning: {one_line(warning)}", err=True)
@@ -118,3 +121,20 @@ def print_outcome(outcome: GateOutcome) -> None:
     if outcome.note:  # carries the allow entry's statement: untrusted text
         say(f"  policy: {one_line(outcome.note)}")
     say(f"  report: {one_line(outcome.paths['html'])}")
+
+
+def print_encoders(outcome: GateOutcome) -> None:
+    """One block per text encoder (its verdict line, or the error that ended its scan), then the model's line."""
+    from dataclasses import replace
+
+    for run in outcome.encoder_runs:
+        say(f"text encoder {one_line(run.name)}:")
+        if run.outcome is not None:
+            print_outcome(replace(run.outcome, warnings=[]))
+        else:
+            say(f"  ERROR (exit {int(run.code)}): {one_line(run.error)}")
+    for warning in outcome.warnings:
+        say(f"amdet-gate: warning: {one_line(warning)}", err=True)
+    r = outcome.result
+    say(f"{visible(str(r['verdict']).upper())}: {len(outcome.encoder_runs)} text encoders of "
+        f"{one_line(r['model'].get('source'))}, exit {r['exit_code']}  (summary: {one_line(outcome.paths['html'])})")

@@ -47,6 +47,9 @@ class LoadedEncoder:
     config: dict[str, int | float | str]  # the validated sizes
     weight_files: list[WeightFile] = field(default_factory=list)
     folder: Path | None = None
+    # What result.json's model block adds for an encoder of a checkpoint file, a pipeline or a LoRA
+    # (amdet_gate/checkpoints): which encoder and layer, which config, the LoRA.
+    details: dict = field(default_factory=dict)
 
 
 class TextEncoderAdapter:

@@ -75,6 +75,13 @@ class GateOptions:
     use_cache: bool = True
     cache_dir: Path | None = None
     follow_symlinks: bool = False  # model files may resolve outside the model folder
+    # Single-file checkpoints, multi-encoder models, LoRA (amdet_gate/checkpoints, docs/sources.md).
+    encoder: str | None = None  # --encoder: one of the model's text encoders
+    layer: str | None = None  # --layer final|-N (default: what the model's family reads)
+    text_config: Path | None = None  # --config: the encoder's config.json, for a single-file checkpoint
+    tokenizer: Path | None = None  # --tokenizer FOLDER
+    lora: Path | None = None  # --lora: merged into the base before the scan
+    lora_scale: float | None = None
 
 
 @dataclass
@@ -85,6 +92,7 @@ class GateOutcome:
     paths: dict[str, Path]
     cache_hit: bool = False
     warnings: list[str] = field(default_factory=list)
+    encoder_runs: list = field(default_factory=list)  # a model of several text encoders: each one's run
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ def resolve(options: GateOptions, env: Mapping[str, str], today: date) -> Resolv
             check_pin(anchor, anchor_revision, "the anchor")
     follow = options.follow_symlinks
     model = resolve_source(options.model, options.revision, options.subfolder, follow_symlinks=follow)
+    model = _attach(model, options)
     # A policy's `org/name` anchor is always the Hub's: a folder of that name added to the
     # checkout (say, by a pull request) must not become the reference (write ./path for a folder).
     anchor_source = None if anchor is None else resolve_source(anchor, anchor_revision, anchor_subfolder,
@@ -151,6 +160,7 @@ def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity:
                  "subfolder": r.model.subfolder, "device": r.device,
                  # Same weights under another config or tokenizer are another model.
                  "model_files": _small_files_identity(r.model),
+                 "encoder": _encoder_identity(r.model),
                  "anchor_files": _small_files_identity(r.anchor) if r.anchor else None,
                  "render": [options.render, r.pipeline, str(options.vision) if options.vision else None,
                             options.render_steps]}
@@ -165,6 +175,10 @@ def _small_files_identity(source: ModelSource) -> dict[str, str | None]:
     from amdet_gate.source import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, tokenizer_folder
 
     names = {"config.json": source.folder / "config.json"}
+    if source.encoder is not None:  # --config, open_clip_config.json, adapter_config.json
+        from amdet_gate.checkpoints.attach import small_files
+
+        names.update(small_files(source))
     tok = tokenizer_folder(source)
     if tok is not None:
         names.update({f"tokenizer/{n}": tok / n for n in TOKENIZER_FILES})
@@ -186,7 +200,9 @@ def run_inputs(options: GateOptions, env: Mapping[str, str]) -> tuple[dict[str, 
     folders: dict[str, Path] = {"the Hugging Face cache": Path(constants.HF_HUB_CACHE),
                                 "the verdict cache": options.cache_dir or default_cache_dir(env)}
     for name, spec in (("the model", options.model), ("the anchor", options.anchor),
-                       ("the pipeline", options.pipeline), ("the vision checkpoint", options.vision)):
+                       ("the pipeline", options.pipeline), ("the vision checkpoint", options.vision),
+                       ("the LoRA", options.lora), ("the --config file", options.text_config),
+                       ("the tokenizer", options.tokenizer)):
         if spec is not None and Path(spec).exists():
             (folders if Path(spec).is_dir() else files)[f"{name} {one_line(spec)}"] = Path(spec)
     policy = options.policy or (Path(env["AMDET_POLICY"]) if env.get("AMDET_POLICY") else None)
@@ -229,6 +245,11 @@ def run_gate(options: GateOptions, env: Mapping[str, str] | None = None, today: 
     env = os.environ if env is None else env
     plan = prepare_outputs(options, env)
     try:
+        targets = _targets(options)
+        if len(targets) > 1:  # one scan per text encoder (multiscan.py)
+            from amdet_gate.multiscan import run_encoders
+
+            return run_encoders(options, targets, env, today or date.today(), progress, stage, _run)
         return _run(options, env, today or date.today(), progress, stage)
     except GateError as exc:
         write_error_outputs(plan, exc, options.model, options.subfolder, env)
@@ -287,6 +308,7 @@ def _run(options: GateOptions, env: Mapping[str, str], today: date, progress,
     scanned = scan_model(request, progress, stage, weights=weights)
     result = scanned.result
     code, note = apply_policy(result.verdict, result.model["identity_sha256"], r.policy)
+    code, note = _unscanned_policy(result.model, r.policy, code, note, [])  # the record; _finish warns
     result.policy = _policy_block(r.policy, code, note, result.model["identity_sha256"])
     stage("rendering the reversed target")
     _render_images(dataclasses.replace(render_request, device=result.settings["device"]), scanned, r,
@@ -351,12 +373,13 @@ def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Pa
     from amdet_gate.outputs import append_step_summary, copy_reports
 
     code, note = apply_policy(result["verdict"], result["model"]["identity_sha256"], r.policy)
+    code, note = _unscanned_policy(result["model"], r.policy, code, note, warnings)
     copy_reports(paths, sarif=options.sarif, html=options.html, markdown=options.markdown)
     if options.lock is not None:
         from amdet_gate.lock import entry_from_result
         from amdet_gate.lock_sign import write_signed_lock
 
-        write_signed_lock(options.lock, entry_from_result(result, options.model, options.revision), env)
+        write_signed_lock(options.lock, entry_from_result(_lock_view(result), options.model, options.revision), env)
     # Last: the job summary cannot be taken back, so nothing that can still fail comes after it.
     problem = append_step_summary(env, paths["markdown"].read_text("utf-8"))
     if problem:
@@ -368,7 +391,12 @@ def _identities(source: ModelSource, deadline: float | None = None) -> list[Weig
     """The weight files' identities, after every file the scan reads was found inside the model folder
     and every safetensors header was checked; hashing stops at `deadline` (exit 2)."""
     check_contained(source)
-    weights = weight_identities(source.folder, deadline, source.boundary)
+    if source.encoder is not None:  # a checkpoint file's encoder, a LoRA: amdet_gate/checkpoints
+        from amdet_gate.checkpoints.attach import identities
+
+        weights = identities(source, deadline)
+    else:
+        weights = weight_identities(source.folder, deadline, source.boundary)
     check_hub_sha256(source, weights)
     return weights
 
@@ -390,11 +418,21 @@ def verify_model(model: str, lock: Path, revision: str | None = None, subfolder:
     entry = find_entry(signed.lock, model, subfolder)
     if entry is None:
         return [f"{lock} has no entry for {model}" + (f" (subfolder {subfolder})" if subfolder else "")]
-    source = resolve_source(model, revision or entry.resolved_sha, subfolder, follow_symlinks=follow_symlinks)
+    single_file = Path(model).is_file()  # a checkpoint file: the lock's subfolder names its encoder
+    source = resolve_source(model, revision or entry.resolved_sha, None if single_file else subfolder,
+                            follow_symlinks=follow_symlinks)
+    if single_file:
+        from amdet_gate.checkpoints.attach import EncoderOptions, attach
+
+        source = attach(source, EncoderOptions(encoder=subfolder))
     problems = []
     if entry.resolved_sha and source.resolved_sha and source.resolved_sha != entry.resolved_sha:
         problems.append(f"{model} resolves to commit {source.resolved_sha}, the lock has {entry.resolved_sha}")
     weights = _identities(source)
+    if single_file and source.encoder is not None and source.encoder.identity(weights) == entry.identity_sha256:
+        # An encoder of a multi-encoder file is locked under the file's sha256 and its name (docs/sources.md);
+        # verify_entry recomputes the files' identity, which is what that name was added to.
+        entry = dataclasses.replace(entry, identity_sha256=identity_sha256(weights))
     problems += verify_entry(entry, weights)
     if entry.verdict != "pass":
         problems.append(f"{model} was scanned with verdict {entry.verdict}, not pass")
@@ -405,8 +443,46 @@ def _policy_block(policy: Policy, code: ExitCode, note: str, identity: str) -> d
     """What result.json records of the policy, with the line that names this model if any (for SARIF)."""
     line = next((a.line for a in policy.allow if a.sha256 == identity), None)
     return {"source": policy.source, "sha256": policy.sha256, "exit_code": int(code), "note": note,
-            "model_line": line}
+            "model_line": line, "on_unscanned": policy.on_unscanned}
 
 
 def _first(flag, fallback):
     return flag if flag is not None else fallback
+
+
+# --- single-file checkpoints, multi-encoder models, LoRA (amdet_gate/checkpoints) ------------
+
+def _targets(options: GateOptions) -> list[str]:
+    """The text encoders this run scans ([] or one: a single scan, as before)."""
+    from amdet_gate.checkpoints.attach import EncoderOptions, scan_targets
+
+    return scan_targets(options.model, options.subfolder, EncoderOptions.of(options))
+
+
+def _attach(model: ModelSource, options: GateOptions) -> ModelSource:
+    from amdet_gate.checkpoints.attach import EncoderOptions, attach
+
+    return attach(model, EncoderOptions.of(options))
+
+
+def _encoder_identity(source: ModelSource) -> dict | None:
+    from amdet_gate.checkpoints.attach import cache_identity
+
+    return cache_identity(source)
+
+
+def _unscanned_policy(model: dict, policy: Policy, code: ExitCode, note: str,
+                      warnings: list[str]) -> tuple[ExitCode, str]:
+    """A component that was not scanned (a T5) never passes silently: a warning, or with
+    `on_unscanned: fail` a failing exit code."""
+    from amdet_gate.multiscan import unscanned_policy
+
+    return unscanned_policy(model, policy, code, note, warnings)
+
+
+def _lock_view(result: dict) -> dict:
+    """An encoder of a checkpoint file is locked under its name (the lock's key is model + subfolder)."""
+    model = result["model"]
+    if model.get("key_prefix") is not None and len(model.get("encoders_in_model") or []) > 1:
+        return {**result, "model": {**model, "subfolder": model["encoder"]}}
+    return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from amdet_gate.checkpoints.summary import encoder_markdown
 from amdet_gate.sanitise import md_text
 
 VERDICT_MARK = {"pass": "✅ PASS", "fail": "❌ FAIL", "inconclusive": "⚠️ INCONCLUSIVE"}
@@ -32,6 +33,7 @@ def render_markdown(result: dict) -> str:
         + (f" at `{md_text(model['resolved_sha'])}`" if model.get("resolved_sha") else "")
         + (f", subfolder {md_text(model['subfolder'])}" if model.get("subfolder") else ""),
         "",
+        *encoder_markdown(model),  # which encoder and layer; what was not scanned (amdet_gate/checkpoints)
         f"**Identity (sha256)** `{md_text(model.get('identity_sha256', '?'))}`",
         "",
         f"**Reason** {md_text(result.get('reason', ''))}",

@@ -121,6 +121,9 @@ def read_result(path: Path) -> dict:
         data = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise UsageError(f"{path} is not a JSON result: {type(exc).__name__}") from None
+    if isinstance(data, dict) and data.get("kind") == "encoders":  # multiscan.py's summary of several encoders
+        raise UsageError(f"{path} summarises a model with several text encoders; re-render one encoder's own "
+                         "result (its folder beside it, e.g. text_encoder_2/result.json)")
     required = ("schema_version", "model", "verdict", "score", "gates", "reversed_target")
     if not isinstance(data, dict) or any(k not in data for k in required):
         raise UsageError(f"{path} is not an amdet-gate result.json (missing {', '.join(required)})")

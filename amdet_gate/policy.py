@@ -33,6 +33,7 @@ ENV_SETTINGS = {  # AMDET_* variable -> (section, key, type)
     "AMDET_N_PROMPTS": ("scan", "n_prompts", int),
     "AMDET_ON_FINDING": (None, "on_finding", str),
     "AMDET_ON_INCONCLUSIVE": (None, "on_inconclusive", str),
+    "AMDET_ON_UNSCANNED": (None, "on_unscanned", str),
 }
 
 
@@ -67,6 +68,9 @@ class Policy:
     sha256: str  # of the effective policy, for cache keys and the report
     on_finding: str = "fail"
     on_inconclusive: str = "fail"
+    # A model component that was not scanned (a T5 encoder beside the CLIP ones): warn (reported, visibly)
+    # or fail (exit 1). Never a silent pass either way.
+    on_unscanned: str = "warn"
     require_pinned_revision: bool = False
     anchor: dict | None = None
     scan: ScanDefaults = field(default_factory=ScanDefaults)
@@ -201,7 +205,7 @@ def load_policy(path: Path | None, env: Mapping[str, str], today: date) -> Polic
         source = str(path)
     lines = data.pop("_lines")
     scan = dict(data.get("scan") or {})
-    top = {k: data[k] for k in ("on_finding", "on_inconclusive") if k in data}
+    top = {k: data[k] for k in ("on_finding", "on_inconclusive", "on_unscanned") if k in data}
     for var, (section, key, kind) in ENV_SETTINGS.items():
         if var in env:
             try:
@@ -228,6 +232,7 @@ def load_policy(path: Path | None, env: Mapping[str, str], today: date) -> Polic
     return Policy(
         source=source, sha256=digest,
         on_finding=top.get("on_finding", "fail"), on_inconclusive=top.get("on_inconclusive", "fail"),
+        on_unscanned=top.get("on_unscanned", "warn"),
         require_pinned_revision=bool(data.get("require_pinned_revision", False)),
         anchor=data.get("anchor"),
         scan=ScanDefaults(**{k: v for k, v in scan.items() if k in known}),
@@ -241,6 +246,7 @@ STARTER_POLICY = """\
 version: 1
 on_finding: fail            # fail | warn: what an injected backdoor does to the exit code
 on_inconclusive: fail       # fail | warn: fail closed unless you accept undecided scans
+on_unscanned: warn          # fail | warn: a component that cannot be scanned (a T5 encoder)
 require_pinned_revision: false
 # anchor: {id: path/or/org-name, revision: <40-hex sha>}   # clean reference encoder
 scan:

@@ -17,6 +17,7 @@ import jinja2
 from markupsafe import Markup
 
 from amdet_gate.charts import render_charts
+from amdet_gate.checkpoints.summary import encoder_lines
 from amdet_gate.files import NotRegular, OutsideFolder, TooLarge, read_regular_at, resolve_inside, write_atomic
 from amdet_gate.sanitise import visible
 
@@ -215,6 +216,7 @@ def render_html(result: dict, base_dir: Path) -> str:
         gates_passed=sum(g["state"] == "passed" for g in gate_rows), images=_images(result, base_dir),
         charts=charts, captions=CHART_CAPTIONS, checks=_checks(_dict(result.get("search"))),
         css=Markup(css),  # our own file, not user data
+        encoder_rows=encoder_lines(_dict(result.get("model"))),  # which encoder and layer, what was not scanned
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from amdet_gate.errors import LoadError
@@ -22,9 +23,31 @@ SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in a safetensors header (checked: dtype known, shape and byte range agree)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Header:
+    """A safetensors file's header: its tensors by name and its metadata (both untrusted text)."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
 def check_header(path: Path, inside: Path | None = None) -> None:
     """A safetensors file's layout, read from its first bytes only (no torch): an 8-byte header length,
     a JSON header of that length, and tensor byte ranges that fit the file exactly. LoadError if not."""
+    read_header(path, inside)
+
+
+def read_header(path: Path, inside: Path | None = None) -> Header:
+    """`check_header`, returning what the header says: the checkpoint layouts are recognised from it
+    (amdet_gate/checkpoints) without reading a byte of tensor data."""
     with open_regular(path, "weight file", LoadError, inside=inside) as fh:
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
@@ -37,7 +60,7 @@ def check_header(path: Path, inside: Path | None = None) -> None:
             raise LoadError(f"{path.name} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise LoadError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
-    end = 0
+    end, tensors, metadata = 0, {}, header.get("__metadata__")
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -53,6 +76,10 @@ def check_header(path: Path, inside: Path | None = None) -> None:
         if not 0 <= start <= stop or stop - start != count:
             raise LoadError(f"{path.name}: tensor {shown}'s byte range does not match its shape and dtype")
         end = max(end, stop)
+        tensors[name] = TensorInfo(info["dtype"], tuple(info["shape"]))
     if 8 + length + end != size:
         raise LoadError(f"{path.name}: the header describes {8 + length + end} bytes but the file has {size} "
                         "(truncated or padded)")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        metadata = {}  # the format says str -> str; anything else carries nothing we read
+    return Header(tensors, metadata)

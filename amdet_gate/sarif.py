@@ -79,10 +79,10 @@ def _log(model: str, results: list[dict]) -> dict:
 
 
 def _result(rule_id: str, message: str, uri: str, identity: str, properties: dict,
-            suppression: str | None = None, line: int = 1) -> dict:
+            suppression: str | None = None, line: int = 1, level: str | None = None) -> dict:
     fingerprint = hashlib.sha256(f"{rule_id}:{identity}".encode()).hexdigest()[:32]
     result = {
-        "ruleId": rule_id, "ruleIndex": list(RULES).index(rule_id), "level": RULES[rule_id][5],
+        "ruleId": rule_id, "ruleIndex": list(RULES).index(rule_id), "level": level or RULES[rule_id][5],
         "message": {"text": one_line(message, 2000)},  # names, tokens and reasons are untrusted
         "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": line}}}],
         "partialFingerprints": {"primaryLocationLineHash": f"{fingerprint}:1"},
@@ -106,6 +106,8 @@ def _location(result: dict) -> tuple[str, int]:
     if policy.get("model_line") and Path(policy.get("source", "")).is_file():
         return _uri(Path(policy["source"])), int(policy["model_line"])
     weight = model["weight_files"][0]["name"]
+    if model.get("key_prefix") is not None and model.get("encoder"):  # an encoder inside a checkpoint file
+        return f"{_uri(Path(model['source']))}#{uri_path(model['encoder'])}", 1
     if model.get("hub_id"):  # not a file of this repository: name it inside the Hub repo
         return uri_path("/".join(p for p in (model["hub_id"], model.get("subfolder"), weight) if p)), 1
     return _uri(Path(model["source"]) / (model.get("subfolder") or "") / weight), 1
@@ -122,24 +124,42 @@ def scan_sarif(result: dict) -> dict:
     note = (result.get("policy") or {}).get("note", "")
     results = []
     tokens = ", ".join(t["text"] for t in result["reversed_target"]["trigger_tokens"][:5])
+    results += _unscanned(result, uri, line)
     if result["verdict"] == "fail":
         pooled = [k for k in gates if k.startswith("pooled_")]
         which = ("every pooled-path gate passed (the pooled embedding of all prompts goes to one target)"
                  if pooled and all(gates[k]["passed"] for k in pooled) else "every AMDet gate passed")
-        message = (f"Injected backdoor in {model['source']} (score {result['score']:.3f}): {which}. "
+        message = (f"Injected backdoor in {_named(model)} (score {result['score']:.3f}): {which}. "
                    f"Pseudo-trigger's nearest tokens: {tokens}.")
         results.append(_result("AMDET001", message, uri, identity, props,
                                note if "allowed by" in note else None, line))
     elif result["verdict"] == "inconclusive":
-        results.append(_result("AMDET003", f"Backdoor scan of {model['source']} inconclusive: {result['reason']}",
+        results.append(_result("AMDET003", f"Backdoor scan of {_named(model)} inconclusive: {result['reason']}",
                                uri, identity, props, note if "allowed by" in note else None, line))
     elif {"assimilation_ratio", "same_target_ratio"} <= gates.keys() and all(
             gates[k]["passed"] for k in gates if k != "landscape_positive_ratio" and not k.startswith("pooled_")) and \
             not gates.get("landscape_positive_ratio", {"passed": True})["passed"]:
-        results.append(_result("AMDET002", f"Natural backdoor feature in {model['source']}: prompts collapse "
+        results.append(_result("AMDET002", f"Natural backdoor feature in {_named(model)}: prompts collapse "
                                "to one target, but the loss landscape is not a smooth bowl.", uri, identity, props,
                                line=line))
-    return _log(_model_name(model["source"], model.get("subfolder")), results)
+    return _log(_model_name(model["source"], model.get("subfolder") or model.get("encoder")), results)
+
+
+def _named(model: dict) -> str:
+    """The model, and which of its text encoders, as a finding names it."""
+    encoder = model.get("encoder")
+    return f"{model['source']} ({encoder})" if encoder else model["source"]
+
+
+def _unscanned(result: dict, uri: str, line: int) -> list[dict]:
+    """AMDET102 for each model part that was not scanned (a T5): an error when the policy fails the gate for it."""
+    model, policy = result["model"], result.get("policy") or {}
+    level = "error" if policy.get("on_unscanned") == "fail" else "warning"
+    base = uri.split("#", 1)[0]
+    return [_result("AMDET102", f"{part['name']} ({part['kind']}) of {model['source']} was not scanned: "
+                    f"{part['reason']}", f"{base}#{uri_path(part['name'])}" if "#" in uri else base,
+                    f"{model['source']}#{part['name']}", {"component": part["name"]}, line=line, level=level)
+            for part in model.get("not_scanned") or [] if isinstance(part, dict)]
 
 
 def error_sarif(rule_id: str, message: str, model: Path, subfolder: str | None = None) -> dict:

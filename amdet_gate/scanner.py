@@ -120,18 +120,29 @@ def load_models(model: ModelSource, anchor_source: ModelSource | None, device: t
     for source in (model, anchor_source):  # every file read resolves inside its folder (or --follow-symlinks)
         if source is not None:
             check_contained(source)
-    suspect = load_encoder(model.root, model.subfolder, weights)
-    if weights is not None and weight_identities(model.folder) != weights:
+    if model.encoder is not None:  # an encoder of a checkpoint file or a pipeline, a LoRA, --layer
+        from amdet_gate.checkpoints.attach import identities, load
+
+        suspect = load(model, weights)
+        now = identities(model) if weights is not None else None
+    else:
+        suspect = load_encoder(model.root, model.subfolder, weights)
+        now = weight_identities(model.folder) if weights is not None else None
+    if weights is not None and now != weights:
         # Hashed by the caller, then read here: the bytes scanned must be the bytes identified.
         raise LoadError(f"the weights in {model.folder} changed while they were being scanned")
     anchor = None
     if anchor_source is not None:
         anchor = load_encoder(anchor_source.root, anchor_source.subfolder)
+        if model.encoder is not None:  # read at the model's layer
+            from amdet_gate.checkpoints.attach import load_anchor
+
+            anchor = load_anchor(anchor, model)
         s, a = suspect.adapter, anchor.adapter
         if (s.hidden_size, s.seq_len) != (a.hidden_size, a.seq_len):
             raise UsageError(f"anchor width/positions {a.hidden_size}/{a.seq_len} differ from the "
                              f"model's {s.hidden_size}/{s.seq_len}; the anchor must share the architecture")
-        check_anchor_is_another_model(suspect, anchor, load_tokenizer(tokenizer_folder(model)))
+        check_anchor_is_another_model(suspect, anchor, model_tokenizer(model, suspect))
         anchor.adapter.to(device)
     suspect.adapter.to(device)
     return suspect, anchor
@@ -250,13 +261,25 @@ def check_tokenizer_fits(tokenizer: PromptTokenizer, prompts: list[str], ids: to
                         "differ only in case, spacing or punctuation")
 
 
+def model_tokenizer(model: ModelSource, encoder: LoadedEncoder) -> PromptTokenizer:
+    """The model's tokenizer; for an encoder of a checkpoint file, padded as its family pads."""
+    if model.encoder is not None:
+        from amdet_gate.checkpoints.attach import tokenizer_for
+
+        return tokenizer_for(model, encoder)
+    return load_tokenizer(tokenizer_folder(model))
+
+
 def _identity(enc: LoadedEncoder, source: ModelSource) -> dict:
+    identity = (source.encoder.identity(enc.weight_files) if source.encoder is not None
+                else identity_sha256(enc.weight_files))
     return {
         **source.describe(),
-        "identity_sha256": identity_sha256(enc.weight_files),
+        "identity_sha256": identity,
         "architecture": enc.architecture,
         "config": enc.config,
         "weight_files": [asdict(w) for w in enc.weight_files],
+        **enc.details,  # which encoder, layer and config, the LoRA (amdet_gate/checkpoints)
     }
 
 
@@ -287,7 +310,7 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     model = as_source(request.model, request.subfolder)
     anchor_source = None if request.anchor is None else as_source(request.anchor, request.anchor_subfolder)
     suspect, anchor = load_models(model, anchor_source, device, weights)
-    tokenizer = load_tokenizer(tokenizer_folder(model))
+    tokenizer = model_tokenizer(model, suspect)
     # Where EOS sits in the ids is the tokenizer's business: Stable Diffusion 1.x configs still
     # carry the legacy eos_token_id 2, which is not their vocabulary's end-of-text token.
     for enc in (suspect, anchor):

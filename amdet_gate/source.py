@@ -18,10 +18,14 @@ import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from amdet_gate.errors import ExitCode, GateError, LoadError, PickleRefused, UnsupportedModel, UsageError
 from amdet_gate.files import OutsideFolder, open_regular, read_capped_text, resolve_inside
 from amdet_gate.sanitise import one_line
+
+if TYPE_CHECKING:
+    from amdet_gate.checkpoints.ref import EncoderRef
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SINGLE_FILE = "model.safetensors"
@@ -68,6 +72,9 @@ class ModelSource:
     resolved_sha: str | None = None  # the commit the revision pointed to
     hub_sha256: tuple[tuple[str, str], ...] = ()  # (file name, sha256) the Hub lists for LFS weight files
     follow_symlinks: bool = False  # --follow-symlinks: files may resolve anywhere on the machine
+    # Which text encoder, when the model is not one plain encoder folder: a single-file checkpoint's
+    # (root is then the file), a pipeline's, or one read with --layer/--lora (amdet_gate/checkpoints).
+    encoder: EncoderRef | None = None
 
     @property
     def folder(self) -> Path:
@@ -245,6 +252,9 @@ def weight_identities(folder: Path, deadline: float | None = None, inside: Path 
 def model_files(source: ModelSource) -> list[Path]:
     """Every file of the model that a scan reads: config.json, the shard index, the weights, the tokenizer's."""
     folder = source.folder
+    if source.encoder is not None and source.encoder.part is not None:  # a single-file checkpoint
+        tok = tokenizer_folder(source)
+        return [source.root, *([tok / name for name in TOKENIZER_FILES] if tok is not None else [])]
     files = [folder / "config.json", folder / INDEX_FILE]
     files += find_weight_files(folder) if folder.is_dir() else []
     tok = tokenizer_folder(source)
@@ -302,7 +312,12 @@ def tokenizer_folder(source: ModelSource) -> Path | None:
     """The model folder when it has tokenizer files, else a diffusers pipeline's sibling tokenizer.
 
     A pipeline keeps text_encoder/ and tokenizer/ (text_encoder_2/ and tokenizer_2/) side by side.
+    `--tokenizer FOLDER` (source.encoder.tokenizer) comes first; a single-file checkpoint has none of its own.
     """
+    if source.encoder is not None and source.encoder.tokenizer is not None:
+        return Path(source.encoder.tokenizer)
+    if source.encoder is not None and source.encoder.part is not None:
+        return None
     if has_tokenizer_files(source.folder):
         return source.folder
     if source.subfolder and source.subfolder.startswith("text_encoder"):

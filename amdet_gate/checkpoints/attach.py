@@ -1,0 +1,203 @@
+"""The glue between the gate (gate.py, scanner.py, source.py) and this package; torch-free until `load`.
+
+  scan_targets(options)    which encoders one `scan` runs: [] for the plain single-folder case,
+                           else their names (several: one scan each, multiscan.py)
+  attach(source, options)  the ModelSource of one encoder, with its EncoderRef
+  identities(source)       the weight files that identify it (the checkpoint, and the LoRA)
+  load(source, weights)    the loaded encoder (scanner.load_models)
+  tokenizer_for(source)    its tokenizer, padded as its family pads
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from amdet_gate.checkpoints.inventory import Inventory, inventory, select
+from amdet_gate.checkpoints.layer import LayerChoice
+from amdet_gate.checkpoints.ref import EncoderRef, LoraRef
+from amdet_gate.errors import UsageError
+from amdet_gate.sanitise import one_line
+
+if TYPE_CHECKING:
+    from amdet_gate.encoder import LoadedEncoder
+    from amdet_gate.source import ModelSource, WeightFile
+    from amdet_gate.tokenizer import PromptTokenizer
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """The scan flags this package adds (CLI and GateOptions)."""
+
+    encoder: str | None = None
+    layer: str | None = None
+    config: Path | None = None
+    tokenizer: Path | None = None
+    lora: Path | None = None
+    lora_scale: float | None = None
+
+    @classmethod
+    def of(cls, options: object) -> EncoderOptions:
+        return cls(*(getattr(options, f"{name}", None) for name in
+                     ("encoder", "layer", "text_config", "tokenizer", "lora", "lora_scale")))
+
+    @property
+    def plain(self) -> bool:
+        return all(v is None for v in (self.encoder, self.layer, self.config, self.tokenizer, self.lora,
+                                       self.lora_scale))
+
+
+def _local(spec: str, subfolder: str | None) -> Path | None:
+    path = Path(spec)
+    return path if path.exists() and not subfolder else None
+
+
+def scan_targets(spec: str, subfolder: str | None, opts: EncoderOptions) -> list[str]:
+    """The encoders a scan of `spec` runs, by name; [] when it is one encoder folder (or a Hub id)."""
+    _check(opts)
+    path = _local(spec, subfolder)
+    if path is None:
+        return []
+    inv = inventory(path)
+    if inv.kind == "folder":
+        if opts.encoder is not None:
+            raise UsageError(f"--encoder: {one_line(spec)} is a single text encoder (no pipeline, no checkpoint file)")
+        return []
+    names = select(inv, opts.encoder)
+    if len(names) > 1:
+        for flag, value in (("--config", opts.config), ("--tokenizer", opts.tokenizer)):
+            if value is not None:
+                raise UsageError(f"{flag} describes one encoder but {one_line(spec)} has {len(names)} "
+                                 f"({', '.join(names)}): pass --encoder NAME")
+    return names
+
+
+def _check(opts: EncoderOptions) -> None:
+    LayerChoice.parse(opts.layer)
+    if opts.lora_scale is not None and (not math.isfinite(opts.lora_scale) or opts.lora is None):
+        raise UsageError("--lora-scale needs --lora and a finite number")
+    for flag, path in (("--lora", opts.lora), ("--config", opts.config)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {one_line(path)}: no such file")
+    if opts.tokenizer is not None and not Path(opts.tokenizer).is_dir():
+        raise UsageError(f"--tokenizer {one_line(opts.tokenizer)}: no such folder")
+
+
+def attach(source: ModelSource, opts: EncoderOptions) -> ModelSource:
+    """`source` with the EncoderRef of the one encoder it names (`opts.encoder`, or its only one)."""
+    _check(opts)
+    local = not source.hub_id
+    inv = inventory(source.root) if local and not source.subfolder else None
+    lora = LoraRef(Path(opts.lora), 1.0 if opts.lora_scale is None else float(opts.lora_scale)) if opts.lora else None
+    asked = LayerChoice.parse(opts.layer)
+    common = {"config": opts.config, "tokenizer": opts.tokenizer, "lora": lora}
+    if inv is None or inv.kind == "folder":
+        pipeline = _pipeline_of(source) if local and source.subfolder else None
+        if opts.plain and pipeline is None:
+            return source  # the plain case: exactly as before this package existed
+        name = source.subfolder.strip("/") if source.subfolder else None
+        layer = asked or (pipeline.pipeline_layer if pipeline and pipeline.pipeline_layer else LayerChoice())
+        ref = EncoderRef(name, layer, layout="pipeline" if pipeline else None,
+                         layout_title=pipeline.title if pipeline else None,
+                         not_scanned=pipeline.unscanned if pipeline else (),
+                         encoders_in_model=tuple(pipeline.names) if pipeline else (), **common)
+        return replace(source, encoder=ref)
+    (name,) = select(inv, opts.encoder) if opts.encoder or len(inv.names) == 1 else _one(inv)
+    if inv.kind == "pipeline":
+        layer = asked or inv.pipeline_layer or LayerChoice()
+        ref = EncoderRef(name, layer, layout="pipeline", layout_title=inv.title, not_scanned=inv.unscanned,
+                         encoders_in_model=tuple(inv.names), **common)
+        return replace(source, subfolder=name, encoder=ref)
+    part = next(p for p in inv.parts if p.name == name)
+    ref = EncoderRef(name, asked or part.layer, part, inv.layout, inv.title, not_scanned=inv.unscanned,
+                     encoders_in_model=tuple(inv.names), **common)
+    return replace(source, root=inv.path, encoder=ref)
+
+
+def _one(inv: Inventory) -> list[str]:
+    raise UsageError(f"{one_line(inv.path)} has {len(inv.names)} text encoders ({', '.join(inv.names)}): pass "
+                     "--encoder NAME to scan one of them")
+
+
+def _pipeline_of(source: ModelSource) -> Inventory | None:
+    """The pipeline a --subfolder scan is inside (for its layer and its unscanned parts), if any."""
+    if not (source.root / "model_index.json").is_file():
+        return None
+    try:
+        return inventory(source.root)
+    except Exception:  # the pipeline's own problems are not this subfolder scan's
+        return None
+
+
+def model_file(source: ModelSource) -> Path | None:
+    """The checkpoint file a single-file encoder is read from."""
+    ref = source.encoder
+    return source.root if ref is not None and ref.part is not None else None
+
+
+def identities(source: ModelSource, deadline: float | None = None) -> list[WeightFile]:
+    """The weight files this encoder's scan reads: the checkpoint file (or the folder's weights), and the LoRA."""
+    from amdet_gate.safetensors_header import check_header
+    from amdet_gate.source import WeightFile, sha256_file, weight_identities
+
+    ref = source.encoder
+    file = model_file(source)
+    if file is not None:
+        check_header(file, source.boundary)
+        files = [WeightFile(file.name, sha256_file(file, deadline, source.boundary), file.stat().st_size)]
+    else:
+        files = weight_identities(source.folder, deadline, source.boundary)
+    if ref is not None and ref.lora is not None:
+        check_header(ref.lora.path)
+        path = ref.lora.path
+        if any(w.name == path.name for w in files):
+            raise UsageError(f"--lora {one_line(path.name)} has the name of a weight file of the base; rename it")
+        files.append(WeightFile(path.name, sha256_file(path, deadline), path.stat().st_size))
+    return files
+
+
+def small_files(source: ModelSource) -> dict[str, Path]:
+    """Files besides the weights whose bytes change the result (the cache key hashes them)."""
+    ref = source.encoder
+    if ref is None:
+        return {}
+    files: dict[str, Path] = {}
+    if ref.config is not None:
+        files["--config"] = Path(ref.config)
+    file = model_file(source)
+    if file is not None and ref.part is not None and ref.part.prefix in ("", "text."):
+        files["open_clip_config.json"] = file.parent / "open_clip_config.json"
+    if ref.lora is not None:
+        files["adapter_config.json"] = ref.lora.path.parent / "adapter_config.json"
+    return files
+
+
+def cache_identity(source: ModelSource) -> dict | None:
+    """What the cache key adds for an EncoderRef: which encoder, which layer, the LoRA scale."""
+    ref = source.encoder
+    if ref is None:
+        return None
+    return {"encoder": ref.name, "layout": ref.layout, "layer": ref.layer.name,
+            "lora_scale": ref.lora.scale if ref.lora else None,
+            "tokenizer": str(ref.tokenizer) if ref.tokenizer else None}
+
+
+def load(source: ModelSource, weights: list[WeightFile] | None) -> LoadedEncoder:
+    """The encoder this source names, with its LoRA merged and its layer chosen (scanner.load_models)."""
+    from amdet_gate.checkpoints.loader import load_ref
+
+    return load_ref(source, weights)
+
+
+def tokenizer_for(source: ModelSource, encoder: LoadedEncoder | None = None) -> PromptTokenizer:
+    from amdet_gate.checkpoints.loader import tokenizer_of
+
+    return tokenizer_of(source, encoder)
+
+
+def load_anchor(anchor: LoadedEncoder, model: ModelSource) -> LoadedEncoder:
+    from amdet_gate.checkpoints.loader import wrap_anchor
+
+    return wrap_anchor(anchor, model)
