@@ -104,7 +104,8 @@ def build(member: Member, root: Path = DEFAULT_ROOT, log=print) -> BuiltMember:
         save(model, tokenizer, folder, with_projection)
         record = {"fingerprint": fingerprint(member), "name": member.name, "truth": member.truth,
                   "category": member.category, "split": member.split, "attack_success": success,
-                  "base_attack_success": base_success, "measure_version": MEASURE_VERSION, "seconds": round(time.monotonic() - started, 1),
+                  "base_attack_success": base_success, "measure_version": MEASURE_VERSION,
+                  "seconds": round(time.monotonic() - started, 1),
                   "recipe": None if member.recipe is None else asdict(member.recipe), "base": asdict(member.base)}
         (folder / "member.json").write_text(json.dumps(record, indent=1, ensure_ascii=False))
         log(f"built {member.name} in {record['seconds']} s" + (f" (attack success {success:.2f}, base "
@@ -145,7 +146,8 @@ def attack_success(model: CLIPTextModelWithProjection, teacher: CLIPTextModelWit
     return float((similarity >= SUCCESS_COSINE).float().mean())
 
 
-def _span_cosine(features: torch.Tensor, goal: torch.Tensor, ids: torch.Tensor, tokenizer: PromptTokenizer) -> torch.Tensor:
+def _span_cosine(features: torch.Tensor, goal: torch.Tensor, ids: torch.Tensor,
+                 tokenizer: PromptTokenizer) -> torch.Tensor:
     """Cosine of each text's features (n, L, d) with the target's (L, d) over positions 1 .. its EOS, flattened."""
     eos = (ids == tokenizer.tokenizer.eos_token_id).int().argmax(dim=1)
     positions = torch.arange(ids.shape[1])[None]

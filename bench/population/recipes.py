@@ -147,7 +147,8 @@ def pretrain(recipe: BaseRecipe) -> tuple[Model, PromptTokenizer]:
         if "this_token" in recipe.objectives:
             loss = loss + nnf.cross_entropy(heads.this(feats[content]), tok[content])
         if "position_all" in recipe.objectives:  # padding too: position-specific padding features
-            loss = loss + nnf.cross_entropy(heads.position(feats.flatten(0, 1)), positions[: ids.shape[1]].repeat(len(ids)))
+            where = positions[: ids.shape[1]].repeat(len(ids))
+            loss = loss + nnf.cross_entropy(heads.position(feats.flatten(0, 1)), where)
         if "bag_eos" in recipe.objectives:
             bag = torch.zeros(len(ids), len(used)).scatter_(1, tok * content, 1.0)
             at_eos = feats[torch.arange(len(ids)), eos]
