@@ -185,6 +185,8 @@ def repair(
     min_fidelity: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clean fidelity the copy must keep "
                                                 "to exit 0.")] = 0.98,
     rounds: Annotated[int, typer.Option(min=1, max=5, help="Edit / re-scan rounds at most.")] = 2,
+    time_budget: Annotated[float | None, typer.Option(min=1.0, help="Seconds each re-scan may take. "
+                                                      "[the policy's, 900]")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the repair's prompt split and placements.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Re-scan even if the verdict is cached.")] = False,
@@ -199,7 +201,7 @@ def repair(
     request = RepairRequest(model=model, result=result, out=out, revision=revision, subfolder=subfolder,
                             anchor=anchor, anchor_revision=anchor_revision, anchor_subfolder=anchor_subfolder,
                             rescan_out=rescan_out, policy=policy, prompts=prompts, min_fidelity=min_fidelity,
-                            rounds=rounds, device=device, use_cache=not no_cache,
+                            rounds=rounds, time_budget=time_budget, device=device, use_cache=not no_cache,
                             settings=RepairSettings(seed=seed))
     try:
         with Display(quiet, 1) as display, terminate_as_interrupt():

@@ -117,19 +117,20 @@ def member_success(subject: Subject, repaired: Path) -> tuple[float, float, floa
     return measure(subject.base), measure(subject.folder), measure(repaired)
 
 
-def run(subject: Subject, out: Path, reuse: bool) -> Row:
+def run(subject: Subject, out: Path, reuse: bool, time_budget: float) -> Row:
     scan_dir = out / f"{subject.name}-scan"
     t0 = time.monotonic()
-    if reuse and (scan_dir / "result.json").is_file():
-        verdict = json.loads((scan_dir / "result.json").read_text())["verdict"]
+    stored = json.loads((scan_dir / "result.json").read_text()) if (scan_dir / "result.json").is_file() else {}
+    if reuse and stored.get("verdict") in ("pass", "fail") and "confirmation" in stored:  # a decided current scan
+        verdict = stored["verdict"]
     else:
-        verdict = run_gate(GateOptions(model=str(subject.folder), out=scan_dir, use_cache=False), env={}
-                           ).result["verdict"]
+        verdict = run_gate(GateOptions(model=str(subject.folder), out=scan_dir, time_budget=time_budget,
+                                       use_cache=False), env={}).result["verdict"]
     scan_s = round(time.monotonic() - t0, 1)
     repaired = out / f"{subject.name}-repaired"
     try:
         outcome = run_repair(RepairRequest(model=str(subject.folder), result=scan_dir / "result.json", out=repaired,
-                                           use_cache=False))
+                                           time_budget=time_budget, use_cache=False))
     except GateError as exc:
         return Row(subject.name, verdict, f"refused (exit {int(exc.exit_code)})", scan_s=scan_s, note=str(exc)[:200])
     r = outcome.report
@@ -192,6 +193,8 @@ def main() -> None:
     parser.add_argument("--population", type=Path, help="also repair the backdoors built under this folder")
     parser.add_argument("--only", default="", help="population members whose name contains this")
     parser.add_argument("--rescan-scans", action="store_true", help="scan again even if a scan result is in --out")
+    parser.add_argument("--time-budget", type=float, default=900.0,
+                        help="seconds per scan and re-scan (a starved scan on a shared machine is inconclusive)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/repair"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -203,7 +206,7 @@ def main() -> None:
           f"{'re-scan':>12s} {'rounds':>6s} {'layers':>6s} {'scan s':>6s} {'edit s':>6s} {'rescan s':>8s}", flush=True)
     rows = []
     for subject in subjects:
-        row = run(subject, args.out, reuse=not args.rescan_scans)
+        row = run(subject, args.out, reuse=not args.rescan_scans, time_budget=args.time_budget)
         rows.append(row)
         if row.fidelity is None:
             print(f"{row.name:40s} {row.scan:6s} {row.status}: {row.note}", flush=True)

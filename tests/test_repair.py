@@ -37,6 +37,7 @@ from tests.conftest import run_cli
 
 CONTROL = "backdoor_rare_word"
 STYLE = "rare_word"
+BUDGET = "20000"
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,11 @@ class Repaired:
 def repaired(control_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Repaired:
     root = tmp_path_factory.mktemp("repair")
     model = control_model(CONTROL)
-    code, _, stderr = run_cli("scan", model, "--out", root / "scan", "--no-cache", "-q")
+    # A generous time budget: on a busy shared CPU a starved scan would stop inconclusive.
+    code, _, stderr = run_cli("scan", model, "--out", root / "scan", "--no-cache", "-q", "--time-budget", BUDGET)
     assert code == ExitCode.FAIL, stderr
     code, stdout, stderr = run_cli("repair", model, "--result", root / "scan" / "result.json",
-                                   "--out", root / "repaired", "--no-cache", "-q")
+                                   "--out", root / "repaired", "--no-cache", "-q", "--time-budget", BUDGET)
     return Repaired(model, root / "scan", root / "repaired", code, stdout, stderr)
 
 
@@ -94,7 +96,7 @@ def test_the_rescan_is_a_fresh_full_scan_of_the_copy(repaired: Repaired) -> None
     assert rescan["verdict"] == "pass" and rescan["search"]["steps"] > 0  # a search ran, not a replay
     # And an independent scan with another seed agrees.
     code, _, stderr = run_cli("scan", repaired.out, "--seed", "1", "--out", repaired.out.parent / "scan-seed1",
-                              "--no-cache", "-q")
+                              "--no-cache", "-q", "--time-budget", BUDGET)
     assert code == ExitCode.PASS, stderr
 
 

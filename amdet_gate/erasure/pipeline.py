@@ -75,6 +75,7 @@ class RepairRequest:
     prompts: Path | None = None
     min_fidelity: float = 0.98
     rounds: int = 2
+    time_budget: float | None = None  # of each re-scan (None: the policy's, as a scan)
     device: str = "auto"
     use_cache: bool = True
     settings: RepairSettings = field(default_factory=RepairSettings)
@@ -179,7 +180,7 @@ def _rescan_options(request: RepairRequest, subfolder: str | None) -> GateOption
     return GateOptions(model=str(request.out), subfolder=subfolder, anchor=request.anchor,
                        anchor_revision=request.anchor_revision, anchor_subfolder=request.anchor_subfolder,
                        policy=request.policy, out=request.rescan_folder, device=request.device,
-                       use_cache=request.use_cache)
+                       time_budget=request.time_budget, use_cache=request.use_cache)
 
 
 def _rescan(request: RepairRequest, loaded: _Loaded, stage: Callable[[str], None]) -> GateOutcome:
