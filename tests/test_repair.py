@@ -235,7 +235,7 @@ def test_a_forged_pseudo_trigger_is_refused(repaired: Repaired, tmp_path: Path) 
     trigger_file = folder / "pseudo_trigger.safetensors"
     tensors, meta = _tensors(trigger_file)
     forged = torch.randn(tensors["pseudo_trigger"].shape, generator=torch.Generator().manual_seed(0))
-    save_file({"pseudo_trigger": forged, "all_restarts": forged[None]}, str(trigger_file), metadata=meta)
+    save_file({"pseudo_trigger": forged, "all_restarts": forged[None].clone()}, str(trigger_file), metadata=meta)
     _refused(repaired.model, folder / "result.json", tmp_path / "out", "does not reproduce the finding")
     trigger_file.write_bytes(b"\x00" * 64)
     _refused(repaired.model, folder / "result.json", tmp_path / "out", "not a readable safetensors file")
