@@ -116,8 +116,8 @@ def scan(
     # Single-file checkpoints, several encoders, LoRA (docs/sources.md)
     encoder: Annotated[str | None, typer.Option(help="Scan only this text encoder (text_encoder_2, clip_g, ...). "
                                                 "[every one]")] = None,
-    layer: Annotated[str | None, typer.Option(help="Features scanned: final, or a hidden-states index such as -2. "
-                                              "[what the model's pipeline reads]")] = None,
+    layer: Annotated[str | None, typer.Option(help="Features scanned: final, consumer (what the model's pipeline "
+                                              "reads) or a hidden-states index such as -2. [final]")] = None,
     config: Annotated[Path | None, typer.Option(help="config.json of the encoder in a single-file checkpoint "
                                                 "(default: shipped or inferred from the shapes).")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder (default: the model's, else the "

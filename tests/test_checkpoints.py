@@ -56,7 +56,7 @@ def folder_encoder(tmp: Path, model) -> object:
     return load_encoder(tc.hf_folder(tmp, model))
 
 
-LAYOUTS = [  # (builder, encoders in the file (name, which tiny encoder), layout, default layer)
+LAYOUTS = [  # (builder, encoders in the file (name, which tiny encoder), layout, the consumer's layer)
     ("sd1", lambda p, e, d: tc.sd1_file(p, e["l"], d), [("text_encoder", "l")], "sd1", "final"),
     ("sd1-legacy", lambda p, e, d: tc.sd1_file(p, e["l"], d, legacy=True), [("text_encoder", "l")], "sd1", "final"),
     ("sdxl", lambda p, e, d: tc.sdxl_file(p, e["l"], e["g"], d), [("text_encoder", "l"), ("text_encoder_2", "g")],
@@ -81,13 +81,16 @@ def test_every_layout_loads_the_tensors_of_the_equivalent_folder(tmp_path: Path,
     path = build(tmp_path / f"{label}.safetensors", models, DTYPES[dtype])
     assert scan_targets(str(path), None, EncoderOptions()) == [name for name, _ in parts]
     for name, which in parts:
-        source, enc = loaded(path, name)
-        assert (source.encoder.layout, source.encoder.layer.name) == (layout, layer)
+        source, enc = loaded(path, name)  # the default: the final features, whatever the consumer reads
+        assert (source.encoder.layout, source.encoder.layer.name) == (layout, "final")
         assert_same_tensors(enc, folder_encoder(tmp_path / f"hf-{name}", models[which]))
-        projection = enc.adapter.projection
-        if (layer == "final" and name == "text_encoder_2") or label == "clip_l":
-            assert torch.equal(projection, tc.text_state(models[which])["text_projection.weight"])
-        assert enc.details["encoder"] == name and enc.details["layer"]["scanned"] == layer
+        if name == "text_encoder_2" or label == "clip_l":
+            assert torch.equal(enc.adapter.projection, tc.text_state(models[which])["text_projection.weight"])
+        assert enc.details["encoder"] == name and enc.details["layer"]["scanned"] == "final"
+        reads = enc.details["layer"]["consumer_reads"]  # recorded when the consumer reads another layer
+        assert reads is None if layer == "final" else reads.startswith(f"{layer} (")
+        _, consumer = loaded(path, name, layer="consumer")
+        assert consumer.details["layer"]["scanned"] == layer
 
 
 def test_sd2_drops_the_last_block_and_pads_with_zero(tmp_path: Path, encoders: dict) -> None:
@@ -191,7 +194,8 @@ def _bytes_read() -> int | None:
 
 
 def test_pipeline_folder_lists_its_encoders_and_its_t5(tmp_path: Path, encoders: dict) -> None:
-    """A diffusers SD 3 folder: text_encoder and text_encoder_2 scanned (hidden_states[-2]), text_encoder_3 (T5) not."""
+    """A diffusers SD 3 folder: text_encoder and text_encoder_2 scanned (final by default, hidden_states[-2] with
+    --layer consumer), text_encoder_3 (T5) not."""
     root = tmp_path / "sd3"
     for name, which in (("text_encoder", "l"), ("text_encoder_2", "g")):
         tc.hf_folder(root / name, encoders[which])
@@ -202,11 +206,12 @@ def test_pipeline_folder_lists_its_encoders_and_its_t5(tmp_path: Path, encoders:
         "text_encoder_3": ["transformers", "T5EncoderModel"], "transformer": ["diffusers", "SD3Transformer2DModel"]}))
     assert scan_targets(str(root), None, EncoderOptions()) == ["text_encoder", "text_encoder_2"]
     source, enc = loaded(root, "text_encoder_2")
-    assert source.subfolder == "text_encoder_2" and enc.details["layer"]["scanned"] == "-2"
+    assert source.subfolder == "text_encoder_2" and enc.details["layer"]["scanned"] == "final"
+    assert loaded(root, "text_encoder_2", layer="consumer")[1].details["layer"]["scanned"] == "-2"
     assert [u.name for u in source.encoder.not_scanned] == ["text_encoder_3"]
     assert_same_tensors(enc, load_encoder(root / "text_encoder_2"))
     # --subfolder into the pipeline: the same encoder, the same layer, the T5 still listed
-    sub = attach(resolve_source(str(root), subfolder="text_encoder"), EncoderOptions())
+    sub = attach(resolve_source(str(root), subfolder="text_encoder"), EncoderOptions(layer="consumer"))
     assert sub.encoder.layer.name == "-2" and [u.name for u in sub.encoder.not_scanned] == ["text_encoder_3"]
 
 

@@ -49,7 +49,7 @@ def test_sd3_file_scans_both_clip_encoders_and_reports_the_t5(tmp_path: Path, ti
     summary = read(out / "result.json")
     assert summary["kind"] == "encoders" and summary["verdict"] == "pass"
     assert [(e["name"], e["verdict"], e["layer"]["scanned"]) for e in summary["encoders"]] == \
-        [("text_encoder", "pass", "-2"), ("text_encoder_2", "pass", "-2")]
+        [("text_encoder", "pass", "final"), ("text_encoder_2", "pass", "final")]
     assert [p["name"] for p in summary["not_scanned"]] == ["text_encoder_3"]
     for name in ("text_encoder", "text_encoder_2"):
         result = read(out / name / "result.json")
@@ -92,8 +92,8 @@ def test_pipeline_folder_scans_every_clip_encoder(tmp_path: Path, tiny: dict) ->
     code, _, stderr = run_cli("scan", root, "--out", tmp_path / "out", *PASS)
     assert code == ExitCode.PASS, stderr
     summary = read(tmp_path / "out" / "result.json")
-    assert [(e["name"], e["layer"]["chosen_by"]) for e in summary["encoders"]] == \
-        [("text_encoder", "SDXL"), ("text_encoder_2", "SDXL")]
+    assert [(e["name"], e["layer"]["chosen_by"], e["layer"]["consumer_reads"]) for e in summary["encoders"]] == \
+        [("text_encoder", "default", "-2 (SDXL)"), ("text_encoder_2", "default", "-2 (SDXL)")]
     one = read(tmp_path / "out" / "text_encoder_2" / "result.json")
     assert one["model"]["subfolder"] == "text_encoder_2"
     # a second run: each encoder from the verdict cache

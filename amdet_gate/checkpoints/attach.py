@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from amdet_gate.checkpoints.inventory import Inventory, inventory, select
-from amdet_gate.checkpoints.layer import LayerChoice
+from amdet_gate.checkpoints.layer import LayerChoice, choose
 from amdet_gate.checkpoints.ref import EncoderRef, LoraRef
 from amdet_gate.errors import UsageError
 from amdet_gate.sanitise import one_line
@@ -91,14 +91,13 @@ def attach(source: ModelSource, opts: EncoderOptions) -> ModelSource:
     local = not source.hub_id
     inv = inventory(source.root) if local and not source.subfolder else None
     lora = LoraRef(Path(opts.lora), 1.0 if opts.lora_scale is None else float(opts.lora_scale)) if opts.lora else None
-    asked = LayerChoice.parse(opts.layer)
     common = {"config": opts.config, "tokenizer": opts.tokenizer, "lora": lora}
     if inv is None or inv.kind == "folder":
         pipeline = _pipeline_of(source) if local and source.subfolder else None
         if opts.plain and pipeline is None:
             return source  # the plain case: exactly as before this package existed
         name = source.subfolder.strip("/") if source.subfolder else None
-        layer = asked or (pipeline.pipeline_layer if pipeline and pipeline.pipeline_layer else LayerChoice())
+        layer = choose(opts.layer, pipeline.pipeline_layer if pipeline else None)
         ref = EncoderRef(name, layer, layout="pipeline" if pipeline else None,
                          layout_title=pipeline.title if pipeline else None,
                          not_scanned=pipeline.unscanned if pipeline else (),
@@ -106,12 +105,12 @@ def attach(source: ModelSource, opts: EncoderOptions) -> ModelSource:
         return replace(source, encoder=ref)
     (name,) = select(inv, opts.encoder) if opts.encoder or len(inv.names) == 1 else _one(inv)
     if inv.kind == "pipeline":
-        layer = asked or inv.pipeline_layer or LayerChoice()
+        layer = choose(opts.layer, inv.pipeline_layer)
         ref = EncoderRef(name, layer, layout="pipeline", layout_title=inv.title, not_scanned=inv.unscanned,
                          encoders_in_model=tuple(inv.names), **common)
         return replace(source, subfolder=name, encoder=ref)
     part = next(p for p in inv.parts if p.name == name)
-    ref = EncoderRef(name, asked or part.layer, part, inv.layout, inv.title, not_scanned=inv.unscanned,
+    ref = EncoderRef(name, choose(opts.layer, part.layer), part, inv.layout, inv.title, not_scanned=inv.unscanned,
                      encoders_in_model=tuple(inv.names), **common)
     return replace(source, root=inv.path, encoder=ref)
 

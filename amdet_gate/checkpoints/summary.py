@@ -31,8 +31,10 @@ def encoder_lines(model: dict) -> list[tuple[str, str]]:
     if isinstance(layer, dict):
         scanned = "the final layer (after the final LayerNorm)" if layer.get("scanned") == "final" else \
             f"hidden_states[{layer.get('scanned')}] (no final LayerNorm)"
-        by = layer.get("chosen_by")
-        rows.append(("Layer", f"{scanned}, {'set by --layer' if by == '--layer' else f'the default for {by}'}"
+        by, reads = layer.get("chosen_by"), layer.get("consumer_reads")
+        why = "set by --layer" if by == "--layer" else "the default" if by == "default" else f"what {by} reads"
+        rows.append(("Layer", f"{scanned}, {why}" + (f" (the pipeline reads {reads}; --layer consumer scans it)"
+                                                      if isinstance(reads, str) else "")
                      + (f"; {model['consumer']}" if model.get("consumer") else "")))
     config = model.get("config_source")
     if isinstance(config, dict) and config.get("note"):
