@@ -545,3 +545,12 @@ def test_dockerignore_keeps_the_context_to_the_package_sources():
                 name = source.rstrip("/")
                 assert name in allowed, f"COPY {source}: not allowed by .dockerignore"
                 assert (ROOT / name).exists(), f"COPY {source}: missing from the repository"
+
+
+def test_every_package_is_in_the_distribution() -> None:
+    """pyproject lists its packages: one left out is missing from `pip install .` (the Action, the Docker image)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "amdet_gate").rglob("__init__.py")}
+    assert found - listed == set(), "packages missing from pyproject.toml"
