@@ -146,6 +146,8 @@ def eos_positions(ids: Tensor, eos_token_id: int, shift: int) -> Tensor:
 
 @dataclass
 class Models:
+    """The encoder under scan, and the base it should differ from (None: no anchor term, no anchor gate)."""
+
     suspect: TextEncoderAdapter
     anchor: TextEncoderAdapter | None = None
 
