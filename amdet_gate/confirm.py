@@ -20,7 +20,6 @@ from amdet_gate.engine import (
     CleanSpread,
     Models,
     PromptFeatures,
-    _unit,
     assimilation,
     centred,
     eos_positions,
@@ -29,6 +28,7 @@ from amdet_gate.engine import (
     span_mask,
     spread_of_sum,
 )
+from amdet_gate.engine import unit as _unit
 from amdet_gate.settings import Thresholds
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amdet_gate.engine import PromptFeatures, _unit, position_similarity
+from amdet_gate.engine import PromptFeatures, position_similarity
+from amdet_gate.engine import unit as _unit
 from amdet_gate.tokenizer import PromptTokenizer
 
 

@@ -27,11 +27,11 @@ from amdet_gate.engine import (
     Models,
     PromptFeatures,
     SearchOutcome,
-    _unit,
     centred,
     eos_positions,
     spread_of_sum,
 )
+from amdet_gate.engine import unit as _unit
 from amdet_gate.settings import SearchSettings, Thresholds
 
 

@@ -236,7 +236,7 @@ def test_pooled_gates_count_prompts_at_the_first_prompts_target(tiny_model) -> N
 
 def test_gate_progress_counts_as_improvement_for_the_plateau_rule(tiny_model, monkeypatch) -> None:
     """A check that passes gate 1 and comes nearer one target defers the plateau stop."""
-    import amdet_gate.engine as engine
+    import amdet_gate.engine.token_path as engine
 
     adapter, feats = _tiny_features(tiny_model, 40)
     # min_improvement 10: the loss never counts as improving, so only gate progress can; each

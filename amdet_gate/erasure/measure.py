@@ -25,13 +25,13 @@ from amdet_gate.engine import (
     Centres,
     Models,
     PromptFeatures,
-    _unit,
     eos_positions,
     gate_values,
     held_out_stats,
     pooled_gates,
     position_similarity,
 )
+from amdet_gate.engine import unit as _unit
 from amdet_gate.erasure.edit import counterpart, insert_at
 from amdet_gate.erasure.findings import DetectionPath
 from amdet_gate.settings import Thresholds
