@@ -24,7 +24,7 @@ class Thresholds:
     anchor_difference_ratio: float = 0.95
     landscape_positive_ratio: float = 0.8
     eigenvalue_floor: float = 1e-6
-    # The pooled path (engine.pooled_search): centred cosine to the pooled target, and the
+    # The pooled path (engine.pooled_path): centred cosine to the pooled target, and the
     # share of prompts above it. Benign controls reach at most ~0.1, text-on-pair backdoors 0.9-1.
     pooled_same_target: float = 0.98
     pooled_same_target_ratio: float = 0.5
@@ -87,7 +87,7 @@ class SearchSettings:
     # triggers start at N(0, 1) scale, |v| ~ sqrt(768); 10 / sqrt(768) ~ 0.36 keeps that
     # geometry for any width and embedding scale.
     landscape_radius: float = 0.36
-    report_landscape_points: int = 25  # the report's grid when gates 1-3 already fail (engine._report)
+    report_landscape_points: int = 25  # the report's grid when gates 1-3 already fail (engine.token_path.report)
     time_budget_s: float = 900.0
     chunk_size: int = 64  # sequences per no-grad forward
     screen_prompts: int = 50  # a check runs held-out prompts this many at a time, dropping hopeless triggers
