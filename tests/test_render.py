@@ -363,3 +363,12 @@ def test_target_text_embedding_skips_bos_and_the_trigger(k: int) -> None:
     target, projection = torch.randn(10, 4), torch.randn(3, 4)
     expected = torch.nn.functional.normalize(projection @ target[1 + k :].mean(dim=0), dim=0)
     torch.testing.assert_close(rd_vision.target_text_embedding(target, projection, k), expected)
+
+
+def test_every_registered_renderer_resolves_and_tokens_comes_last() -> None:
+    """The registry is the only list of renderers: each entry imports, carries its name, and auto ends on tokens."""
+    assert ("auto", *rd.REGISTRY, "none") == rd.REQUEST_KINDS and list(rd.REGISTRY)[-1] == rd.CARD
+    for name in rd.REGISTRY:
+        renderer = rd.get_renderer(name)
+        assert renderer.name == name
+        assert all(callable(getattr(renderer, method)) for method in ("applies", "check", "render"))
