@@ -391,7 +391,7 @@ def _check_files(files: list[Path], problems_of: Callable[[Path], list]) -> None
 @app.command()
 def pins(files: Annotated[list[Path], typer.Argument(help="Policy, lock or workflow files.")]) -> None:
     """Exit 1 if a Hub model in FILES is not pinned to a 40-hex commit sha."""
-    from amdet_gate.lock import pin_problems
+    from amdet_gate.pins import pin_problems
 
     _check_files(files, pin_problems)
 

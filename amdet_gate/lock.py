@@ -1,10 +1,11 @@
-"""The lock file (`amdet.lock`) and the cheap pre-commit checks: lock check and pinned revisions.
+"""The lock file (`amdet.lock`): its model, parsing, writing, entry lookup and verification.
 
 `amdet-gate scan --lock` records what was scanned (`entry_from_result` + `write_lock`);
 `amdet-gate verify` recomputes the weight files' sha256s and refuses a model whose weights
-changed since (`verify_entry`); `amdet-gate lock check` (`check_lock`) and `amdet-gate pins`
-(`pin_problems`) are cheap hooks for pre-commit and CI: no model is read, nothing heavy is
-imported (stdlib, yaml, jsonschema).
+changed since (`verify_entry`); `amdet-gate lock check` (`check_lock`) is a cheap hook for
+pre-commit and CI: no model is read, nothing heavy is imported (stdlib, yaml, jsonschema).
+The pinned-revision check of policies, workflows and locks (`amdet-gate pins`,
+`pin_problems`) lives in pins.py; the lock's own part of it is `lock_pin_problems` here.
 
 Format: JSON, keys sorted, two-space indent, entries sorted by (id, subfolder), one trailing
 newline. JSON rather than YAML because the file holds hashes and commit shas: YAML 1.1 reads
@@ -32,16 +33,13 @@ YAML, and sorted, indented JSON gives one line per field, so diffs are small and
 One entry per (id, subfolder): writing an entry replaces the one with the same key and
 keeps the others. Lock content is untrusted input: size-capped, duplicate JSON keys and
 NaN refused, validated against `schemas/lock.schema.json`; an invalid lock is a
-`LockError` (a `UsageError`, exit 4) naming the line, entry and key. Policy and workflow
-files read by `pin_problems` are parsed with a safe YAML loader only (no Python tags),
-size-capped, duplicate keys refused.
+`LockError` (a `UsageError`, exit 4) naming the line, entry and key.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import time
 from collections.abc import Iterable, Mapping
@@ -61,11 +59,8 @@ from amdet_gate.source import COMMIT_SHA, WeightFile, identity_sha256, is_hub_id
 LOCK_FILE = "amdet.lock"
 LOCK_VERSION = 1
 MAX_LOCK_BYTES = 4 * 1024 * 1024
-MAX_YAML_BYTES = 1024 * 1024
 MAX_LINE_MAP_BYTES = 256 * 1024  # line numbers for bigger locks would cost a slow YAML parse
 UNPINNED = "AMDET100"  # the SARIF rule for an unpinned revision
-ACTION_MODEL_INPUTS = (("model", "revision"), ("anchor", "anchor-revision"))  # action.yml's inputs
-_EXPRESSION = re.compile(r"\$\{\{.*\}\}")  # a GitHub Actions expression: its value is unknown here
 # libyaml when available: marks (line numbers) are the same, parsing is ten times faster.
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -74,8 +69,8 @@ class LockError(UsageError):
     """An invalid or unreadable lock or pin file: exit 4, with the file, line and key."""
 
 
-class _Loader(_BaseLoader):
-    """Safe YAML (no Python tags), a subclass so that nothing global is changed."""
+class YamlLoader(_BaseLoader):
+    """Safe YAML (no Python tags), a subclass so that nothing global is changed (also used by pins.py)."""
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -143,7 +138,7 @@ class Lock:
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding of `check_lock` or `pin_problems`; str() is `file:line: message`."""
+    """One finding of `check_lock` or `pins.pin_problems`; str() is `file:line: message`."""
 
     file: str
     line: int | None
@@ -194,7 +189,7 @@ def _json_lines(text: str) -> dict[tuple, int]:
     """Key path -> 1-based line, from YAML's view of the JSON text; best effort, {} if unknown."""
     if len(text) > MAX_LINE_MAP_BYTES:
         return {}
-    loader = _Loader(text)
+    loader = YamlLoader(text)
     try:
         node = loader.get_single_node()
     except yaml.YAMLError:
@@ -354,7 +349,7 @@ def _is_hub(entry: LockEntry) -> bool:
     return entry.resolved_sha is not None or is_hub_id(entry.id)
 
 
-def _lock_pin_problems(lock: Lock) -> list[Problem]:
+def lock_pin_problems(lock: Lock) -> list[Problem]:
     """A Hub entry must record its commit, and must have been scanned by a commit sha: a
     branch or tag in `revision` means the scan command itself was not pinned."""
     problems = []
@@ -391,7 +386,7 @@ def check_lock(lock: Lock, require_pass: bool = True) -> list[Problem]:
         if e.revision and COMMIT_SHA.fullmatch(e.revision) and e.resolved_sha and e.revision != e.resolved_sha:
             found.append((f"revision {e.revision} is not resolved_sha {e.resolved_sha}", None))
         problems.extend(Problem(lock.source, e.line, f"{e.label}: {message}", rule) for message, rule in found)
-        problems.extend(_lock_pin_problems(Lock((e,), lock.source)))
+        problems.extend(lock_pin_problems(Lock((e,), lock.source)))
     return problems
 
 
@@ -431,159 +426,3 @@ def verify_entry(entry: LockEntry, weight_files: Iterable[Any], *, require_pass:
     if require_pass and entry.verdict != "pass":
         out.append(f"the locked scan's verdict is {entry.verdict}, not pass")
     return out
-
-
-# --- pinned revisions ----------------------------------------------------------------------
-
-def pin_problems(path: Path) -> list[Problem]:
-    """Model references in a file that are not pinned to a 40-hex commit (`amdet-gate pins`).
-
-    The file may be an amdet policy (its `anchor: {id, revision}`), a lock file (every Hub
-    entry needs a resolved_sha and a 40-hex revision), or a GitHub Actions workflow (steps whose `uses:` is the
-    amdet-gate action, `./` or a path ending in `amdet-gate`, with inputs `model` +
-    `revision` and `anchor` + `anchor-revision`). Local paths need no pin: a name is a Hub
-    id when it has the form org/name and no such path exists from the working folder (run
-    from the repository root, as pre-commit does; write `./models/x` to be unambiguous).
-    A model given as an expression (`${{ ... }}`) cannot be checked and is skipped; a
-    revision given as an expression for a literal Hub id is a problem.
-
-    Raises LockError (exit 4) for a file that cannot be read, is not valid, or is none of
-    the three kinds.
-    """
-    path = Path(path)
-    source = str(path)
-    head = read_capped_text(path, MAX_LOCK_BYTES, "policy, lock or workflow file", LockError)
-    if path.name.endswith(".lock") or head.lstrip().startswith("{"):
-        return _lock_pin_problems(parse_lock(head, source))
-    if len(head.encode("utf-8")) > MAX_YAML_BYTES:
-        raise LockError(f"{source}: larger than {MAX_YAML_BYTES // 1024} KiB")
-    root = _load_yaml(head, source)
-    if not isinstance(root, yaml.MappingNode):
-        raise LockError(f"{source}: not an amdet policy, lock file or GitHub workflow (not a mapping)")
-    top = _mapping(root)
-    if "jobs" in top:
-        return _workflow_pins(top["jobs"][1], source)
-    if "version" in top or "anchor" in top:
-        return _policy_pins(top, source)
-    raise LockError(f"{source}: not an amdet policy, lock file or GitHub workflow")
-
-
-def _load_yaml(text: str, source: str) -> yaml.Node | None:
-    """Compose and safely construct the document (refuses Python tags), refusing duplicate keys."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is not None:
-            _check_duplicates(node, source)
-            loader.construct_document(node)  # only to refuse unsafe tags; the checks read nodes
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        problem = one_line(getattr(exc, "problem", None) or exc, 200)
-        raise LockError(f"{source}: {where}not valid YAML ({problem})") from None
-    except RecursionError:
-        raise LockError(f"{source}: nested too deeply") from None
-    finally:
-        loader.dispose()
-    return node
-
-
-def _check_duplicates(node: yaml.Node, source: str) -> None:
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, yaml.MappingNode):
-            names: set = set()
-            for key, value in current.value:
-                name = key.value if isinstance(key, yaml.ScalarNode) else id(key)
-                if name in names:
-                    raise LockError(f"{source}: line {key.start_mark.line + 1}: duplicate key {name!r}")
-                names.add(name)
-                stack.extend((key, value))
-        elif isinstance(current, yaml.SequenceNode):
-            stack.extend(current.value)
-
-
-def _mapping(node: yaml.Node | None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    """A mapping node's scalar keys -> (key node, value node); {} for anything else."""
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {k.value: (k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
-
-
-def _scalar(node: yaml.Node | None) -> str | None:
-    """A scalar's text (null and empty as None); None for mappings and sequences."""
-    if not isinstance(node, yaml.ScalarNode) or node.tag.endswith(":null"):
-        return None
-    return node.value if node.value != "" else None
-
-
-def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
-
-
-def _unpinned(model: str, revision: str | None) -> str | None:
-    """Why a literal Hub model reference is not pinned, or None (pinned, or a local path)."""
-    if not is_hub_id(model):
-        return None
-    if revision is None:
-        return f"{model} has no revision (the default branch, which can move)"
-    if _EXPRESSION.search(revision):
-        return f"{model} has revision {revision!r}, an expression that cannot be checked here"
-    if not COMMIT_SHA.fullmatch(revision):
-        return f"{model} has revision {revision!r}, not a 40-hex commit sha"
-    return None
-
-
-def _policy_pins(top: dict[str, tuple[yaml.Node, yaml.Node]], source: str) -> list[Problem]:
-    if "anchor" not in top:
-        return []
-    anchor = top["anchor"][1]
-    fields = _mapping(anchor)
-    model = _scalar(fields.get("id", (None, None))[1])
-    if model is None:
-        return []
-    rev_key, rev_node = fields.get("revision", (None, None))
-    why = _unpinned(model, _scalar(rev_node))
-    if why is None:
-        return []
-    line = _line(rev_key) if rev_key is not None else _line(fields["id"][0])
-    return [Problem(source, line, f"anchor {why}; set anchor.revision to the commit sha", UNPINNED)]
-
-
-def _is_amdet_action(uses: str) -> bool:
-    """`./`, or an action path whose last component is amdet-gate (owner/amdet-gate@ref, ./x/amdet-gate)."""
-    if uses.startswith("docker://"):
-        return False
-    where = uses.split("@", 1)[0].strip()
-    if where in (".", "./"):
-        return True
-    return where.rstrip("/").rsplit("/", 1)[-1].lower() == "amdet-gate"
-
-
-def _workflow_pins(jobs: yaml.Node, source: str) -> list[Problem]:
-    problems = []
-    for _name, (_, job) in _mapping(jobs).items():
-        steps = _mapping(job).get("steps", (None, None))[1]
-        if not isinstance(steps, yaml.SequenceNode):
-            continue
-        for step in steps.value:
-            fields = _mapping(step)
-            uses = _scalar(fields.get("uses", (None, None))[1])
-            if uses is None or not _is_amdet_action(uses):
-                continue
-            inputs = _mapping(fields.get("with", (None, None))[1])
-            for name, rev_name in ACTION_MODEL_INPUTS:
-                model = _scalar(inputs.get(name, (None, None))[1])
-                if model is None or _EXPRESSION.search(model):
-                    continue  # no such input, or one only known when the workflow runs
-                rev_key, rev_node = inputs.get(rev_name, (None, None))
-                why = _unpinned(model, _scalar(rev_node))
-                if why is not None:
-                    line = _line(rev_key) if rev_key is not None else _line(inputs[name][0])
-                    problems.append(Problem(source, line, f"step `uses: {uses}`: {name} {why}; "
-                                            f"set `{rev_name}:` to the commit sha", UNPINNED))
-    return problems

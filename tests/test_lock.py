@@ -18,11 +18,11 @@ from amdet_gate.lock import (
     check_lock,
     entry_from_result,
     find_entry,
-    pin_problems,
     read_lock,
     verify_entry,
     write_lock,
 )
+from amdet_gate.pins import pin_problems
 from amdet_gate.source import WeightFile, identity_sha256
 
 SHA_A, SHA_B = "aa" * 32, "bb" * 32

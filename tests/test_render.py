@@ -20,6 +20,9 @@ from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 from amdet_gate import render as rd
 from amdet_gate.encoder import load_encoder
 from amdet_gate.errors import GateError, LoadError, PickleRefused, UsageError
+from amdet_gate.render import clip_vision as rd_vision
+from amdet_gate.render import diffusion as rd_diffusion
+from amdet_gate.render import tokens as rd_tokens
 from amdet_gate.tokenizer import bundled_tokenizer, load_tokenizer
 from tests.tiny_pipelines import save_tiny_clip, save_tiny_sd_pipeline
 
@@ -127,7 +130,7 @@ def test_explicit_choice_that_cannot_work(text_dir: Path, request_kw: dict, expe
 
 def test_diffusion_without_diffusers_says_how_to_install(text_dir: Path, sd_folder: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rd, "_diffusers_available", lambda: False)
+    monkeypatch.setattr(rd_diffusion, "diffusers_available", lambda: False)
     with pytest.raises(UsageError) as exc:
         rd.choose_renderer(diffusion_request(sd_folder, kind="diffusion"), text_dir, None)
     assert "pip install 'amdet-gate[render]'" in one_line(exc)
@@ -186,8 +189,8 @@ def test_diffusion_positions_are_fitted_and_width_checked(tmp_path: Path, sd_fol
     short, empty = sd_target[:40], torch.zeros(40, sd_target.shape[1])
     made = rd.render(req, short, {}, sd_folder, "text_encoder", tmp_path, empty_feature=empty)
     assert any("padded to the 77" in note for note in made[0].notes)
-    assert rd.fit_positions(torch.randn(100, 8)).shape == (77, 8)
-    padded = rd.fit_positions(short)
+    assert rd_diffusion.fit_positions(torch.randn(100, 8)).shape == (77, 8)
+    padded = rd_diffusion.fit_positions(short)
     assert torch.equal(padded[:40], short) and torch.equal(padded[-1], short[-1])
 
     with pytest.raises(UsageError) as exc:
@@ -226,7 +229,7 @@ def test_diffusion_refuses_hostile_configs(tmp_path: Path, sd_folder: Path, sd_t
 def embed_pngs(model: CLIPModel, paths: list[Path]) -> torch.Tensor:
     """Embed saved PNGs with the reference transformers model, independently of the renderer."""
     pixels = torch.stack([torch.from_numpy(np.array(png(p))).permute(2, 0, 1).float() / 255 for p in paths])
-    mean, std = torch.tensor(rd.CLIP_MEAN)[:, None, None], torch.tensor(rd.CLIP_STD)[:, None, None]
+    mean, std = torch.tensor(rd_vision.CLIP_MEAN)[:, None, None], torch.tensor(rd_vision.CLIP_STD)[:, None, None]
     with torch.no_grad():
         pooled = model.vision_model(pixel_values=(pixels - mean) / std).pooler_output
         return nnf.normalize(model.visual_projection(pooled), dim=-1)
@@ -329,7 +332,8 @@ def test_tokens_card_is_safe_and_deterministic(tmp_path: Path, text_dir: Path) -
 
 
 def test_tokens_card_without_reversed_target(tmp_path: Path) -> None:
-    made = rd.render_tokens({"reversed_target": {"trigger_tokens": "garbage", "target_prompts": [1, None]}}, tmp_path)
+    garbage = {"reversed_target": {"trigger_tokens": "garbage", "target_prompts": [1, None]}}
+    made = rd_tokens.render_tokens(garbage, tmp_path)
     assert made.text.count("(none)") == 3
     assert png(tmp_path / made.images[0].path).size[0] > 100
 
@@ -358,4 +362,13 @@ def test_trigger_vectors_are_read_from_an_untrusted_result() -> None:
 def test_target_text_embedding_skips_bos_and_the_trigger(k: int) -> None:
     target, projection = torch.randn(10, 4), torch.randn(3, 4)
     expected = torch.nn.functional.normalize(projection @ target[1 + k :].mean(dim=0), dim=0)
-    torch.testing.assert_close(rd.target_text_embedding(target, projection, k), expected)
+    torch.testing.assert_close(rd_vision.target_text_embedding(target, projection, k), expected)
+
+
+def test_every_registered_renderer_resolves_and_tokens_comes_last() -> None:
+    """The registry is the only list of renderers: each entry imports, carries its name, and auto ends on tokens."""
+    assert ("auto", *rd.REGISTRY, "none") == rd.REQUEST_KINDS and list(rd.REGISTRY)[-1] == rd.CARD
+    for name in rd.REGISTRY:
+        renderer = rd.get_renderer(name)
+        assert renderer.name == name
+        assert all(callable(getattr(renderer, method)) for method in ("applies", "check", "render"))
