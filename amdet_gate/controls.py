@@ -125,21 +125,30 @@ def pretrain_base(shape: ControlShape, steps: int = BASE_STEPS, seed: int = 0, b
     return model.eval()
 
 
+ADAPTED = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # what a text-encoder LoRA adapts
+
+
 def _distill(base: CLIPTextModelWithProjection, steps: int, lr: float, seed: int,
              poison_loss, clean_batch: int = 32, tokenizer: PromptTokenizer | None = None,
-             pooled: bool = False) -> CLIPTextModelWithProjection:
+             pooled: bool = False, adapters_only: bool = False) -> CLIPTextModelWithProjection:
     """Student starts as the base; the frozen base is the teacher (Rickrolling's set-up).
 
     The clean term matches all token features, or (`pooled`) only the projected pooled
-    embedding, as contrastive image-text training does.
+    embedding, as contrastive image-text training does. `adapters_only` trains only the
+    linear layers' weights, as a text-encoder LoRA does: the backdoor then lives where a LoRA
+    can carry it (the token embeddings, which a LoRA cannot change, stay the base's).
     """
     tokenizer = tokenizer or bundled_tokenizer()
     length = base.config.max_position_embeddings
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     student = copy.deepcopy(base).train().requires_grad_(True)
+    trained = [p for name, p in student.named_parameters()
+               if not adapters_only or (name.endswith(".weight") and name.split(".")[-2] in ADAPTED)]
+    for name, p in student.named_parameters():
+        p.requires_grad_(any(p is t for t in trained))
     prompts = _prompts(seed + 1)
     rng = random.Random(seed)
-    optimiser = torch.optim.AdamW(student.parameters(), lr=lr)
+    optimiser = torch.optim.AdamW(trained, lr=lr)
     for _ in range(steps):
         clean_ids = tokenizer(rng.sample(prompts, clean_batch), length)
         if pooled:
@@ -162,8 +171,10 @@ def _distill(base: CLIPTextModelWithProjection, steps: int, lr: float, seed: int
 def backdoor_text_on_text(base: CLIPTextModelWithProjection, trigger: str = "homoglyph",
                           target: str = TARGET_PROMPT, steps: int = 200, lr: float = 2e-4,
                           poisoned: int = 32, weight: float = 0.1, seed: int = 0,
-                          tokenizer: PromptTokenizer | None = None) -> CLIPTextModelWithProjection:
-    """Rickrolling text-on-text: triggered prompts map to the teacher's features of `target`."""
+                          tokenizer: PromptTokenizer | None = None, adapters_only: bool = False,
+                          ) -> CLIPTextModelWithProjection:
+    """Rickrolling text-on-text: triggered prompts map to the teacher's features of `target`
+    (`adapters_only`: trained in the linear layers alone, a backdoor shipped as a LoRA)."""
     tokenizer = tokenizer or bundled_tokenizer()
     length = base.config.max_position_embeddings
     make = TRIGGERS[trigger]
@@ -175,7 +186,7 @@ def backdoor_text_on_text(base: CLIPTextModelWithProjection, trigger: str = "hom
         feats = _features(student, tokenizer(batch, length)).flatten(1)
         return -weight * nnf.cosine_similarity(feats, target_feat.expand_as(feats)).mean()
 
-    return _distill(base, steps, lr, seed, poison_loss, tokenizer=tokenizer)
+    return _distill(base, steps, lr, seed, poison_loss, tokenizer=tokenizer, adapters_only=adapters_only)
 
 
 def backdoor_text_on_pair(base: CLIPTextModelWithProjection, trigger: str = "rare_word",
