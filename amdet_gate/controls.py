@@ -144,7 +144,7 @@ def _distill(base: CLIPTextModelWithProjection, steps: int, lr: float, seed: int
     student = copy.deepcopy(base).train().requires_grad_(True)
     trained = [p for name, p in student.named_parameters()
                if not adapters_only or (name.endswith(".weight") and name.split(".")[-2] in ADAPTED)]
-    for name, p in student.named_parameters():
+    for p in student.parameters():
         p.requires_grad_(any(p is t for t in trained))
     prompts = _prompts(seed + 1)
     rng = random.Random(seed)
