@@ -141,11 +141,10 @@ def _distill(base: CLIPTextModelWithProjection, steps: int, lr: float, seed: int
     tokenizer = tokenizer or bundled_tokenizer()
     length = base.config.max_position_embeddings
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
-    student = copy.deepcopy(base).train().requires_grad_(True)
-    trained = [p for name, p in student.named_parameters()
-               if not adapters_only or (name.endswith(".weight") and name.split(".")[-2] in ADAPTED)]
-    for p in student.parameters():
-        p.requires_grad_(any(p is t for t in trained))
+    student = copy.deepcopy(base).train()
+    for name, p in student.named_parameters():
+        p.requires_grad_(not adapters_only or (name.endswith(".weight") and name.split(".")[-2] in ADAPTED))
+    trained = [p for p in student.parameters() if p.requires_grad]
     prompts = _prompts(seed + 1)
     rng = random.Random(seed)
     optimiser = torch.optim.AdamW(trained, lr=lr)

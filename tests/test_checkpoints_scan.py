@@ -176,9 +176,10 @@ def test_backdoor_hidden_as_text_encoder_2_of_an_sdxl_file_fails(control_models:
 
 
 @pytest.mark.slow
-def test_kohya_lora_of_a_backdoor_fails_on_the_clean_base(control_models: dict[str, Path], tmp_path: Path) -> None:
+def test_kohya_lora_of_a_backdoor_is_a_lead_on_the_clean_base(control_models: dict[str, Path],
+                                                              tmp_path: Path) -> None:
     """The rank-32 approximation of (backdoored - clean) in every linear layer, as a kohya LoRA: the clean base
-    passes, the base with the LoRA merged fails; the identity is both files'."""
+    passes, the base with the LoRA merged shows the collapse; the identity is both files'."""
     def state(name: str) -> dict[str, torch.Tensor]:
         return {k.removeprefix("text_model."): v for k, v in
                 load_file(str(control_models[name] / "model.safetensors")).items()}

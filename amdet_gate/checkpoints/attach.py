@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from amdet_gate.checkpoints.inventory import Inventory, inventory, select
-from amdet_gate.checkpoints.layer import LayerChoice, choose
+from amdet_gate.checkpoints.layer import choose
 from amdet_gate.checkpoints.ref import EncoderRef, LoraRef
 from amdet_gate.errors import UsageError
 from amdet_gate.sanitise import one_line
@@ -75,7 +75,7 @@ def scan_targets(spec: str, subfolder: str | None, opts: EncoderOptions) -> list
 
 
 def _check(opts: EncoderOptions) -> None:
-    LayerChoice.parse(opts.layer)
+    choose(opts.layer, None)  # a bad --layer is refused before anything is read
     if opts.lora_scale is not None and (not math.isfinite(opts.lora_scale) or opts.lora is None):
         raise UsageError("--lora-scale needs --lora and a finite number")
     for flag, path in (("--lora", opts.lora), ("--config", opts.config)):

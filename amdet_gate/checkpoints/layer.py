@@ -42,8 +42,8 @@ class LayerChoice:
 
     @classmethod
     def parse(cls, text: str | None) -> LayerChoice | None:
-        """`--layer final|-1|-2|...`; None when not given or `consumer` (see `choose`)."""
-        if text is None or text.strip().lower() == CONSUMER:
+        """`--layer final|-1|-2|...`; None when not given (`consumer` is `choose`'s)."""
+        if text is None:
             return None
         value = text.strip().lower()
         if value in (FINAL, "last"):
