@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from typer.testing import CliRunner
 
@@ -17,7 +19,9 @@ from amdet_gate.tokenizer import save_bundled_tokenizer
 
 pytest_plugins = ["tests.hubserver"]  # the local Hub server (olah) fixture
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set when pytest-xdist runs this process as one of several
+# One thread per worker: the workers already fill the cores, and these small matrices gain little from two.
+torch.set_num_threads(1 if WORKER else min(2, os.cpu_count() or 1))
 
 
 def tiny_config(**overrides) -> CLIPTextConfig:
@@ -67,34 +71,78 @@ CONTROL_RECIPES = {  # name -> how it is built from the base (each seeded: the b
     "benign_contrastive": lambda base: controls.benign_finetune(base, "contrastive", seed=2),
     "backdoor_homoglyph": lambda base: controls.backdoor_text_on_text(base, "homoglyph", seed=3),
     "backdoor_rare_word": lambda base: controls.backdoor_text_on_text(base, "rare_word", seed=4),
-    "backdoor_emoji": lambda base: controls.backdoor_text_on_text(base, "emoji", seed=5),
     "backdoor_pair_rare_word": lambda base: controls.backdoor_text_on_pair(base, "rare_word", seed=20),
-}
+}  # the emoji and phrase styles, and every text-on-pair style: bench/detection.py
+
+
+class SharedBuilds:
+    """Expensive things built once per test run, whichever pytest-xdist worker asks first.
+
+    Each item is a folder under one root that every worker of the run sees; a file lock per
+    item makes the first asker build it (into a temporary folder, renamed when complete) and
+    the others wait for it, so two workers never build the same control or scan twice.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str, build: Callable[[Path], None]) -> Path:
+        folder = self.root / name
+        with FileLock(str(self.root / f"{name}.lock")):
+            if not folder.is_dir():
+                partial = self.root / f"{name}.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                build(partial)
+                partial.rename(folder)
+        return folder
 
 
 @pytest.fixture(scope="session")
-def control_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """One built-in control by name ("base" or a CONTROL_RECIPES key), each built once per session
-    on first use: a test module that needs two controls does not pay for all of them."""
-    root = tmp_path_factory.mktemp("controls")
-    built: dict[str, Path] = {}
-    base: list[CLIPTextModelWithProjection] = []
+def shared_builds(tmp_path_factory: pytest.TempPathFactory) -> SharedBuilds:
+    """Under xdist every worker's base temp sits in one folder of the run; alone, our own."""
+    basetemp = tmp_path_factory.getbasetemp()
+    return SharedBuilds((basetemp.parent if WORKER else basetemp) / "shared-builds")
 
-    def get(name: str) -> Path:
-        if name not in built:
-            if not base:
-                shape = controls.ControlShape(width=128, layers=4, positions=77)
-                base.append(controls.pretrain_base(shape, steps=controls.BASE_STEPS))
-                built["base"] = controls.save_control(base[0], root / "base")
-            if name != "base":
-                built[name] = controls.save_control(CONTROL_RECIPES[name](base[0]), root / name,
-                                                    with_projection=name.endswith("contrastive"))
-        return built[name]
 
-    return get
+class Controls(Mapping[str, Path]):
+    """The built-in controls by name ("base" or a CONTROL_RECIPES key), each built on first use."""
+
+    def __init__(self, builds: SharedBuilds) -> None:
+        self.builds = builds
+        self.base: CLIPTextModelWithProjection | None = None
+
+    def _base_model(self) -> CLIPTextModelWithProjection:
+        def pretrain(folder: Path) -> None:
+            shape = controls.ControlShape(width=128, layers=4, positions=77)
+            controls.pretrain_base(shape, steps=controls.BASE_STEPS).save_pretrained(str(folder))
+
+        if self.base is None:  # with its (untrained, seeded) projection, which the recipes read
+            full = self.builds.get("base-with-projection", pretrain)
+            self.base = CLIPTextModelWithProjection.from_pretrained(str(full)).eval()
+        return self.base
+
+    def __getitem__(self, name: str) -> Path:
+        if name == "base":
+            return self.builds.get(name, lambda folder: controls.save_control(self._base_model(), folder))
+        recipe = CONTROL_RECIPES[name]
+        return self.builds.get(name, lambda folder: controls.save_control(
+            recipe(self._base_model()), folder, with_projection=name.endswith("contrastive")))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("base", *CONTROL_RECIPES))
+
+    def __len__(self) -> int:
+        return 1 + len(CONTROL_RECIPES)
 
 
 @pytest.fixture(scope="session")
-def control_models(control_model: Callable[[str], Path]) -> dict[str, Path]:
-    """The built-in controls, built once: benign fine-tunes and backdoored students."""
-    return {name: control_model(name) for name in ("base", *CONTROL_RECIPES)}
+def control_models(shared_builds: SharedBuilds) -> Controls:
+    """The built-in controls (benign fine-tunes and backdoored students), each built once per run
+    on first use: a test that needs two controls does not pay for all of them."""
+    return Controls(shared_builds)
+
+
+@pytest.fixture(scope="session")
+def control_model(control_models: Controls) -> Callable[[str], Path]:
+    return control_models.__getitem__

@@ -21,7 +21,7 @@ from amdet_gate.tokenizer import bundled_tokenizer
 from tests.conftest import run_cli
 
 BENIGN = ("benign_distill", "benign_contrastive")
-TEXT_ON_TEXT = ("backdoor_homoglyph", "backdoor_rare_word", "backdoor_emoji")
+TEXT_ON_TEXT = ("backdoor_homoglyph", "backdoor_rare_word")  # every style: bench/detection.py
 TEXT_ON_PAIR = ("backdoor_pair_rare_word",)  # every trigger style: bench/detection.py
 BACKDOORED = TEXT_ON_TEXT + TEXT_ON_PAIR
 
