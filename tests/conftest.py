@@ -72,6 +72,9 @@ CONTROL_RECIPES = {  # name -> how it is built from the base (each seeded: the b
     "backdoor_homoglyph": lambda base: controls.backdoor_text_on_text(base, "homoglyph", seed=3),
     "backdoor_rare_word": lambda base: controls.backdoor_text_on_text(base, "rare_word", seed=4),
     "backdoor_pair_rare_word": lambda base: controls.backdoor_text_on_pair(base, "rare_word", seed=20),
+    # trained in the linear layers alone, as a text-encoder LoRA trainer does (the LoRA tests)
+    "backdoor_rare_word_adapters": lambda base: controls.backdoor_text_on_text(base, "rare_word", seed=6,
+                                                                               adapters_only=True),
 }  # the emoji and phrase styles, and every text-on-pair style: bench/detection.py
 
 

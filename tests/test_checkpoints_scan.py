@@ -8,6 +8,7 @@ few steps); the detection tests (slow) scan the built-in controls with the defau
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,7 @@ def control(folder: Path) -> CLIPTextModelWithProjection:
 
 
 @pytest.mark.slow
-def test_backdoor_hidden_as_text_encoder_2_of_an_sdxl_file_fails(control_models: dict[str, Path],
+def test_backdoor_hidden_as_text_encoder_2_of_an_sdxl_file_fails(control_models: Mapping[str, Path],
                                                                   tmp_path: Path) -> None:
     path = tc.sdxl_file(tmp_path / "sd_xl_base.safetensors", control(control_models["base"]),
                         control(control_models["backdoor_homoglyph"]), torch.float16)
@@ -176,30 +177,29 @@ def test_backdoor_hidden_as_text_encoder_2_of_an_sdxl_file_fails(control_models:
 
 
 @pytest.mark.slow
-def test_kohya_lora_of_a_backdoor_is_a_lead_on_the_clean_base(control_models: dict[str, Path],
-                                                              tmp_path: Path) -> None:
-    """The rank-32 approximation of (backdoored - clean) in every linear layer, as a kohya LoRA: the clean base
-    passes, the base with the LoRA merged shows the collapse; the identity is both files'."""
+def test_kohya_lora_carrying_a_backdoor_fails_on_the_clean_base(control_models: Mapping[str, Path],
+                                                                tmp_path: Path) -> None:
+    """A rare-word backdoor trained in the linear layers alone (what a text-encoder LoRA trains), shipped
+    as the rank-32 kohya LoRA of its difference to the clean base: the clean base passes, the base with
+    the LoRA merged fails on typed tokens; the identity is both files'."""
     def state(name: str) -> dict[str, torch.Tensor]:
         return {k.removeprefix("text_model."): v for k, v in
                 load_file(str(control_models[name] / "model.safetensors")).items()}
 
-    pairs = lf.low_rank_difference(state("backdoor_homoglyph"), state("base"), rank=32, layers=4)
-    lora = lf.kohya_file(tmp_path / "homoglyph_lora.safetensors", pairs)
+    pairs = lf.low_rank_difference(state("backdoor_rare_word_adapters"), state("base"), rank=32, layers=4)
+    lora = lf.kohya_file(tmp_path / "trigger_lora.safetensors", pairs)
     code, _, stderr = run_cli("scan", control_models["base"], "--lora", lora, "--out", tmp_path / "out", "-q")
     result = read(tmp_path / "out" / "result.json")
-    # The LoRA carries the collapse (the free search detects it) but not the trigger token's embedding
-    # change, so no typed tokens reproduce it: a lead, not yet a finding (docs/detection.md, shortfalls).
-    assert result["search"]["stop_reason"] == "detected", stderr
-    assert code in (ExitCode.FAIL, ExitCode.PASS) and ("typed tokens" in result["reason"]), result["reason"]
-    assert [w["name"] for w in result["model"]["weight_files"]] == ["model.safetensors", "homoglyph_lora.safetensors"]
+    assert code == ExitCode.FAIL, result["reason"]
+    assert result["verdict"] == "fail" and "typed tokens" in result["reason"], result["reason"]
+    assert [w["name"] for w in result["model"]["weight_files"]] == ["model.safetensors", "trigger_lora.safetensors"]
     assert result["model"]["lora"]["modules_merged"] == 24
     code, _, stderr = run_cli("scan", control_models["base"], "--out", tmp_path / "clean", "-q")
     assert code == ExitCode.PASS, stderr
 
 
 @pytest.mark.slow
-def test_sd1_single_file_with_a_backdoored_encoder_fails(control_models: dict[str, Path], tmp_path: Path) -> None:
+def test_sd1_single_file_with_a_backdoored_encoder_fails(control_models: Mapping[str, Path], tmp_path: Path) -> None:
     path = tc.sd1_file(tmp_path / "v1-5.safetensors", control(control_models["backdoor_rare_word"]), torch.float16)
     code, _, stderr = run_cli("scan", path, "--out", tmp_path / "out", "-q")
     assert code == ExitCode.FAIL, stderr
