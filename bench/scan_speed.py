@@ -184,14 +184,13 @@ def measure(shape: Shape, device: torch.device, steps: int, sample: int) -> dict
     per = ts.prompts / max(2, m // 4)
     ts = replace(ts, prompts=max(2, m // 4))
     ids16 = opt.ids[: ts.prompts]
-    few = 4  # candidates timed: one iteration with 4 and with 8 gives the cost of one candidate
 
-    def typed(iterations: int, candidates: int) -> float:
+    def typed(iterations: int) -> float:
         return timed(device, token_search, enc, ids16, (320, 321), allowed, Objective.TOKENS,
-                     replace(ts, iterations=iterations, candidates=candidates))
+                     replace(ts, iterations=iterations))
 
-    start_s, one_s, two_s = typed(0, few), typed(1, few), typed(1, 2 * few)
-    iteration_s = one_s - start_s + (ts.candidates - few) * max(two_s - one_s, 0.0) / few
+    start_s = typed(0)
+    iteration_s = typed(1) - start_s
     confirm_s = 2 * (start_s + ts.iterations * iteration_s) * per + stats_s
 
     times = PhaseTimes(embed_s + held_s * n_held / m, step_s, check_s, stats_s + land_s * s.report_landscape_points**2,
@@ -242,7 +241,9 @@ def whole(shape: Shape, device: str) -> None:
     print(json.dumps({"shape": shape.spec, "name": shape.name, "wall_s": round(wall, 1), "verdict": r.verdict,
                       "score": r.score, "token_steps": r.search["steps"], "stop_reason": str(r.search["stop_reason"]),
                       "checks": len(r.search["checks"]), "pooled_steps": r.pooled["steps"] if r.pooled else 0,
-                      "confirmations": len(r.confirmation or []), "timings": r.timings,
+                      "confirmations": len(r.confirmation or []),
+                      "confirm_s": round(sum(c["seconds"] for c in r.confirmation or []), 1),
+                      "pooled_s": r.pooled["seconds"] if r.pooled else 0.0, "timings": r.timings,
                       "device": r.environment["device"], "threads": r.environment["threads"],
                       "peak_gib": round(peak / 2**30, 2)}))
 
