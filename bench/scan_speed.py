@@ -104,14 +104,43 @@ def build(shape: Shape) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def timed(device: torch.device, fn, *args, **kwargs) -> float:
+@dataclass(frozen=True)
+class Seconds:
+    """Wall seconds, and the process's CPU seconds over its threads: on a shared machine the second
+    is what an idle runner with those cores would take (roughly: threads never scale perfectly)."""
+
+    wall: float
+    cpu: float
+
+    def _pair(self, other: Seconds | float) -> tuple[float, float]:
+        return (other.wall, other.cpu) if isinstance(other, Seconds) else (other, other)
+
+    def __add__(self, other: Seconds | float) -> Seconds:
+        w, c = self._pair(other)
+        return Seconds(self.wall + w, self.cpu + c)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Seconds) -> Seconds:
+        return Seconds(self.wall - other.wall, self.cpu - other.cpu)
+
+    def __mul__(self, factor: float) -> Seconds:
+        return Seconds(self.wall * factor, self.cpu * factor)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, divisor: float) -> Seconds:
+        return Seconds(self.wall / divisor, self.cpu / divisor)
+
+
+def timed(device: torch.device, fn, *args, **kwargs) -> Seconds:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn(*args, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return Seconds(time.perf_counter() - t0, (time.process_time() - c0) / torch.get_num_threads())
 
 
 def measure(shape: Shape, device: torch.device, steps: int, sample: int) -> dict:
@@ -193,23 +222,29 @@ def measure(shape: Shape, device: torch.device, steps: int, sample: int) -> dict
     iteration_s = typed(1) - start_s
     confirm_s = 2 * (start_s + ts.iterations * iteration_s) * per + stats_s
 
-    times = PhaseTimes(embed_s + held_s * n_held / m, step_s, check_s, stats_s + land_s * s.report_landscape_points**2,
-                       pstep_s, pcheck_s, pfinal_s, natural_s, confirm_s)
+    times = (embed_s + held_s * n_held / m, step_s, check_s, stats_s + land_s * s.report_landscape_points**2,
+             pstep_s, pcheck_s, pfinal_s, natural_s, confirm_s)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
-    return {"times": asdict(times), "land_point": land_s, "peak_gib": peak / 2**30,
+    return {"times": asdict(PhaseTimes(*(v.wall for v in times))), "land_point": land_s.wall,
+            "cpu_times": asdict(PhaseTimes(*(v.cpu for v in times))), "cpu_land_point": land_s.cpu,
+            "peak_gib": peak / 2**30,
             "cpu_share": share if device.type == "cpu" else None, "sample": m, "row_s": time.perf_counter() - wall0}
 
 
-def row(shape: Shape, result: dict) -> str:
-    s, times = SearchSettings(), PhaseTimes(**result["times"])
+def row(shape: Shape, result: dict, cpu: bool = False) -> str:
+    """The table row of wall times, or (`cpu`) of CPU seconds over threads: an idle machine's estimate."""
+    s = SearchSettings()
+    times = PhaseTimes(**result["cpu_times" if cpu else "times"])
+    land_point = result["cpu_land_point" if cpu else "land_point"]
     budget = project_with_budget(times, s)
     cut = f"cut {budget.token_steps}{'!' if budget.inconclusive else ''}" if budget.cut_off else "no cut"
     x = times
     share = "-" if result["cpu_share"] is None else f"{result['cpu_share']:.2f}"
-    return (f"| {shape.name or '-'} | {shape.width} | {shape.layers} | {shape.positions} | {x.precompute:.1f} | "
-            f"{x.step:.2f} | {x.check:.1f} | {x.report:.1f} | {result['land_point']:.3f} | {x.pooled_step:.2f} | "
+    name = (shape.name or "-") + (" (CPU s / threads)" if cpu else "")
+    return (f"| {name} | {shape.width} | {shape.layers} | {shape.positions} | {x.precompute:.1f} | "
+            f"{x.step:.2f} | {x.check:.1f} | {x.report:.1f} | {land_point:.3f} | {x.pooled_step:.2f} | "
             f"{x.natural:.1f} | {x.confirm:.0f} | {result['peak_gib']:.1f} | {project(x, s, 140) / 60:.1f} | "
             f"{project(x, s) / 60:.1f} | {project(x, s, confirm=True) / 60:.1f} | {budget.seconds / 60:.1f} ({cut}) | "
             f"{share} |")
@@ -282,6 +317,8 @@ def main() -> None:
         result = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append({"shape": asdict(shape)} | result)
         print(row(shape, result), flush=True)
+        if result["cpu_share"] is not None:
+            print(row(shape, result, cpu=True), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
