@@ -1,4 +1,5 @@
-"""How long a whole benign scan takes, from the cost of each of its phases (pure arithmetic).
+"""How long a whole benign scan takes, from the cost of each of its phases (pure arithmetic),
+and the table rows bench/scan_speed.py prints from them.
 
 A benign scan detects nothing, so it runs every phase `scanner.scan_model` has, at the counts
 the default `SearchSettings` give (read from amdet_gate/engine/token_path.py, pooled_path.py,
@@ -22,8 +23,8 @@ scanner.py, confirm.py and token_search.py):
 
 The scan's deadline, `time_budget_s` (900 s) after it starts, ends either loop early: the
 token loop then stops with `time_budget`, the pooled loop after one step, and everything after
-the loops runs regardless. A token search cut off before `min_decisive_steps` (200) is
-inconclusive, never pass (scanner.decisive_steps).
+the loops runs regardless. A scan either loop stopped with `time_budget` is inconclusive, never
+pass (verdict.decide), as is one whose max_steps is below `min_decisive_steps` (200).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def project(times: PhaseTimes, settings: SearchSettings, token_steps: int | None
 class Budgeted:
     seconds: float  # the scan's projected wall time under the deadline
     token_steps: int  # token steps run before the plateau, max_steps or the deadline
-    cut_off: bool  # the deadline ended the token loop
-    inconclusive: bool  # cut off before min_decisive_steps: the verdict cannot be pass
+    cut_off: bool  # the deadline ended the token loop or the pooled one
+    inconclusive: bool  # the verdict cannot be pass: cut off (verdict.decide), or short of min_decisive_steps
 
 
 def project_with_budget(times: PhaseTimes, settings: SearchSettings, token_steps: int | None = None,
@@ -88,13 +89,12 @@ def project_with_budget(times: PhaseTimes, settings: SearchSettings, token_steps
     """The same scan under `time_budget_s`: each loop tests the deadline after every step (the
     pooled loop runs at least one), and what follows the loops runs regardless."""
     c = benign_counts(settings, token_steps)
-    elapsed, s = times.precompute, 0
+    elapsed, s, p = times.precompute, 0, 0
     while s < c.token_steps:
         s += 1
         elapsed += times.step + (times.check if s % settings.check_every == 0 or s == settings.max_steps else 0)
         if elapsed > settings.time_budget_s:
             break
-    p = 0
     while p < c.pooled_steps:
         p += 1
         elapsed += times.pooled_step + (times.pooled_check if p % settings.pooled_check_every == 0
@@ -102,5 +102,54 @@ def project_with_budget(times: PhaseTimes, settings: SearchSettings, token_steps
         if elapsed > settings.time_budget_s:
             break
     elapsed += times.report + (times.pooled_final if c.pooled_steps else 0.0) + times.natural
-    cut = s < c.token_steps
-    return Budgeted(elapsed + (times.confirm if confirm else 0.0), s, cut, cut and s < settings.min_decisive_steps)
+    cut = s < c.token_steps or p < c.pooled_steps
+    short = s == settings.max_steps < settings.min_decisive_steps
+    return Budgeted(elapsed + (times.confirm if confirm else 0.0), s, cut, cut or short)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    width: int
+    layers: int
+    positions: int = 77
+    act: str = "quick_gelu"
+    prompts: int = 4000
+
+    @property
+    def size(self) -> int:  # relative compute per token
+        return self.width * self.width * self.layers
+
+    @property
+    def sample(self) -> int:
+        return 64 if self.size <= 512 * 512 * 8 else 16 if self.size <= 768 * 768 * 12 else 8
+
+    @property
+    def spec(self) -> str:
+        return f"{self.width}x{self.layers}x{self.positions}"
+
+
+def budgeted(times: PhaseTimes, settings: SearchSettings, token_steps: int) -> str:
+    """Minutes under the default deadline; "cut N": the deadline stopped the loops after N token
+    steps, and the verdict is inconclusive."""
+    b = project_with_budget(times, settings, token_steps)
+    return f"{b.seconds / 60:.1f}" + (f" (cut {b.token_steps})" if b.cut_off else "")
+
+
+def row(shape: Shape, result: dict, cpu: bool = False) -> str:
+    """The table row of wall times, or (`cpu`) of CPU seconds over threads: an idle machine's estimate."""
+    s = SearchSettings()
+    x = PhaseTimes(**result["cpu_times" if cpu else "times"])
+    land_point = result["cpu_land_point" if cpu else "land_point"]
+    share = "-" if result["cpu_share"] is None else f"{result['cpu_share']:.2f}"
+    name = (shape.name or "-") + (" (CPU s / threads)" if cpu else "")
+    return (f"| {name} | {shape.width} | {shape.layers} | {shape.positions} | {x.precompute:.1f} | "
+            f"{x.step:.2f} | {x.check:.1f} | {x.report:.1f} | {land_point:.3f} | {x.pooled_step:.2f} | "
+            f"{x.natural:.1f} | {x.confirm:.0f} | {result['peak_gib']:.1f} | {project(x, s, 140) / 60:.1f} | "
+            f"{project(x, s) / 60:.1f} | {project(x, s, confirm=True) / 60:.1f} | {budgeted(x, s, 140)} | "
+            f"{budgeted(x, s, s.max_steps)} | {share} |")
+
+
+HEADER = ("| shape | width | layers | L | precompute s | s/step | check s | report s | land/pt s | pooled s/step | "
+          "natural s | confirm s | peak GiB | min @140 steps | min @640 | min @640+confirm | min @140, 900 s budget | "
+          "min @640, 900 s budget | CPU share |\n" + "|---" * 19 + "|")

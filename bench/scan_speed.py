@@ -64,30 +64,7 @@ from amdet_gate.prompts import builtin_prompts
 from amdet_gate.scanner import ScanRequest, pick_device, scan_model, split_prompts
 from amdet_gate.token_search import Objective, TokenSearchSettings, token_search
 from amdet_gate.tokenizer import bundled_tokenizer
-from bench.scan_projection import PhaseTimes, project, project_with_budget
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    width: int
-    layers: int
-    positions: int = 77
-    act: str = "quick_gelu"
-    prompts: int = 4000
-
-    @property
-    def size(self) -> int:  # relative compute per token
-        return self.width * self.width * self.layers
-
-    @property
-    def sample(self) -> int:
-        return 64 if self.size <= 512 * 512 * 8 else 16 if self.size <= 768 * 768 * 12 else 8
-
-    @property
-    def spec(self) -> str:
-        return f"{self.width}x{self.layers}x{self.positions}"
-
+from bench.scan_projection import HEADER, PhaseTimes, Shape, row
 
 SMALL = [Shape("", 128, 4), Shape("", 256, 4), Shape("", 256, 6), Shape("", 256, 6, prompts=1000),
          Shape("", 128, 4, 248), Shape("", 512, 8)]
@@ -233,28 +210,6 @@ def measure(shape: Shape, device: torch.device, steps: int, sample: int) -> dict
             "cpu_share": share if device.type == "cpu" else None, "sample": m, "row_s": time.perf_counter() - wall0}
 
 
-def row(shape: Shape, result: dict, cpu: bool = False) -> str:
-    """The table row of wall times, or (`cpu`) of CPU seconds over threads: an idle machine's estimate."""
-    s = SearchSettings()
-    times = PhaseTimes(**result["cpu_times" if cpu else "times"])
-    land_point = result["cpu_land_point" if cpu else "land_point"]
-    budget = project_with_budget(times, s)
-    cut = f"cut {budget.token_steps}{'!' if budget.inconclusive else ''}" if budget.cut_off else "no cut"
-    x = times
-    share = "-" if result["cpu_share"] is None else f"{result['cpu_share']:.2f}"
-    name = (shape.name or "-") + (" (CPU s / threads)" if cpu else "")
-    return (f"| {name} | {shape.width} | {shape.layers} | {shape.positions} | {x.precompute:.1f} | "
-            f"{x.step:.2f} | {x.check:.1f} | {x.report:.1f} | {land_point:.3f} | {x.pooled_step:.2f} | "
-            f"{x.natural:.1f} | {x.confirm:.0f} | {result['peak_gib']:.1f} | {project(x, s, 140) / 60:.1f} | "
-            f"{project(x, s) / 60:.1f} | {project(x, s, confirm=True) / 60:.1f} | {budget.seconds / 60:.1f} ({cut}) | "
-            f"{share} |")
-
-
-HEADER = ("| shape | width | layers | L | precompute s | s/step | check s | report s | land/pt s | pooled s/step | "
-          "natural s | confirm s | peak GiB | min @140 steps | min @640 | min @640+confirm | min, 900 s budget | "
-          "CPU share |\n" + "|---" * 18 + "|")
-
-
 def find_shape(spec: str, prompts: int = 4000) -> Shape:
     for shape in REAL + SMALL:
         if shape.spec == spec and shape.prompts == prompts:
@@ -295,12 +250,19 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4000, help="prompts of --shape (optimisation + held-out)")
     parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)  # one row, as JSON (a child)
     parser.add_argument("--json", type=Path, help="also write the rows' measurements here")
+    parser.add_argument("--from-json", type=Path, help="print the table of measurements --json wrote; measure nothing")
     args = parser.parse_args()
     if args.whole:
         return whole(find_shape(args.shape, args.prompts), args.device)
     if args.row:
         shape = find_shape(args.shape, args.prompts)
         print(json.dumps(measure(shape, pick_device(args.device), args.steps, args.sample or shape.sample)))
+        return
+    if args.from_json:
+        print(HEADER)
+        for saved in json.loads(args.from_json.read_text()):
+            shape = Shape(**saved["shape"])
+            print(row(shape, saved) + ("\n" + row(shape, saved, cpu=True) if saved["cpu_share"] is not None else ""))
         return
     shapes = {"small": SMALL, "real": REAL, "all": SMALL + REAL}[args.shapes]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {pick_device(args.device)}, "

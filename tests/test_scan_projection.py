@@ -34,7 +34,7 @@ def test_projection_adds_each_phase_at_its_count():
     assert project(replace(once, pooled_step=1.0), replace(s, pooled_steps=0)) == 11  # no pooled path
 
 
-def test_the_time_budget_cuts_the_loops_and_makes_a_short_search_inconclusive():
+def test_the_time_budget_cuts_the_loops_and_makes_the_scan_inconclusive():
     s = SearchSettings()  # 900 s
     slow = replace(ZERO, step=10.0, pooled_step=3.0, report=5.0, pooled_final=7.0, natural=11.0)
     cut = project_with_budget(slow, s)
@@ -42,7 +42,12 @@ def test_the_time_budget_cuts_the_loops_and_makes_a_short_search_inconclusive():
     assert (cut.token_steps, cut.cut_off, cut.inconclusive) == (91, True, True)
     assert cut.seconds == 910 + 3 + 5 + 7 + 11
     long_enough = project_with_budget(replace(slow, step=4.0), s)
-    assert (long_enough.token_steps, long_enough.cut_off, long_enough.inconclusive) == (226, True, False)
+    # Past 200 steps too: a scan the deadline stopped is inconclusive (verdict.decide).
+    assert (long_enough.token_steps, long_enough.cut_off, long_enough.inconclusive) == (226, True, True)
+    pooled_cut = project_with_budget(replace(slow, step=1.0, pooled_step=10.0), s, token_steps=140)
+    assert (pooled_cut.token_steps, pooled_cut.cut_off, pooled_cut.inconclusive) == (140, True, True)
     fast = replace(slow, step=1.0)
     done = project_with_budget(fast, s, token_steps=140)
-    assert not done.cut_off and done.token_steps == 140 and done.seconds == project(fast, s, 140)
+    assert not done.cut_off and not done.inconclusive and done.token_steps == 140
+    assert done.seconds == project(fast, s, 140)
+    assert project_with_budget(ZERO, replace(s, max_steps=150)).inconclusive  # below min_decisive_steps
