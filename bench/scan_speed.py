@@ -1,6 +1,7 @@
 """Scan time per phase, peak memory and the projected whole benign scan, per encoder shape.
 
-    python bench/scan_speed.py [--shapes small|real|all] [--steps 3] [--device auto]
+    python bench/scan_speed.py [--shapes small|real|all] [--steps 2] [--device auto] [--json F]
+    python bench/scan_speed.py --from-json F          # the table again, from saved measurements
     python bench/scan_speed.py --whole --shape 768x12x77 [--device cpu]
 
 Each row is a randomly initialised CLIPTextModel of the shape (timing only), measured in its own
@@ -11,15 +12,16 @@ screen of 50 held-out prompts: a benign check fails the same-target gate there a
 the report (one trigger on every held-out prompt + the 25 x 25 landscape; "land/pt" is one
 landscape point), one pooled-path step (8 starts x 4 prompts), the natural-steering words and
 one typed-trigger confirmation. Phases over many prompts are timed on `--sample` of them
-and scaled linearly, so that even bigG rows take a few minutes on a CPU.
+and scaled linearly, so that even bigG rows take minutes, not hours, on a CPU. On a CPU each
+shape gets a second row, "CPU s / threads": on a shared machine, an idle one's estimate.
 
 The projection (bench/scan_projection.py, where the formula is) adds them up at the counts a
-benign scan runs with the default settings: "640 steps" when the token path never plateaus,
-"140 steps" where the benign controls plateau; "budget" is the same scan under the default
-900 s deadline, which cuts the loops short ("cut N" = token steps run, "!" = below the 200
-steps a pass needs: inconclusive). "+confirm" adds a typed confirmation, which a benign scan
-runs only when its free trigger collapsed the prompts. `--whole` runs `scanner.scan_model`
-with the default settings on one shape and prints its real wall time and phases.
+benign scan runs with the default settings: "@640" when the token path never plateaus, "@140"
+where the benign controls plateau; "900 s budget" is the same scan under the default deadline
+("cut N": the deadline stopped a loop after N token steps, and the verdict is inconclusive).
+"+confirm" adds a typed confirmation, which a benign scan runs only when its free trigger
+collapsed the prompts. `--whole` runs `scanner.scan_model` with the default settings on one
+shape and prints its real wall time and phases (random weights: not the benign path).
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def whole(shape: Shape, device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", choices=["small", "real", "all"], default="real")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per loop (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per loop (after one warm-up)")
     parser.add_argument("--sample", type=int, help="held-out prompts the per-prompt phases run on "
                         "(default: 64 for the small shapes, 16 for the real ones)")
     parser.add_argument("--device", default="auto")
