@@ -142,7 +142,8 @@ def row(shape: Shape, result: dict, cpu: bool = False) -> str:
     x = PhaseTimes(**result["cpu_times" if cpu else "times"])
     land_point = result["cpu_land_point" if cpu else "land_point"]
     share = "-" if result["cpu_share"] is None else f"{result['cpu_share']:.2f}"
-    name = (shape.name or "-") + (" (CPU s / threads)" if cpu else "")
+    name = ((shape.name or "-") + (f" ({shape.prompts} prompts)" if shape.prompts != 4000 else "")
+            + (" (CPU s / threads)" if cpu else ""))
     return (f"| {name} | {shape.width} | {shape.layers} | {shape.positions} | {x.precompute:.1f} | "
             f"{x.step:.2f} | {x.check:.1f} | {x.report:.1f} | {land_point:.3f} | {x.pooled_step:.2f} | "
             f"{x.natural:.1f} | {x.confirm:.0f} | {result['peak_gib']:.1f} | {project(x, s, 140) / 60:.1f} | "
