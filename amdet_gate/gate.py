@@ -336,7 +336,7 @@ def _render_images(request, scanned, r: Resolved, out: Path, warnings: list[str]
 
     error = None
     try:
-        renderings = render(request, scanned.target_feature, scanned.result, r.model.root,
+        renderings = render(request, scanned.target_feature, scanned.result.reversed_target, r.model.root,
                             r.model.subfolder, out, empty_feature=scanned.empty_feature)
     except Exception as exc:
         renderings = []
