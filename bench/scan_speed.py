@@ -63,9 +63,9 @@ def main() -> None:
             request = ScanRequest(model=folder, n_prompts=n, device=args.device, settings=settings)
             scan = scan_model(request)
             t = scan.result.timings
-            steps = max(scan.result.search["steps"], 1)
+            steps = max(scan.result.search.steps, 1)
             # One gate check and one landscape grid on their own, for the breakdown.
-            enc = load_encoder(folder).adapter.to(scan.result.environment["device"])
+            enc = load_encoder(folder).adapter.to(scan.result.environment.device)
             ids = tokenizer(builtin_prompts()[: n // 5], positions).to(enc.device)
             held = precompute(enc, ids, settings.chunk_size)
             trig = torch.randn(settings.restarts, settings.trigger_vectors, width, device=enc.device)
@@ -77,11 +77,11 @@ def main() -> None:
             t2 = time.perf_counter()
             # search_s also holds the final report: one trigger's gates on every held-out prompt and,
             # gates 1-3 failing on these random models, the landscape on the report's coarser grid.
-            pooled_s = scan.result.pooled["seconds"] if scan.result.pooled else 0.0
+            pooled_s = scan.result.pooled.seconds if scan.result.pooled else 0.0
             report_grid = (settings.report_landscape_points / settings.landscape_points) ** 2
             report_s = (t1 - t0) / settings.restarts + (t2 - t1) * report_grid
-            per_step = max(t["search_s"] - pooled_s - report_s, 0.0) / steps
-            print(f"{width:>5} {layers:>6} {positions:>4} {n:>7} {t['total_s']:>8.1f} {t['precompute_s']:>9.1f} "
+            per_step = max(t.search_s - pooled_s - report_s, 0.0) / steps
+            print(f"{width:>5} {layers:>6} {positions:>4} {n:>7} {t.total_s:>8.1f} {t.precompute_s:>9.1f} "
                   f"{per_step:>7.3f} {t1 - t0:>8.2f} {t2 - t1:>11.2f} {pooled_s:>8.1f}", flush=True)
 
 
