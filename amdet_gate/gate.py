@@ -360,14 +360,14 @@ def _cache_hit(options: GateOptions, r: Resolved, stored: ScanResult, warnings: 
     When the same weights were reached under another name (path, revision), the result is
     relabelled and its reports re-rendered, so that the SARIF and the report name this model.
     """
-    from amdet_gate.outputs import output_paths, write_json, write_reports
+    from amdet_gate.outputs import output_paths, write_reports, write_result
 
     paths = output_paths(options.out)
     result = dataclasses.replace(stored, cache_hit=True)
     named = r.model.describe()
     if result.model.named() != named:
         result = dataclasses.replace(result, model=dataclasses.replace(result.model, **named))
-        write_json(paths["result"], dump(result))
+        write_result(paths["result"], result)
         write_reports(result, options.out, {k: paths[k] for k in ("sarif", "html", "markdown")})
     return _finish(options, r, result, paths, warnings, env, cache_hit=True)
 

@@ -87,7 +87,7 @@ def write_outputs(scan: Scan, out_dir: Path) -> tuple[dict[str, Path], ScanResul
                "eigenvalues": land.eigenvalues.contiguous()}, paths["landscape"], metadata=meta)
     result = replace(scan.result, artifacts={k: str(p.relative_to(out_dir)) for k, p in paths.items()
                                              if k != "result"})
-    write_text(paths["result"], dumps(result))
+    write_result(paths["result"], result)
     write_reports(result, out_dir, {k: paths[k] for k in ("sarif", "html", "markdown")})
     return paths, result
 
@@ -142,6 +142,11 @@ def append_step_summary(env: Mapping[str, str], text: str) -> str | None:
     except OutputError as exc:
         return f"GITHUB_STEP_SUMMARY: {exc}"
     return None
+
+
+def write_result(path: Path, result: ScanResult) -> None:
+    """result.json, atomically: the one writer of a scan's result (schemas/result.schema.json)."""
+    write_text(path, dumps(result))
 
 
 def write_text(path: Path, text: str) -> None:
