@@ -19,9 +19,7 @@ A part that is not a CLIP encoder (a T5) is listed in every report; `on_unscanne
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 from collections.abc import Callable, Mapping
 from datetime import date
 from pathlib import Path
@@ -173,15 +171,3 @@ def write_summary(summary: dict, options: GateOptions) -> dict[str, Path]:
         write_text(options.html, render_html(summary, out, options.html.parent))  # its links, from where it lies
     copy_reports(paths, sarif=options.sarif, markdown=options.markdown)
     return paths
-
-
-def encoder_result_dicts(summary: dict, out: Path) -> list[tuple[dict, dict | None]]:
-    """Each encoder's entry with its own result.json (None when its run ended in an error)."""
-    pairs = []
-    for entry in summary["encoders"]:
-        data = None
-        if entry.get("result"):
-            with contextlib.suppress(OSError, ValueError):
-                data = json.loads((out / entry["result"]).read_text("utf-8"))
-        pairs.append((entry, data))
-    return pairs
