@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from amdet_gate.result.codec import ResultError, from_data, object_schema, omit, schema_of, to_data
+from amdet_gate.result.codec import ResultError, from_data, object_schema, schema_of, to_data
 from amdet_gate.result.enums import Objective, StopReason
 
 Number = float | None  # a measured value; null where it was NaN or infinite
@@ -110,7 +110,7 @@ class Check:
     landscape_positive_ratio: Number = None
     mean_assimilation: Number = None
     screened_on: int | None = None  # prompts behind the values when the check stopped early
-    variation_ratio: Number = omit()
+    variation_ratio: Number = None  # null when not computed (and before schema 1.1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +124,7 @@ class Search:
     checks: tuple[Check, ...]
     loss_history: tuple[Numbers, ...]  # per step, each restart's loss
     trigger_norms: Numbers
-    variation_ratio: Number = omit()  # absent before schema 1.1
+    variation_ratio: Number = None  # null when not computed (and before schema 1.1)
 
 
 @dataclass(frozen=True, kw_only=True)
