@@ -174,6 +174,8 @@ def _checks(search: Search) -> dict:
     columns: list[str] = []
     for check in checks:
         columns += [k for k in check if k not in columns]
+    if all(c["variation_ratio"] is None for c in checks):  # only the final gates measure it (search.variation_ratio)
+        columns = [k for k in columns if k != "variation_ratio"]
     return {"columns": columns, "rows": checks[:MAX_CHECK_ROWS], "hidden": max(0, len(checks) - MAX_CHECK_ROWS)}
 
 
