@@ -4,7 +4,8 @@ The Python API, for registry promotion hooks and pre-deployment steps:
 
     import amdet_gate
     outcome = amdet_gate.scan("org/name", revision="<sha>", policy="policy.yaml", out="amdet-out")
-    outcome.exit_code, outcome.result["verdict"], outcome.result["score"]
+    outcome.exit_code, outcome.result["verdict"], outcome.result["score"]   # result.json's data
+    outcome.scan_result.verdict, outcome.decision.allowed                     # typed (amdet_gate.result)
     problems = amdet_gate.verify("org/name", lock="amdet.lock")   # [] when the weights are the scanned ones
     repaired = amdet_gate.repair("path/to/model", result="amdet-out/result.json", out="repaired")
     repaired.exit_code, repaired.status, repaired.report["rescan"]["verdict"]   # "repaired, re-verify before use"

@@ -104,6 +104,7 @@ from amdet_gate.cache_fs import (
 )
 from amdet_gate.errors import GateError, OutputError, UsageError
 from amdet_gate.files import write_atomic
+from amdet_gate.result import ResultError, ScanResult, load
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -269,7 +270,7 @@ class CacheLookup:
     """
 
     digest: str
-    result: dict | None = None
+    result: ScanResult | None = None
     files: tuple[str, ...] = ()  # relative paths restored into the output folder
     created: str | None = None  # when the entry was stored (ISO 8601 UTC)
     warning: str | None = None  # one line for stderr: an entry was ignored, or the cache is unusable
@@ -345,9 +346,9 @@ class VerdictCache:
 
     # -- public operations ------------------------------------------------------------------
 
-    def lookup(self, key: CacheKey, out_dir: Path) -> dict | None:
+    def lookup(self, key: CacheKey, out_dir: Path) -> ScanResult | None:
         """On a verified hit, copy the stored files into `out_dir` and return the stored result
-        (result.json as a dict); else None. A bad entry is removed and a one-line warning
+        (result.json, validated and typed); else None. A bad entry is removed and a one-line warning
         ("cache entry <digest> ignored: <why>") is kept for `take_warnings()`."""
         found = self.fetch(key, out_dir)
         if found.warning:
@@ -401,7 +402,7 @@ class VerdictCache:
                                                f"{out_dir}: {os_reason(exc)}")
         return CacheLookup(digest, result=result, files=tuple(sorted(files)), created=manifest["created"])
 
-    def store(self, key: CacheKey, out_dir: Path, result: Mapping[str, Any] | None = None,
+    def store(self, key: CacheKey, out_dir: Path, result: ScanResult | None = None,
               files: Sequence[str] | None = None) -> str | None:
         """Copy a finished scan's output folder into the cache; returns None, or a one-line warning.
 
@@ -426,16 +427,16 @@ class VerdictCache:
             mismatch = _result_mismatch(result, key)
             if mismatch:
                 return f"not cached: result.json does not match the cache key ({mismatch})"
-            if result["verdict"] not in CACHEABLE_VERDICTS:
+            if result.verdict not in CACHEABLE_VERDICTS:
                 return None  # documented: inconclusive scans are re-run, silently
             secret = self._load_secret()
-            model = result["model"]
+            model = result.model
             manifest = {
                 "format": FORMAT, "digest": digest, "key": key.to_dict(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "model": {"source": model.get("source"), "identity_sha256": model["identity_sha256"],
-                          "subfolder": model.get("subfolder")},
-                "verdict": result["verdict"], "score": result.get("score"),
+                "model": {"source": model.source, "identity_sha256": model.identity_sha256,
+                          "subfolder": model.subfolder},
+                "verdict": str(result.verdict), "score": result.score,
                 "tool_version": key.tool_version,
                 "files": [{"path": p, "size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
                           for p, b in sorted(payload.items())],
@@ -554,7 +555,7 @@ def _sign(secret: bytes, manifest_bytes: bytes) -> str:
 # --- verification --------------------------------------------------------------------------
 
 def _verify(entry: Path, digest: str, secret: bytes, key: CacheKey | None,
-            max_bytes: int) -> tuple[dict, dict[str, bytes], dict]:
+            max_bytes: int) -> tuple[dict, dict[str, bytes], ScanResult]:
     """The manifest, every file's bytes and the parsed result.json, or BadEntry.
 
     Each file is read once, hashed from the bytes in memory and restored from the same
@@ -599,8 +600,8 @@ def _verify(entry: Path, digest: str, secret: bytes, key: CacheKey | None,
     finally:
         os.close(fd)
     result = _parse_result(files.get("result.json"))
-    model = result["model"]
-    if (model["identity_sha256"], model.get("source"), result["verdict"], result.get("score")) != (
+    model = result.model
+    if (model.identity_sha256, model.source, result.verdict, result.score) != (
             manifest["model"]["identity_sha256"], manifest["model"]["source"], manifest["verdict"],
             manifest["score"]):
         raise BadEntry("result.json disagrees with the manifest (model, verdict or score)")
@@ -640,42 +641,32 @@ def _parse_manifest(raw: bytes) -> tuple[dict, CacheKey]:
     return m, recorded
 
 
-def _parse_result(data: bytes | None) -> dict:
+def _parse_result(data: bytes | None) -> ScanResult:
     if data is None:
         raise BadEntry("no result.json")
     try:
-        result = json.loads(data)
-    except (ValueError, RecursionError):
-        raise BadEntry("result.json is not valid JSON") from None
-    if not (isinstance(result, dict) and isinstance(result.get("model"), dict)
-            and isinstance(result["model"].get("identity_sha256"), str)
-            and isinstance(result["model"].get("weight_files"), list)
-            and isinstance(result.get("verdict"), str) and isinstance(result.get("tool"), dict)):
-        raise BadEntry("result.json lacks model, verdict or tool")
-    return result
+        return load(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadEntry("result.json is not UTF-8") from None
+    except ResultError as exc:
+        raise BadEntry(f"result.json: {exc}") from None
 
 
-def _summary(result: Mapping[str, Any]) -> tuple:
-    model = result.get("model") if isinstance(result.get("model"), Mapping) else {}
-    return model.get("identity_sha256"), result.get("verdict"), result.get("score")
+def _summary(result: ScanResult) -> tuple:
+    return result.model.identity_sha256, result.verdict, result.score
 
 
-def _result_mismatch(result: dict, key: CacheKey) -> str | None:
+def _result_mismatch(result: ScanResult, key: CacheKey) -> str | None:
     """Which key field the result contradicts, if any (weights, anchor, policy, tool version)."""
-    try:
-        weights = tuple(sorted(f"{w['name']}:{w['sha256']}" for w in result["model"]["weight_files"]))
-    except (TypeError, KeyError):
-        return "weight files unreadable"
+    weights = tuple(sorted(f"{w.name}:{w.sha256}" for w in result.model.weight_files))
     if weights != key.weight_sha256s:
         return "weight files"
-    anchor = result.get("anchor")
-    anchor_identity = anchor.get("identity_sha256") if isinstance(anchor, dict) else None
+    anchor_identity = result.anchor.identity_sha256 if result.anchor is not None else None
     if anchor_identity != key.anchor_identity:
         return "anchor"
-    policy = result.get("policy")
-    if isinstance(policy, dict) and "sha256" in policy and policy["sha256"] != key.policy_sha256:
+    if result.policy is not None and result.policy.sha256 != key.policy_sha256:
         return "policy"
-    if result["tool"].get("version") != key.tool_version:
+    if result.tool.version != key.tool_version:
         return "tool version"
     return None
 

@@ -1,8 +1,8 @@
 """Charts of a scan result for the HTML report, drawn with matplotlib and returned as SVG bytes.
 
-Every chart reads only numbers from result.json (never model names, tokens or prompts: those are
-untrusted and belong in the autoescaped HTML, not in an image). Missing, empty, null or non-finite
-data gives a small "no data" chart instead of an exception, so a damaged result still yields a report.
+Every chart reads only numbers of the typed result (never model names, tokens or prompts: those are
+untrusted and belong in the autoescaped HTML, not in an image). Empty, null or non-finite data (a grid
+whose shape does not match its offsets) gives a small "no data" chart instead of an exception.
 Output is deterministic: matplotlib's defaults (not the user's matplotlibrc), a fixed SVG id salt,
 no date or creator metadata, text drawn as paths (no dependence on the viewer's fonts).
 """
@@ -18,6 +18,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from amdet_gate.result import ScanResult
 
 # One palette for the report and its charts (the CSS uses the same colours).
 CLEAN, TRIGGERED, POSITIVE, NEGATIVE, GRID = "#2563eb", "#dc2626", "#15803d", "#b91c1c", "#6b7280"
@@ -83,18 +85,9 @@ def _number(value: object) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _get(result: dict, *keys: str) -> object:
-    node: object = result
-    for key in keys:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
-
-
-def _grid(values: object, n: int) -> np.ndarray | None:
+def _grid(values: tuple, n: int) -> np.ndarray | None:
     """The n x n loss grid as floats, or None when its shape does not match the offsets."""
-    if not isinstance(values, list) or len(values) != n:
+    if len(values) != n:
         return None
     rows = [_floats(row) for row in values]
     if any(len(row) != n for row in rows):
@@ -102,16 +95,16 @@ def _grid(values: object, n: int) -> np.ndarray | None:
     return np.vstack(rows)
 
 
-def _landscape(result: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    offsets = _floats(_get(result, "landscape", "offsets"))
+def _landscape(result: ScanResult) -> tuple[np.ndarray, np.ndarray] | None:
+    offsets = _floats(result.landscape.offsets)
     n = len(offsets)
-    grid = _grid(_get(result, "landscape", "loss"), n) if n >= 2 else None
+    grid = _grid(result.landscape.loss, n) if n >= 2 else None
     if grid is None or not np.isfinite(offsets).all() or not np.isfinite(grid).any():
         return None
     return offsets, grid
 
 
-def landscape_map(result: dict) -> Figure:
+def landscape_map(result: ScanResult) -> Figure:
     """Loss around the pseudo-trigger (at 0, 0) as a filled contour map; a bowl means an injected backdoor."""
     title = "Loss landscape around the pseudo-trigger"
     data = _landscape(result)
@@ -137,7 +130,7 @@ def landscape_map(result: dict) -> Figure:
     return fig
 
 
-def landscape_surface(result: dict) -> Figure:
+def landscape_surface(result: ScanResult) -> Figure:
     """The same grid as a 3-D surface, which makes a bowl versus a saddle easy to see."""
     title = "Loss landscape (3-D)"
     data = _landscape(result)
@@ -161,15 +154,15 @@ def landscape_surface(result: dict) -> Figure:
     return fig
 
 
-def hessian_spectrum(result: dict) -> Figure:
+def hessian_spectrum(result: ScanResult) -> Figure:
     """Sorted 2x2 finite-difference Hessian eigenvalues; gate 4 wants most of them above the floor."""
     title = "Hessian eigenvalue spectrum"
-    values = _floats(_get(result, "landscape", "eigenvalues"))
+    values = _floats(result.landscape.eigenvalues)
     values = np.sort(values[np.isfinite(values)])
     if values.size == 0:
         return _no_data(title)
-    floor = _number(_get(result, "settings", "thresholds", "eigenvalue_floor")) or 0.0
-    needed = _number(_get(result, "settings", "thresholds", "landscape_positive_ratio"))
+    floor = _number(result.settings.thresholds.get("eigenvalue_floor")) or 0.0
+    needed = _number(result.settings.thresholds.get("landscape_positive_ratio"))
     share = float((values > floor).mean())
     rank = np.arange(values.size)
     if values.size > MAX_SPECTRUM_POINTS:
@@ -192,15 +185,15 @@ def hessian_spectrum(result: dict) -> Figure:
     return fig
 
 
-def assimilation_histograms(result: dict) -> Figure:
+def assimilation_histograms(result: ScanResult) -> Figure:
     """Held-out prompts' assimilation without and with the pseudo-trigger, against the gate threshold."""
     title = "Assimilation of held-out prompts"
-    clean = _floats(_get(result, "distributions", "clean_assimilation"))
-    triggered = _floats(_get(result, "distributions", "triggered_assimilation"))
+    clean = _floats(result.distributions.clean_assimilation)
+    triggered = _floats(result.distributions.triggered_assimilation)
     clean, triggered = clean[np.isfinite(clean)], triggered[np.isfinite(triggered)]
     if clean.size == 0 and triggered.size == 0:
         return _no_data(title)
-    threshold = _number(_get(result, "settings", "thresholds", "assimilation"))
+    threshold = _number(result.settings.thresholds.get("assimilation"))
     both = np.concatenate([clean, triggered] + ([np.array([threshold])] if threshold is not None else []))
     low, high = float(both.min()), float(both.max())
     if high - low < 1e-9:
@@ -221,12 +214,10 @@ def assimilation_histograms(result: dict) -> Figure:
     return fig
 
 
-def loss_history(result: dict) -> Figure:
+def loss_history(result: ScanResult) -> Figure:
     """Per-restart optimisation loss by step, with the loss that triggers a gate check."""
     title = "Optimisation loss by step"
-    rows = _get(result, "search", "loss_history")
-    rows = rows if isinstance(rows, list) else []
-    series = [_floats(row) if isinstance(row, list) else np.array([_float(row)]) for row in rows]
+    series = [_floats(row) for row in result.search.loss_history]
     width = max((len(s) for s in series), default=0)
     if width == 0:
         return _no_data(title)
@@ -235,24 +226,24 @@ def loss_history(result: dict) -> Figure:
         table[i, : len(s)] = s
     if not np.isfinite(table).any():
         return _no_data(title)
-    best = _get(result, "search", "best_restart")
+    best = result.search.best_restart
     fig = Figure(figsize=(6.0, 3.6))
     ax = fig.add_subplot()
     steps = np.arange(1, len(series) + 1)
     many = width > 6  # one legend entry per restart would bury the chart: then "other restarts" once
     others_labelled = False
     for r in range(width):
-        is_best = isinstance(best, int) and not isinstance(best, bool) and r == best
+        is_best = r == best
         label = f"restart {r}" + (" (reported)" if is_best else "")
         if many and not is_best:
             label, others_labelled = ("_nolegend_" if others_labelled else "other restarts"), True
         ax.plot(steps, table[:, r], linewidth=1.6 if is_best else 0.8, alpha=1.0 if is_best else 0.6,
                 color=TRIGGERED if many and is_best else GRID if many else None, label=label,
                 zorder=3 if is_best else 2)
-    trigger = _number(_get(result, "settings", "search", "loss_trigger"))
+    trigger = _number(result.settings.search.get("loss_trigger"))
     if trigger is not None:
         ax.axhline(trigger, color="black", linestyle="--", linewidth=1.0, label=f"gate check below {trigger:g}")
-    detected = _number(_get(result, "search", "detected_at_step"))
+    detected = _number(result.search.detected_at_step)
     if detected is not None:
         ax.axvline(detected, color=TRIGGERED, linestyle=":", linewidth=1.2, label=f"detected at step {detected:g}")
     ax.set_xlabel("step")
@@ -263,7 +254,7 @@ def loss_history(result: dict) -> Figure:
 
 
 # Report order; key -> chart function. The template gives each a caption.
-CHARTS: dict[str, Callable[[dict], Figure]] = {
+CHARTS: dict[str, Callable[[ScanResult], Figure]] = {
     "landscape_map": landscape_map,
     "landscape_surface": landscape_surface,
     "hessian_spectrum": hessian_spectrum,
@@ -272,7 +263,7 @@ CHARTS: dict[str, Callable[[dict], Figure]] = {
 }
 
 
-def chart_svg(name: str, result: dict) -> bytes:
+def chart_svg(name: str, result: ScanResult) -> bytes:
     """One chart as SVG bytes; data too malformed to draw gives a "cannot draw" chart, not an error."""
     with _style():
         try:
@@ -282,6 +273,6 @@ def chart_svg(name: str, result: dict) -> bytes:
         return _svg(fig)
 
 
-def render_charts(result: dict) -> dict[str, bytes]:
+def render_charts(result: ScanResult) -> dict[str, bytes]:
     """Every chart of the report as SVG bytes, keyed as in CHARTS."""
     return {name: chart_svg(name, result) for name in CHARTS}

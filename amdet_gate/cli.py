@@ -275,8 +275,7 @@ def report(
                if path is not None}
     try:
         prepare_report_targets(result, targets)
-        data = read_result(result)
-        write_reports(data, result.parent, {"html": html, "sarif": sarif, "markdown": markdown})
+        write_reports(read_result(result), result.parent, {"html": html, "sarif": sarif, "markdown": markdown})
     except GateError as exc:
         raise _fail(exc) from None
     for path in (html, sarif, markdown):

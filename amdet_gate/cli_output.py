@@ -103,20 +103,20 @@ def print_outcome(outcome: GateOutcome) -> None:
     if outcome.encoder_runs:  # a model with several text encoders: each one's lines, then the model's
         print_encoders(outcome)
         return
-    r = outcome.result
+    r = outcome.scan_result
     for warning in outcome.warnings:
         say(f"amdet-gate: warning: {one_line(warning)}", err=True)
     cached = "  (verdict cache)" if outcome.cache_hit else ""
-    verdict = str(r["verdict"])
+    verdict = str(r.verdict)
     line = Text(visible(verdict.upper()), style=VERDICT_STYLE.get(verdict, "bold"))  # Text: no markup parsing
-    line.append(visible(f" score {r['score']:.3f}  {one_line(r['model']['source'])}  ({one_line(r['reason'])})"
+    line.append(visible(f" score {r.score:.3f}  {one_line(r.model.source)}  ({one_line(r.reason)})"
                         f"{cached}"))
     Console(highlight=False, soft_wrap=True).print(line)
-    for name, gate in r["gates"].items():
-        if isinstance(gate, dict) and isinstance(gate.get("value"), int | float):
-            mark = "pass" if gate["passed"] else "fail"
-            say(f"  {one_line(name, 26):26s} {gate['value']:.3f} > {gate['threshold']}  {mark}")
-    tokens = ", ".join(repr(one_line(t["text"], 40)) for t in r["reversed_target"]["trigger_tokens"][:5])
+    for gate in r.gates:
+        if gate.value is not None:
+            mark = "pass" if gate.passed else "fail"
+            say(f"  {one_line(gate.name, 26):26s} {gate.value:.3f} > {gate.threshold}  {mark}")
+    tokens = ", ".join(repr(one_line(t.text, 40)) for t in r.reversed_target.trigger_tokens[:5])
     say(f"  pseudo-trigger nearest tokens: {tokens}")
     if outcome.note:  # carries the allow entry's statement: untrusted text
         say(f"  policy: {one_line(outcome.note)}")

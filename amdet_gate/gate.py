@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import time
@@ -27,6 +26,8 @@ from amdet_gate import __version__
 from amdet_gate.errors import ExitCode, GateError, LoadError, UsageError
 from amdet_gate.outpaths import OutputPlan, check_plan, check_writable, clear, write_error_outputs
 from amdet_gate.policy import Policy, apply_policy, load_policy, require_finite
+from amdet_gate.result import ModelIdentity, PolicyDecision, PolicyRecord, RenderingRecord, ScanResult, dump
+from amdet_gate.result.codec import to_data
 from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
 from amdet_gate.source import (
@@ -86,13 +87,15 @@ class GateOptions:
 
 @dataclass
 class GateOutcome:
-    result: dict  # result.json's content
+    result: dict  # result.json's content (the public API's view; `scan_result` is the typed one)
     exit_code: ExitCode
     note: str  # what the policy did, if anything ("allowed by ...", "reported as a warning")
     paths: dict[str, Path]
     cache_hit: bool = False
     warnings: list[str] = field(default_factory=list)
     encoder_runs: list = field(default_factory=list)  # a model of several text encoders: each one's run
+    scan_result: ScanResult | None = None  # the typed result (None for the summary of several encoders)
+    decision: PolicyDecision | None = None  # the policy's decision (None for the summary of several encoders)
 
 
 @dataclass(frozen=True)
@@ -306,74 +309,76 @@ def _run(options: GateOptions, env: Mapping[str, str], today: date, progress,
     request = ScanRequest(model=r.model, anchor=r.anchor, prompts_file=options.prompts, n_prompts=r.n_prompts,
                           device=r.device, settings=r.settings, thresholds=r.thresholds)
     scanned = scan_model(request, progress, stage, weights=weights)
-    result = scanned.result
-    code, note = apply_policy(result.verdict, result.model["identity_sha256"], r.policy)
-    code, note = _unscanned_policy(result.model, r.policy, code, note, [])  # the record; _finish warns
-    result.policy = _policy_block(r.policy, code, note, result.model["identity_sha256"])
+    identity = scanned.result.model.identity_sha256
+    decision = _unscanned_policy(scanned.result.model, r.policy,  # the record; _finish warns
+                                 apply_policy(scanned.result.verdict, identity, r.policy), [])
+    scanned = dataclasses.replace(scanned, result=dataclasses.replace(
+        scanned.result, policy=_policy_record(r.policy, decision, identity)))
     stage("rendering the reversed target")
-    _render_images(dataclasses.replace(render_request, device=result.settings["device"]), scanned, r,
-                   options.out, warnings)
-    paths = write_outputs(scanned, options.out)
-    stored = json.loads(paths["result"].read_text("utf-8"))
+    scanned = _render_images(dataclasses.replace(render_request, device=scanned.result.settings.device), scanned, r,
+                             options.out, warnings)
+    paths, result = write_outputs(scanned, options.out)
     if cache is not None and key is not None:
         written = [p.relative_to(options.out).as_posix() for p in paths.values() if p.is_file()]
-        written += [i["path"] for i in stored["reversed_target"].get("images", [])]
-        problem = cache.store(key, options.out, stored, files=written)
+        written += [i.path for i in result.reversed_target.images or ()]
+        problem = cache.store(key, options.out, result, files=written)
         if problem:
             warnings.append(problem)
-    return _finish(options, r, stored, paths, warnings, env, cache_hit=False)
+    return _finish(options, r, result, paths, warnings, env, cache_hit=False)
 
 
-def _render_images(request, scanned, r: Resolved, out: Path, warnings: list[str]) -> None:
-    """The reversed target's images and their notes into the result; a failing renderer is a warning.
-
-    Images are evidence, not the verdict: a finding is never lost to a renderer.
+def _render_images(request, scanned, r: Resolved, out: Path, warnings: list[str]):
+    """The scan with the reversed target's images and their notes in its result; a failing renderer is a
+    warning. Images are evidence, not the verdict: a finding is never lost to a renderer.
     """
     from amdet_gate.render import render
+    from amdet_gate.result import Image
 
-    target = scanned.result.reversed_target
+    error = None
     try:
-        renderings = render(request, scanned.target_feature, scanned.result.to_dict(), r.model.root,
+        renderings = render(request, scanned.target_feature, scanned.result.reversed_target, r.model.root,
                             r.model.subfolder, out, empty_feature=scanned.empty_feature)
     except Exception as exc:
         renderings = []
         warnings.append(f"rendering the reversed target failed: {one_line(exc, 300)}")
-        target["render_error"] = warnings[-1]
-    target["images"] = [dataclasses.asdict(i) for rd in renderings for i in rd.images]
-    target["renderings"] = [{"renderer": rd.renderer, "text": rd.text, "notes": rd.notes, "metrics": rd.metrics}
-                            for rd in renderings]
-    # What the report shows under the images: every renderer's notes, and its settings.
-    target["notes"] = [f"{rd.renderer}: {n}" for rd in renderings for n in rd.notes] + (
-        [target["render_error"]] if "render_error" in target else [])
-    target["metrics"] = {f"{rd.renderer}.{k}": v for rd in renderings for k, v in rd.metrics.items()}
+        error = warnings[-1]
+    target = dataclasses.replace(
+        scanned.result.reversed_target, render_error=error,
+        images=tuple(Image(i.path, i.caption, i.renderer) for rd in renderings for i in rd.images),
+        renderings=tuple(RenderingRecord(rd.renderer, rd.text, tuple(rd.notes), to_data(rd.metrics))
+                         for rd in renderings),
+        # What the report shows under the images: every renderer's notes, and its settings.
+        notes=tuple(f"{rd.renderer}: {n}" for rd in renderings for n in rd.notes) + ((error,) if error else ()),
+        metrics=to_data({f"{rd.renderer}.{k}": v for rd in renderings for k, v in rd.metrics.items()}))
+    return dataclasses.replace(scanned, result=dataclasses.replace(scanned.result, reversed_target=target))
 
 
-def _cache_hit(options: GateOptions, r: Resolved, result: dict, warnings: list[str],
+def _cache_hit(options: GateOptions, r: Resolved, stored: ScanResult, warnings: list[str],
                env: Mapping[str, str]) -> GateOutcome:
     """A verified cached result: same weights, anchor, policy, tool, seed and settings.
 
     When the same weights were reached under another name (path, revision), the result is
     relabelled and its reports re-rendered, so that the SARIF and the report name this model.
     """
-    from amdet_gate.outputs import output_paths, write_json, write_reports
+    from amdet_gate.outputs import output_paths, write_reports, write_result
 
     paths = output_paths(options.out)
-    result["cache_hit"] = True
+    result = dataclasses.replace(stored, cache_hit=True)
     named = r.model.describe()
-    if any(result["model"].get(k) != v for k, v in named.items()):
-        result["model"].update(named)
-        write_json(paths["result"], result)
+    if result.model.named() != named:
+        result = dataclasses.replace(result, model=dataclasses.replace(result.model, **named))
+        write_result(paths["result"], result)
         write_reports(result, options.out, {k: paths[k] for k in ("sarif", "html", "markdown")})
     return _finish(options, r, result, paths, warnings, env, cache_hit=True)
 
 
-def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Path], warnings: list[str],
+def _finish(options: GateOptions, r: Resolved, result: ScanResult, paths: dict[str, Path], warnings: list[str],
             env: Mapping[str, str], cache_hit: bool) -> GateOutcome:
     """Decide with the policy, copy reports where asked, append the job summary, write the lock."""
     from amdet_gate.outputs import append_step_summary, copy_reports
 
-    code, note = apply_policy(result["verdict"], result["model"]["identity_sha256"], r.policy)
-    code, note = _unscanned_policy(result["model"], r.policy, code, note, warnings)
+    decision = apply_policy(result.verdict, result.model.identity_sha256, r.policy)
+    decision = _unscanned_policy(result.model, r.policy, decision, warnings)
     copy_reports(paths, sarif=options.sarif, html=options.html, markdown=options.markdown)
     if options.lock is not None:
         from amdet_gate.lock import entry_from_result
@@ -384,7 +389,8 @@ def _finish(options: GateOptions, r: Resolved, result: dict, paths: dict[str, Pa
     problem = append_step_summary(env, paths["markdown"].read_text("utf-8"))
     if problem:
         warnings.append(problem)
-    return GateOutcome(result, code, note, paths, cache_hit, warnings)
+    return GateOutcome(dump(result), ExitCode(decision.exit_code), decision.note, paths, cache_hit, warnings,
+                       scan_result=result, decision=decision)
 
 
 def _identities(source: ModelSource, deadline: float | None = None) -> list[WeightFile]:
@@ -439,11 +445,12 @@ def verify_model(model: str, lock: Path, revision: str | None = None, subfolder:
     return problems
 
 
-def _policy_block(policy: Policy, code: ExitCode, note: str, identity: str) -> dict:
+def _policy_record(policy: Policy, decision: PolicyDecision, identity: str) -> PolicyRecord:
     """What result.json records of the policy, with the line that names this model if any (for SARIF)."""
     line = next((a.line for a in policy.allow if a.sha256 == identity), None)
-    return {"source": policy.source, "sha256": policy.sha256, "exit_code": int(code), "note": note,
-            "model_line": line, "on_unscanned": policy.on_unscanned}
+    return PolicyRecord(source=policy.source, sha256=policy.sha256, exit_code=int(decision.exit_code),
+                        note=decision.note, model_line=line, on_unscanned=policy.on_unscanned,
+                        allowed=decision.allowed, warn_only=decision.warn_only)
 
 
 def _first(flag, fallback):
@@ -471,18 +478,18 @@ def _encoder_identity(source: ModelSource) -> dict | None:
     return cache_identity(source)
 
 
-def _unscanned_policy(model: dict, policy: Policy, code: ExitCode, note: str,
-                      warnings: list[str]) -> tuple[ExitCode, str]:
+def _unscanned_policy(model: ModelIdentity, policy: Policy, decision: PolicyDecision,
+                      warnings: list[str]) -> PolicyDecision:
     """A component that was not scanned (a T5) never passes silently: a warning, or with
     `on_unscanned: fail` a failing exit code."""
     from amdet_gate.multiscan import unscanned_policy
 
-    return unscanned_policy(model, policy, code, note, warnings)
+    return unscanned_policy(model, policy, decision, warnings)
 
 
-def _lock_view(result: dict) -> dict:
+def _lock_view(result: ScanResult) -> ScanResult:
     """An encoder of a checkpoint file is locked under its name (the lock's key is model + subfolder)."""
-    model = result["model"]
-    if model.get("key_prefix") is not None and len(model.get("encoders_in_model") or []) > 1:
-        return {**result, "model": {**model, "subfolder": model["encoder"]}}
+    model = result.model
+    if model.details is not None and model.details.key_prefix is not None and len(model.details.encoders_in_model) > 1:
+        return dataclasses.replace(result, model=dataclasses.replace(model, subfolder=model.encoder))
     return result

@@ -53,6 +53,7 @@ import yaml
 
 from amdet_gate.errors import UsageError
 from amdet_gate.files import read_capped_text, write_atomic
+from amdet_gate.result import ScanResult
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import COMMIT_SHA, WeightFile, identity_sha256, is_hub_id
 
@@ -313,30 +314,26 @@ def write_lock(path: Path, entry: LockEntry) -> Lock:
     return replace(new, source=str(path))
 
 
-def entry_from_result(result: Mapping[str, Any], requested_id: str, revision: str | None = None, *,
+def entry_from_result(result: ScanResult, requested_id: str, revision: str | None = None, *,
                       scanned_at: str | None = None) -> LockEntry:
-    """The lock entry for a scan result (result.json as a dict).
+    """The lock entry for a scan result.
 
     requested_id: the model as given to `scan` (Hub id or local path). revision: as asked
-    (falls back to result["model"]["revision"]). The commit comes from
-    result["model"]["resolved_sha"] (null for local folders), the policy sha256 from
-    result["policy"]["sha256"] when a policy was applied. scanned_at defaults to now (UTC).
-    Raises LockError if the result lacks what a lock needs.
+    (falls back to the result's model.revision). The commit comes from model.resolved_sha
+    (None for local folders), the policy sha256 from the policy record when a policy was
+    applied. scanned_at defaults to now (UTC). Raises LockError if the entry does not validate.
     """
-    try:
-        model = result["model"]
-        entry = LockEntry(
-            id=_norm_id(requested_id), subfolder=_norm_subfolder(model.get("subfolder")),
-            revision=revision if revision is not None else model.get("revision"),
-            resolved_sha=model.get("resolved_sha"),
-            weight_files=tuple(WeightFile(w["name"], w["sha256"], w["size"]) for w in model["weight_files"]),
-            identity_sha256=model["identity_sha256"], verdict=result["verdict"], score=result.get("score"),
-            tool_version=result["tool"]["version"],
-            policy_sha256=(result.get("policy") or {}).get("sha256"),
-            scanned_at=scanned_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        )
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise LockError(f"the scan result lacks what a lock entry needs ({type(exc).__name__}: {exc})") from None
+    model = result.model
+    entry = LockEntry(
+        id=_norm_id(requested_id), subfolder=_norm_subfolder(model.subfolder),
+        revision=revision if revision is not None else model.revision,
+        resolved_sha=model.resolved_sha,
+        weight_files=tuple(WeightFile(w.name, w.sha256, w.size) for w in model.weight_files),
+        identity_sha256=model.identity_sha256, verdict=str(result.verdict), score=result.score,
+        tool_version=result.tool.version,
+        policy_sha256=result.policy.sha256 if result.policy is not None else None,
+        scanned_at=scanned_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     errors = list(jsonschema.Draft202012Validator(_schema()).iter_errors({"version": 1, "models": [entry.to_dict()]}))
     if errors:
         raise LockError(_schema_message(errors[0], {"models": [entry.to_dict()]}, {}, "scan result"))

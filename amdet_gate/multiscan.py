@@ -19,9 +19,7 @@ A part that is not a CLIP encoder (a T5) is listed in every report; `on_unscanne
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 from collections.abc import Callable, Mapping
 from datetime import date
 from pathlib import Path
@@ -29,11 +27,13 @@ from typing import TYPE_CHECKING
 
 from amdet_gate import __version__
 from amdet_gate.errors import ExitCode, GateError, UsageError
+from amdet_gate.result.codec import to_data
 from amdet_gate.sanitise import one_line
 
 if TYPE_CHECKING:
     from amdet_gate.gate import GateOptions, GateOutcome
     from amdet_gate.policy import Policy
+    from amdet_gate.result import ModelIdentity, PolicyDecision
 
 RESULTS_KIND = "encoders"
 SEVERITY = {ExitCode.PASS: 0, ExitCode.NOTHING_SCANNABLE: 1, ExitCode.ERROR: 2, ExitCode.FAIL: 3, ExitCode.USAGE: 4}
@@ -61,20 +61,21 @@ def exit_code(runs: list[EncoderRun], exit_zero: bool) -> ExitCode:
     return worst([ExitCode.PASS if exit_zero and r.code == ExitCode.FAIL else r.code for r in runs])
 
 
-def unscanned_policy(model: dict, policy: Policy, code: ExitCode, note: str,
-                     warnings: list[str]) -> tuple[ExitCode, str]:
-    """Exit code and note once the parts not scanned are counted: a visible warning, or a failure."""
-    parts = model.get("not_scanned") or []
+def unscanned_policy(model: ModelIdentity, policy: Policy, decision: PolicyDecision,
+                     warnings: list[str]) -> PolicyDecision:
+    """The decision once the parts not scanned are counted: a visible warning, or a failure."""
+    parts = model.not_scanned
     if not parts:
-        return code, note
-    names = ", ".join(f"{p['name']} ({p['kind']})" for p in parts)
+        return decision
+    names = ", ".join(f"{p.name} ({p.kind})" for p in parts)
+    code = decision.exit_code
     if policy.on_unscanned == "fail":
         text = f"not scanned: {names}; the policy fails the gate for it (on_unscanned: fail)"
-        code = worst([code, ExitCode.FAIL])
+        code = worst([ExitCode(code), ExitCode.FAIL])
     else:
         text = f"not scanned: {names}; it is not known to be clean (on_unscanned: warn)"
         warnings.append(text)
-    return code, f"{note}; {text}" if note else text
+    return dataclasses.replace(decision, exit_code=code, note=f"{decision.note}; {text}" if decision.note else text)
 
 
 def run_encoders(options: GateOptions, names: list[str], env: Mapping[str, str], today: date, progress,
@@ -135,15 +136,15 @@ def encoders_result(options: GateOptions, runs: list[EncoderRun]) -> dict:
                             "reason": str(run.error), "identity_sha256": None, "layer": None,
                             "result": None})
             continue
-        r = run.outcome.result
-        m = r["model"]
+        r = run.outcome.scan_result
+        m = to_data(r.model)
         model = model or {k: m.get(k) for k in ("source", "hub_id", "revision", "resolved_sha", "layout",
                                                   "layout_title")}
-        not_scanned.update({p["name"]: p for p in m.get("not_scanned") or []})
-        entries.append({"name": run.name, "verdict": r["verdict"], "score": r["score"], "exit_code": int(run.code),
-                        "reason": r["reason"], "identity_sha256": m["identity_sha256"], "layer": m.get("layer"),
+        not_scanned.update({p.name: to_data(p) for p in r.model.not_scanned})
+        entries.append({"name": run.name, "verdict": r.verdict, "score": r.score, "exit_code": int(run.code),
+                        "reason": r.reason, "identity_sha256": r.model.identity_sha256, "layer": m.get("layer"),
                         "config_source": m.get("config_source"), "lora": m.get("lora"),
-                        "weight_files": m.get("weight_files"), "cache_hit": bool(r.get("cache_hit")),
+                        "weight_files": m["weight_files"], "cache_hit": bool(r.cache_hit),
                         "policy_note": run.outcome.note,
                         "result": f"{run.name}/result.json", "report": f"{run.name}/report.html"})
     verdicts = [e["verdict"] for e in entries]
@@ -170,15 +171,3 @@ def write_summary(summary: dict, options: GateOptions) -> dict[str, Path]:
         write_text(options.html, render_html(summary, out, options.html.parent))  # its links, from where it lies
     copy_reports(paths, sarif=options.sarif, markdown=options.markdown)
     return paths
-
-
-def encoder_result_dicts(summary: dict, out: Path) -> list[tuple[dict, dict | None]]:
-    """Each encoder's entry with its own result.json (None when its run ended in an error)."""
-    pairs = []
-    for entry in summary["encoders"]:
-        data = None
-        if entry.get("result"):
-            with contextlib.suppress(OSError, ValueError):
-                data = json.loads((out / entry["result"]).read_text("utf-8"))
-        pairs.append((entry, data))
-    return pairs

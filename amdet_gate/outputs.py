@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from amdet_gate.errors import OutputError, UsageError
 from amdet_gate.files import append_regular, read_capped, read_capped_text, write_atomic
 from amdet_gate.markdown import render_markdown
+from amdet_gate.result import ResultError, ScanResult, dumps, from_dict
+from amdet_gate.result.document import parse
 from amdet_gate.sarif import scan_sarif
 
 if TYPE_CHECKING:
@@ -56,8 +59,9 @@ def output_paths(out_dir: Path) -> dict[str, Path]:
     }
 
 
-def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
-    """Write the artifacts, result.json and the reports into `out_dir`, each file atomically.
+def write_outputs(scan: Scan, out_dir: Path) -> tuple[dict[str, Path], ScanResult]:
+    """Write the artifacts, result.json and the reports into `out_dir`, each file atomically; returns
+    the paths and the result as written (with its `artifacts`).
 
     A failure part-way (a full disk) is an OutputError (exit 2); the caller removes what was
     written before it, so no verdict is left behind for a run that did not finish.
@@ -68,8 +72,8 @@ def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
         write_atomic(path, save(tensors, metadata=metadata))
 
     outcome = scan.outcome
-    meta = {"tool": "amdet-gate", "model_sha256": scan.result.model["identity_sha256"],
-            "verdict": scan.result.verdict}
+    meta = {"tool": "amdet-gate", "model_sha256": scan.result.model.identity_sha256,
+            "verdict": str(scan.result.verdict)}
     trigger = outcome.triggers[outcome.best_restart].clone()
     paths = output_paths(out_dir)
     save_file({"pseudo_trigger": trigger, "all_restarts": outcome.triggers.contiguous()},
@@ -81,14 +85,14 @@ def write_outputs(scan: Scan, out_dir: Path) -> dict[str, Path]:
     land = outcome.landscape
     save_file({"offsets": land.offsets.contiguous(), "loss": land.loss.contiguous(),
                "eigenvalues": land.eigenvalues.contiguous()}, paths["landscape"], metadata=meta)
-    result = _json_safe(scan.result.to_dict())
-    result["artifacts"] = {k: str(p.relative_to(out_dir)) for k, p in paths.items() if k != "result"}
-    write_json(paths["result"], result)
+    result = replace(scan.result, artifacts={k: str(p.relative_to(out_dir)) for k, p in paths.items()
+                                             if k != "result"})
+    write_result(paths["result"], result)
     write_reports(result, out_dir, {k: paths[k] for k in ("sarif", "html", "markdown")})
-    return paths
+    return paths, result
 
 
-def write_reports(result: dict, base_dir: Path, targets: dict[str, Path | None]) -> None:
+def write_reports(result: ScanResult, base_dir: Path, targets: dict[str, Path | None]) -> None:
     """SARIF, HTML and Markdown from a result (also what `amdet-gate report` re-renders).
 
     `base_dir` is where the result's image paths are relative to.
@@ -114,34 +118,18 @@ def copy_reports(paths: dict[str, Path], **targets: Path | None) -> None:
 MAX_RESULT_BYTES = 64 * 1024 * 1024
 
 
-def read_result(path: Path) -> dict:
-    """A stored result.json (untrusted: size-capped, must be a result of this schema family)."""
+def read_result(path: Path) -> ScanResult:
+    """A stored result.json (untrusted: size-capped, validated against schemas/result.schema.json);
+    UsageError (exit 4) naming the file when it is not one."""
     text = read_capped_text(path, MAX_RESULT_BYTES, "result", UsageError)
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise UsageError(f"{path} is not a JSON result: {type(exc).__name__}") from None
-    if isinstance(data, dict) and data.get("kind") == "encoders":  # multiscan.py's summary of several encoders
-        raise UsageError(f"{path} summarises a model with several text encoders; re-render one encoder's own "
-                         "result (its folder beside it, e.g. text_encoder_2/result.json)")
-    required = ("schema_version", "model", "verdict", "score", "gates", "reversed_target")
-    if not isinstance(data, dict) or any(k not in data for k in required):
-        raise UsageError(f"{path} is not an amdet-gate result.json (missing {', '.join(required)})")
-    model, files = data["model"], data["model"].get("weight_files") if isinstance(data["model"], dict) else None
-    well_formed = (
-        isinstance(model, dict) and isinstance(model.get("source"), str)
-        and isinstance(model.get("identity_sha256"), str)
-        and isinstance(files, list) and files and all(isinstance(f, dict) and isinstance(f.get("name"), str)
-                                                      for f in files)
-        and data["verdict"] in ("pass", "fail", "inconclusive")
-        and isinstance(data["score"], int | float) and not isinstance(data["score"], bool)
-        and isinstance(data["gates"], dict) and isinstance(data["reversed_target"], dict)
-        and all(isinstance(t, dict) for t in data["reversed_target"].get("trigger_tokens", [])))
-    if not well_formed:
-        raise UsageError(f"{path} is not a well-formed amdet-gate result.json")
-    if not str(data["schema_version"]).startswith("1."):
-        raise UsageError(f"{path} has result schema {data['schema_version']!r}; this version reads 1.x")
-    return data
+        data = parse(text)
+        if isinstance(data, dict) and data.get("kind") == "encoders":  # multiscan.py's summary of several encoders
+            raise ResultError("summarises a model with several text encoders; re-render one encoder's own "
+                              "result (its folder beside it, e.g. text_encoder_2/result.json)")
+        return from_dict(data)
+    except ResultError as exc:
+        raise ResultError(f"{path}: {exc}") from None
 
 
 def append_step_summary(env: Mapping[str, str], text: str) -> str | None:
@@ -154,6 +142,11 @@ def append_step_summary(env: Mapping[str, str], text: str) -> str | None:
     except OutputError as exc:
         return f"GITHUB_STEP_SUMMARY: {exc}"
     return None
+
+
+def write_result(path: Path, result: ScanResult) -> None:
+    """result.json, atomically: the one writer of a scan's result (schemas/result.schema.json)."""
+    write_text(path, dumps(result))
 
 
 def write_text(path: Path, text: str) -> None:

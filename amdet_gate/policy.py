@@ -21,6 +21,7 @@ import yaml
 
 from amdet_gate.errors import ExitCode, UsageError
 from amdet_gate.files import read_capped_text
+from amdet_gate.result import AllowedBy, PolicyDecision, Verdict
 from amdet_gate.settings import SearchSettings, Thresholds
 
 MAX_POLICY_BYTES = 1024 * 1024
@@ -272,17 +273,19 @@ allow: []                   # accepted findings, keyed by rule + weight sha256:
 """
 
 
-def apply_policy(verdict: str, identity_sha256: str, policy: Policy) -> tuple[ExitCode, str]:
-    """Exit code and a note for a verdict: allow entries, then on_finding / on_inconclusive."""
-    if verdict == "pass":
-        return ExitCode.PASS, ""
-    rule, setting, code = (("AMDET001", policy.on_finding, ExitCode.FAIL) if verdict == "fail"
+def apply_policy(verdict: str, identity_sha256: str, policy: Policy) -> PolicyDecision:
+    """The exit code a verdict gets, and why: allow entries, then on_finding / on_inconclusive."""
+    verdict = Verdict(verdict)
+    if verdict is Verdict.PASS:
+        return PolicyDecision(ExitCode.PASS, verdict)
+    rule, setting, code = (("AMDET001", policy.on_finding, ExitCode.FAIL) if verdict is Verdict.FAIL
                            else ("AMDET003", policy.on_inconclusive, ExitCode.ERROR))
     entry = policy.allowed(rule, identity_sha256)
     if entry is not None:
-        note = f"{rule} allowed by {policy.source} line {entry.line} until {entry.expires}: {entry.statement}"
-        return ExitCode.PASS, note
+        allowed = AllowedBy(rule, policy.source, entry.line, entry.expires.isoformat(), entry.statement)
+        return PolicyDecision(ExitCode.PASS, verdict, allowed=allowed, note=allowed.justification())
     if setting == "warn":
-        key = "on_finding" if verdict == "fail" else "on_inconclusive"
-        return ExitCode.PASS, f"{rule} reported as a warning ({key}: warn)"
-    return code, ""
+        key = "on_finding" if verdict is Verdict.FAIL else "on_inconclusive"
+        return PolicyDecision(ExitCode.PASS, verdict, warn_only=True,
+                              note=f"{rule} reported as a warning ({key}: warn)")
+    return PolicyDecision(code, verdict)

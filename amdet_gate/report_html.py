@@ -1,7 +1,7 @@
 """The self-contained HTML report of one scan (docs: conventions, "HTML report").
 
 One file: inline CSS, charts and reversed-target images as data: URIs, no script, no external URL,
-a Content-Security-Policy that forbids everything else. result.json is the input contract; model
+a Content-Security-Policy that forbids everything else. The typed result is the input contract; model
 names, tokens, prompts and captions in it are untrusted, so Jinja2 autoescapes every value and
 invisible or direction-changing characters are shown as escapes rather than rendered.
 """
@@ -19,6 +19,8 @@ from markupsafe import Markup
 from amdet_gate.charts import render_charts
 from amdet_gate.checkpoints.summary import encoder_lines
 from amdet_gate.files import NotRegular, OutsideFolder, TooLarge, read_regular_at, resolve_inside, write_atomic
+from amdet_gate.result import GateTable, ScanResult, Search, dump
+from amdet_gate.result.codec import to_data
 from amdet_gate.sanitise import visible
 
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
@@ -133,58 +135,47 @@ def _embed(base_dir: Path, rel: object) -> tuple[str | None, str]:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", ""
 
 
-def _images(result: dict, base_dir: Path) -> list[dict]:
-    entries = _dict(result.get("reversed_target")).get("images") or []
+def _images(result: ScanResult, base_dir: Path) -> list[dict]:
     out = []
-    for entry in entries[:MAX_IMAGES] if isinstance(entries, list) else []:
-        entry = _dict(entry)
-        src, problem = _embed(base_dir, entry.get("path"))
-        out.append({"src": src, "problem": problem, "path": entry.get("path"), "caption": entry.get("caption"),
-                    "renderer": entry.get("renderer")})
+    for image in (result.reversed_target.images or ())[:MAX_IMAGES]:
+        src, problem = _embed(base_dir, image.path)
+        out.append({"src": src, "problem": problem, "path": image.path, "caption": image.caption,
+                    "renderer": image.renderer})
     return out
 
 
-def _dict(value: object) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _gates(gates: object) -> tuple[list[dict], dict]:
+def _gates(gates: GateTable) -> tuple[list[dict], dict]:
     """Threshold gates as table rows (in result order, whatever their names) and the plain metrics beside them."""
-    rows, metrics = [], {}
-    for name, gate in _dict(gates).items():
-        if not isinstance(gate, dict):
-            metrics[name] = gate
-            continue
-        value, threshold = _finite(gate.get("value")), _finite(gate.get("threshold"))
-        passed = gate.get("passed")
+    rows = []
+    for gate in gates:
+        value, threshold = _finite(gate.value), _finite(gate.threshold)
         bar = None  # a value-versus-threshold bar, for ratios only
         if value is not None and threshold is not None and 0 <= value <= 1 and 0 <= threshold <= 1:
             bar = {"value": round(value * 100, 2), "threshold": round(threshold * 100, 2)}
-        rows.append({"name": name, "help": GATE_HELP.get(name, ""), "value": gate.get("value"),
-                     "threshold": gate.get("threshold"), "margin": gate.get("margin"), "bar": bar,
-                     "state": "passed" if passed is True else "not-passed" if passed is False else "unknown"})
-    return rows, metrics
+        rows.append({"name": gate.name, "help": GATE_HELP.get(gate.name, ""), "value": gate.value,
+                     "threshold": gate.threshold, "margin": gate.margin, "bar": bar,
+                     "state": "passed" if gate.passed else "not-passed"})
+    return rows, {"mean_assimilation": gates.mean_assimilation}
 
 
-def _decision(result: dict) -> dict:
-    policy = result.get("policy")
-    if isinstance(policy, dict):
-        code = policy.get("exit_code")
-        action = EXIT_CODES.get(code, "unknown exit code") if isinstance(code, int) else "unknown exit code"
-        return {"applied": True, "exit_code": code, "action": action,
-                "note": policy.get("note"), "source": policy.get("source"), "sha256": policy.get("sha256")}
-    verdict = result.get("verdict")
-    code = VERDICT_EXIT.get(verdict, 2) if isinstance(verdict, str) else 2
+def _decision(result: ScanResult) -> dict:
+    policy = result.policy
+    if policy is not None:
+        return {"applied": True, "exit_code": policy.exit_code,
+                "action": EXIT_CODES.get(policy.exit_code, "unknown exit code"),
+                "note": policy.note, "source": policy.source, "sha256": policy.sha256}
+    code = VERDICT_EXIT[result.verdict]
     return {"applied": False, "exit_code": code, "action": EXIT_CODES[code], "note": None, "source": None,
             "sha256": None}
 
 
-def _checks(search: dict) -> dict:
-    raw = search.get("checks")
-    checks = [c for c in raw if isinstance(c, dict)] if isinstance(raw, list) else []
+def _checks(search: Search) -> dict:
+    checks = [to_data(c) for c in search.checks]
     columns: list[str] = []
     for check in checks:
         columns += [k for k in check if k not in columns]
+    if all(c["variation_ratio"] is None for c in checks):  # only the final gates measure it (search.variation_ratio)
+        columns = [k for k in columns if k != "variation_ratio"]
     return {"columns": columns, "rows": checks[:MAX_CHECK_ROWS], "hidden": max(0, len(checks) - MAX_CHECK_ROWS)}
 
 
@@ -202,23 +193,24 @@ def _template() -> jinja2.Template:
     return env.get_template("report.html.j2")
 
 
-def render_html(result: dict, base_dir: Path) -> str:
-    """The report as one HTML string; image paths in the result are read relative to base_dir."""
-    verdict = result.get("verdict") if isinstance(result.get("verdict"), str) else None
-    word, meaning = VERDICTS.get(verdict, ("UNKNOWN", "the result carries no known verdict"))
-    gate_rows, metrics = _gates(result.get("gates"))
+def render_html(result: ScanResult, base_dir: Path) -> str:
+    """The report as one HTML string; image paths in the result are read relative to base_dir.
+
+    The template shows result.json's data (`dump(result)`: the same keys the file holds)."""
+    word, meaning = VERDICTS[result.verdict]
+    gate_rows, metrics = _gates(result.gates)
     charts = {name: "data:image/svg+xml;base64," + base64.b64encode(svg).decode("ascii")
               for name, svg in render_charts(result).items()}
     css = (importlib.resources.files("amdet_gate.templates") / "report.css").read_text("utf-8")
     return _template().render(
-        r=result, verdict_class=verdict if verdict in VERDICTS else "unknown", verdict_word=word,
+        r=dump(result), verdict_class=str(result.verdict), verdict_word=word,
         verdict_meaning=meaning, decision=_decision(result), gates=gate_rows, metrics=metrics,
         gates_passed=sum(g["state"] == "passed" for g in gate_rows), images=_images(result, base_dir),
-        charts=charts, captions=CHART_CAPTIONS, checks=_checks(_dict(result.get("search"))),
+        charts=charts, captions=CHART_CAPTIONS, checks=_checks(result.search),
         css=Markup(css),  # our own file, not user data
-        encoder_rows=encoder_lines(_dict(result.get("model"))),  # which encoder and layer, what was not scanned
+        encoder_rows=encoder_lines(result.model),  # which encoder and layer, what was not scanned
     )
 
 
-def write_html(result: dict, base_dir: Path, path: Path) -> None:
+def write_html(result: ScanResult, base_dir: Path, path: Path) -> None:
     write_atomic(path, render_html(result, base_dir).encode("utf-8"))

@@ -1,6 +1,6 @@
 """SARIF 2.1.0 for GitHub code scanning: stable rules, our own fingerprints, suppressions.
 
-`scan_sarif` turns a scan's result.json data into a log; `error_sarif` reports a model that
+`scan_sarif` turns a scan's typed result into a log; `error_sarif` reports a model that
 could not be scanned (pickle weights, unsupported architecture) so that CI still shows why.
 """
 
@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 
 from amdet_gate import __version__
+from amdet_gate.result import Gate, ModelIdentity, ScanResult, Verdict
 from amdet_gate.sanitise import one_line, uri_path
 
 SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -100,66 +101,72 @@ def _model_name(source: str, subfolder: str | None = None) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw)[-120:]
 
 
-def _location(result: dict) -> tuple[str, int]:
+def _location(result: ScanResult) -> tuple[str, int]:
     """The policy line that names the model (an allow entry) when there is one, else the weight file."""
-    model, policy = result["model"], result.get("policy") or {}
-    if policy.get("model_line") and Path(policy.get("source", "")).is_file():
-        return _uri(Path(policy["source"])), int(policy["model_line"])
-    weight = model["weight_files"][0]["name"]
-    if model.get("key_prefix") is not None and model.get("encoder"):  # an encoder inside a checkpoint file
-        return f"{_uri(Path(model['source']))}#{uri_path(model['encoder'])}", 1
-    if model.get("hub_id"):  # not a file of this repository: name it inside the Hub repo
-        return uri_path("/".join(p for p in (model["hub_id"], model.get("subfolder"), weight) if p)), 1
-    return _uri(Path(model["source"]) / (model.get("subfolder") or "") / weight), 1
+    model, policy = result.model, result.policy
+    if policy is not None and policy.model_line and Path(policy.source).is_file():
+        return _uri(Path(policy.source)), policy.model_line
+    weight = model.weight_files[0].name
+    if model.details is not None and model.details.key_prefix is not None and model.encoder:
+        return f"{_uri(Path(model.source))}#{uri_path(model.encoder)}", 1  # an encoder inside a checkpoint file
+    if model.hub_id:  # not a file of this repository: name it inside the Hub repo
+        return uri_path("/".join(p for p in (model.hub_id, model.subfolder, weight) if p)), 1
+    return _uri(Path(model.source) / (model.subfolder or "") / weight), 1
 
 
-def scan_sarif(result: dict) -> dict:
-    """SARIF log for one scan (result.json data, with the `policy` block when a policy decided)."""
-    model = result["model"]
+def scan_sarif(result: ScanResult) -> dict:
+    """SARIF log for one scan (with the policy's decision when a policy decided)."""
+    model = result.model
     uri, line = _location(result)
-    identity = model["identity_sha256"]
-    gates = {k: v for k, v in result["gates"].items() if isinstance(v, dict)}
-    props = {"score": result["score"], "verdict": result["verdict"], "sha256": identity,
-             "gates": {k: v["value"] for k, v in gates.items()}}
-    note = (result.get("policy") or {}).get("note", "")
+    identity = model.identity_sha256
+    gates = {g.name: g for g in result.gates}
+    props = {"score": result.score, "verdict": str(result.verdict), "sha256": identity,
+             "gates": {name: g.value for name, g in gates.items()}}
+    # An allowed finding is a suppressed result: the decision names the allow entry.
+    allowed = result.policy.allowed if result.policy is not None else None
+    suppression = allowed.justification() if allowed is not None else None
     results = []
-    tokens = ", ".join(t["text"] for t in result["reversed_target"]["trigger_tokens"][:5])
+    tokens = ", ".join(t.text for t in result.reversed_target.trigger_tokens[:5])
     results += _unscanned(result, uri, line)
-    if result["verdict"] == "fail":
+    if result.verdict is Verdict.FAIL:
         pooled = [k for k in gates if k.startswith("pooled_")]
         which = ("every pooled-path gate passed (the pooled embedding of all prompts goes to one target)"
-                 if pooled and all(gates[k]["passed"] for k in pooled) else "every AMDet gate passed")
-        message = (f"Injected backdoor in {_named(model)} (score {result['score']:.3f}): {which}. "
+                 if pooled and all(gates[k].passed for k in pooled) else "every AMDet gate passed")
+        message = (f"Injected backdoor in {_named(model)} (score {result.score:.3f}): {which}. "
                    f"Pseudo-trigger's nearest tokens: {tokens}.")
-        results.append(_result("AMDET001", message, uri, identity, props,
-                               note if "allowed by" in note else None, line))
-    elif result["verdict"] == "inconclusive":
-        results.append(_result("AMDET003", f"Backdoor scan of {_named(model)} inconclusive: {result['reason']}",
-                               uri, identity, props, note if "allowed by" in note else None, line))
-    elif {"assimilation_ratio", "same_target_ratio"} <= gates.keys() and all(
-            gates[k]["passed"] for k in gates if k != "landscape_positive_ratio" and not k.startswith("pooled_")) and \
-            not gates.get("landscape_positive_ratio", {"passed": True})["passed"]:
+        results.append(_result("AMDET001", message, uri, identity, props, suppression, line))
+    elif result.verdict is Verdict.INCONCLUSIVE:
+        results.append(_result("AMDET003", f"Backdoor scan of {_named(model)} inconclusive: {result.reason}",
+                               uri, identity, props, suppression, line))
+    elif _natural_feature(gates):
         results.append(_result("AMDET002", f"Natural backdoor feature in {_named(model)}: prompts collapse "
                                "to one target, but the loss landscape is not a smooth bowl.", uri, identity, props,
                                line=line))
-    return _log(_model_name(model["source"], model.get("subfolder") or model.get("encoder")), results)
+    return _log(_model_name(model.source, model.subfolder or model.encoder), results)
 
 
-def _named(model: dict) -> str:
+def _natural_feature(gates: dict[str, Gate]) -> bool:
+    """AMDET002: the collapse gates passed, the landscape gate did not."""
+    landscape = gates.get("landscape_positive_ratio")
+    collapse = [g for k, g in gates.items() if k != "landscape_positive_ratio" and not k.startswith("pooled_")]
+    return ({"assimilation_ratio", "same_target_ratio"} <= gates.keys() and landscape is not None
+            and not landscape.passed and all(g.passed for g in collapse))
+
+
+def _named(model: ModelIdentity) -> str:
     """The model, and which of its text encoders, as a finding names it."""
-    encoder = model.get("encoder")
-    return f"{model['source']} ({encoder})" if encoder else model["source"]
+    return f"{model.source} ({model.encoder})" if model.encoder else model.source
 
 
-def _unscanned(result: dict, uri: str, line: int) -> list[dict]:
+def _unscanned(result: ScanResult, uri: str, line: int) -> list[dict]:
     """AMDET102 for each model part that was not scanned (a T5): an error when the policy fails the gate for it."""
-    model, policy = result["model"], result.get("policy") or {}
-    level = "error" if policy.get("on_unscanned") == "fail" else "warning"
+    model, policy = result.model, result.policy
+    level = "error" if policy is not None and policy.on_unscanned == "fail" else "warning"
     base = uri.split("#", 1)[0]
-    return [_result("AMDET102", f"{part['name']} ({part['kind']}) of {model['source']} was not scanned: "
-                    f"{part['reason']}", f"{base}#{uri_path(part['name'])}" if "#" in uri else base,
-                    f"{model['source']}#{part['name']}", {"component": part["name"]}, line=line, level=level)
-            for part in model.get("not_scanned") or [] if isinstance(part, dict)]
+    return [_result("AMDET102", f"{part.name} ({part.kind}) of {model.source} was not scanned: "
+                    f"{part.reason}", f"{base}#{uri_path(part.name)}" if "#" in uri else base,
+                    f"{model.source}#{part.name}", {"component": part.name}, line=line, level=level)
+            for part in model.not_scanned]
 
 
 def error_sarif(rule_id: str, message: str, model: Path, subfolder: str | None = None) -> dict:

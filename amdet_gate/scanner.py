@@ -7,6 +7,7 @@ depends on is in `ScanRequest`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import platform
@@ -35,16 +36,43 @@ from amdet_gate.engine import (
 )
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.prompts import builtin_prompts, read_prompt_file
-from amdet_gate.reverse import reverse_target
+from amdet_gate.result import (
+    SCHEMA_VERSION,
+    Check,
+    Distributions,
+    EncoderDetails,
+    Environment,
+    Gate,
+    GateTable,
+    Landscape,
+    ModelIdentity,
+    Natural,
+    NearPrompt,
+    NearToken,
+    PooledSearch,
+    Prompts,
+    ScanResult,
+    Search,
+    Settings,
+    Timings,
+    Tool,
+    WeightFileRecord,
+)
+from amdet_gate.result import (
+    Confirmation as ConfirmationRecord,
+)
+from amdet_gate.result import (
+    ReversedTarget as ReversedTargetRecord,
+)
+from amdet_gate.result.codec import from_data, to_data
+from amdet_gate.reverse import ReversedTarget, reverse_target
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder, weight_identities
 from amdet_gate.token_search import Confirmation, confirm_outcome
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
-from amdet_gate.verdict import Decision, check_score, decide, margin, typed_score
+from amdet_gate.verdict import check_score, decide, margin, typed_score
 
-# 1.1: the pooled path (`pooled`, pooled_* gates). 1.2: pseudo-triggers of K vectors
-# (reversed_target.trigger_vectors, a `position` on every nearest token).
-RESULT_SCHEMA_VERSION = "1.2"
+RESULT_SCHEMA_VERSION = SCHEMA_VERSION  # the history of the versions: amdet_gate/result/document.py
 
 
 @dataclass(frozen=True)
@@ -62,37 +90,11 @@ class ScanRequest:
     inconclusive_band: float = 0.05
 
 
-@dataclass
-class ScanResult:
-    """Everything `result.json` holds; `Scan` adds the tensors for the artifacts."""
-
-    schema_version: str
-    tool: dict
-    model: dict
-    anchor: dict | None
-    settings: dict
-    prompts: dict
-    verdict: str
-    score: float
-    reason: str
-    gates: dict
-    search: dict
-    reversed_target: dict
-    distributions: dict
-    landscape: dict
-    timings: dict
-    environment: dict
-    pooled: dict | None = None  # the pooled path's search, when it ran
-    natural: dict | None = None  # how far ordinary words steer the model (confirm.natural_steering)
-    confirmation: list | None = None  # the typed-trigger searches that ran (token_search)
-    policy: dict | None = None  # filled in by the caller that applies a policy
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Scan:
+    """The typed result (never changed: a later stage makes a new one with `dataclasses.replace`) and
+    the tensors for the artifacts."""
+
     result: ScanResult
     outcome: SearchOutcome
     target_feature: torch.Tensor  # (L, d)
@@ -270,29 +272,21 @@ def model_tokenizer(model: ModelSource, encoder: LoadedEncoder) -> PromptTokeniz
     return load_tokenizer(tokenizer_folder(model))
 
 
-def _identity(enc: LoadedEncoder, source: ModelSource) -> dict:
+def _identity(enc: LoadedEncoder, source: ModelSource) -> ModelIdentity:
     identity = (source.encoder.identity(enc.weight_files) if source.encoder is not None
                 else identity_sha256(enc.weight_files))
-    return {
-        **source.describe(),
-        "identity_sha256": identity,
-        "architecture": enc.architecture,
-        "config": enc.config,
-        "weight_files": [asdict(w) for w in enc.weight_files],
-        **enc.details,  # which encoder, layer and config, the LoRA (amdet_gate/checkpoints)
-    }
+    return ModelIdentity(
+        **source.describe(), identity_sha256=identity, architecture=enc.architecture, config=to_data(enc.config),
+        weight_files=tuple(WeightFileRecord(w.name, w.sha256, w.size) for w in enc.weight_files),
+        # which encoder, layer and config, the LoRA (amdet_gate/checkpoints)
+        details=from_data(EncoderDetails, to_data(enc.details)) if enc.details else None)
 
 
-def environment(device: torch.device) -> dict:
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(),
-    }
+def environment(device: torch.device) -> Environment:
+    return Environment(
+        python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
+        transformers=transformers.__version__, device=str(device),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None, threads=torch.get_num_threads())
 
 
 def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
@@ -350,37 +344,34 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
 
     result = ScanResult(
         schema_version=RESULT_SCHEMA_VERSION,
-        tool={"name": "amdet-gate", "version": __version__},
-        model=_identity(suspect, model) | {"tokenizer": tokenizer.source},
+        tool=Tool("amdet-gate", __version__),
+        model=dataclasses.replace(_identity(suspect, model), tokenizer=tokenizer.source),
         anchor=_identity(anchor, anchor_source) if anchor and anchor_source else None,
-        settings={"search": asdict(request.settings), "thresholds": asdict(request.thresholds),
-                  "inconclusive_band": request.inconclusive_band, "device": str(device)},
+        settings=Settings(search=to_data(asdict(request.settings)), thresholds=to_data(asdict(request.thresholds)),
+                          inconclusive_band=request.inconclusive_band, device=str(device)),
         prompts=_prompt_summary(request, opt_prompts, held_prompts),
         verdict=decision.verdict,
         score=round(decision.score, 6),
         reason=decision.reason,
         gates=_gates(outcome, request.thresholds),
-        search=_search_summary(outcome, decision, request.thresholds),
-        reversed_target=asdict(reversed_target),
-        distributions={
-            "clean_assimilation": _floats(outcome.clean_assimilation),
-            "triggered_assimilation": _floats(outcome.held_out.assimilation[0]),
-            "same_target_similarity": _floats(outcome.held_out.same_target[0]),
-            "anchor_similarity": (None if outcome.held_out.anchor_similarity is None
-                                  else _floats(outcome.held_out.anchor_similarity[0])),
-        },
-        landscape={
-            "offsets": _floats(outcome.landscape.offsets),
-            "loss": [_floats(row) for row in outcome.landscape.loss],
-            "eigenvalues": _floats(outcome.landscape.eigenvalues),
-        },
-        timings={"load_s": round(t_load - t0, 3), "precompute_s": round(t_pre - t_load, 3),
-                 "search_s": round(t_search - t_pre, 3), "reverse_s": round(t_end - t_search, 3),
-                 "total_s": round(t_end - t0, 3)},
+        search=_search_summary(outcome, request.thresholds),
+        reversed_target=_reversed(reversed_target),
+        distributions=Distributions(
+            clean_assimilation=_floats(outcome.clean_assimilation),
+            triggered_assimilation=_floats(outcome.held_out.assimilation[0]),
+            same_target_similarity=_floats(outcome.held_out.same_target[0]),
+            anchor_similarity=(None if outcome.held_out.anchor_similarity is None
+                               else _floats(outcome.held_out.anchor_similarity[0]))),
+        landscape=Landscape(offsets=_floats(outcome.landscape.offsets),
+                            loss=tuple(_floats(row) for row in outcome.landscape.loss),
+                            eigenvalues=_floats(outcome.landscape.eigenvalues)),
+        timings=Timings(load_s=round(t_load - t0, 3), precompute_s=round(t_pre - t_load, 3),
+                        search_s=round(t_search - t_pre, 3), reverse_s=round(t_end - t_search, 3),
+                        total_s=round(t_end - t0, 3)),
         environment=environment(device),
         pooled=_pooled_summary(outcome.pooled, request.thresholds),
         natural=_natural_summary(natural, tokenizer),
-        confirmation=[_confirmation_summary(c, request.thresholds, tokenizer) for c in typed.values()],
+        confirmation=tuple(_confirmation_summary(c, request.thresholds, tokenizer) for c in typed.values()),
     )
     with torch.no_grad():
         empty = suspect.adapter.encode(suspect.adapter.embed(tokenize(tokenizer, [""], suspect).to(device)))[0]
@@ -393,72 +384,84 @@ def decisive_steps(settings: SearchSettings, optimisation_prompts: int) -> int:
     return min(settings.min_decisive_steps, math.ceil(2 * optimisation_prompts / settings.batch_size))
 
 
-def _floats(t: torch.Tensor) -> list[float]:
-    return [round(float(x), 6) for x in t.flatten()]
+def _floats(t: torch.Tensor) -> tuple[float, ...]:
+    return tuple(round(float(x), 6) for x in t.flatten())
 
 
-def _prompt_summary(request: ScanRequest, opt: list[str], held: list[str]) -> dict:
+def _prompt_summary(request: ScanRequest, opt: list[str], held: list[str]) -> Prompts:
     digest = hashlib.sha256("\n".join(opt + held).encode()).hexdigest()
-    return {"source": str(request.prompts_file) if request.prompts_file else "builtin",
-            "optimisation": len(opt), "held_out": len(held), "sha256": digest}
+    return Prompts(str(request.prompts_file) if request.prompts_file else "builtin", len(opt), len(held), digest)
 
 
-def _gates(outcome: SearchOutcome, t: Thresholds) -> dict:
+def _gates(outcome: SearchOutcome, t: Thresholds) -> GateTable:
     """The reported check's gates (the detection, else the final check), against thresholds,
-    and the pooled path's gates when it ran."""
+    and the pooled path's gates when it ran; the check's mean assimilation beside them."""
     reported = [outcome.detected.gates if outcome.detected else outcome.final_gates]
     if outcome.pooled is not None:
         reported.append(outcome.pooled.gates)
-    rows = {}
+    rows: dict[str, Gate] = {}
     for gates in reported:
         passed = gates.passed(t)
-        rows |= {name: {"value": value, "threshold": threshold, "passed": passed[name],
-                        "margin": round(margin(value, threshold), 6)}
+        rows |= {name: Gate(name=name, value=value, threshold=threshold, passed=passed[name],
+                            margin=round(margin(value, threshold), 6))
                  for name, (value, threshold) in gates.measured(t).items()}
-    return rows | {"mean_assimilation": reported[0].mean_assimilation}
+    return GateTable(tuple(rows.values()), reported[0].mean_assimilation)
 
 
-def _pooled_summary(pooled: PooledOutcome | None, t: Thresholds) -> dict | None:
+def _reversed(target: ReversedTarget) -> ReversedTargetRecord:
+    def near(tokens) -> tuple[NearToken, ...]:
+        return tuple(NearToken(id=n.id, token=n.token, text=n.text, cosine=n.cosine, position=n.position)
+                     for n in tokens)
+
+    return ReversedTargetRecord(trigger_vectors=target.trigger_vectors, trigger_tokens=near(target.trigger_tokens),
+                                target_tokens=near(target.target_tokens),
+                                target_prompts=tuple(NearPrompt(p.prompt, p.similarity) for p in target.target_prompts))
+
+
+def _pooled_summary(pooled: PooledOutcome | None, t: Thresholds) -> PooledSearch | None:
     if pooled is None:
         return None
-    return {"steps": pooled.steps, "stop_reason": pooled.stop_reason, "detected_at_step": pooled.detected_at_step,
-            "best_restart": pooled.best_restart, "score": check_score(pooled.gates, t),
-            "seconds": round(pooled.seconds, 3), "similarity": _floats(pooled.similarity),
-            "variation_ratio": pooled.gates.variation_ratio,
-            "loss_history": [_floats(row) for row in pooled.loss_history]}
+    return PooledSearch(steps=pooled.steps, stop_reason=pooled.stop_reason, detected_at_step=pooled.detected_at_step,
+                        best_restart=pooled.best_restart, score=check_score(pooled.gates, t),
+                        seconds=round(pooled.seconds, 3), similarity=_floats(pooled.similarity),
+                        variation_ratio=pooled.gates.variation_ratio,
+                        loss_history=tuple(_floats(row) for row in pooled.loss_history))
 
 
-def _check(c: GateCheck, t: Thresholds) -> dict:
-    return {"step": c.step, "restart": c.restart, "running_loss": c.running_loss,
-            "score": check_score(c.gates, t), **asdict(c.gates)}
+def _check(c: GateCheck, t: Thresholds) -> Check:
+    return Check(step=c.step, restart=c.restart, running_loss=c.running_loss, score=check_score(c.gates, t),
+                 **asdict(c.gates))
 
 
-def _search_summary(outcome: SearchOutcome, decision: Decision, t: Thresholds) -> dict:
-    return {
-        "steps": outcome.steps,
-        "stop_reason": outcome.stop_reason,
-        "best_restart": outcome.best_restart,
-        "detected_at_step": outcome.detected.step if outcome.detected else None,
-        "checks": [_check(c, t) for c in outcome.checks],
-        "loss_history": [_floats(row) for row in outcome.loss_history],
-        "trigger_norms": _floats(outcome.triggers.flatten(1).norm(dim=1)),
-        "variation_ratio": outcome.final_gates.variation_ratio,
-    }
+def _search_summary(outcome: SearchOutcome, t: Thresholds) -> Search:
+    return Search(
+        steps=outcome.steps,
+        stop_reason=outcome.stop_reason,
+        best_restart=outcome.best_restart,
+        detected_at_step=outcome.detected.step if outcome.detected else None,
+        checks=tuple(_check(c, t) for c in outcome.checks),
+        loss_history=tuple(_floats(row) for row in outcome.loss_history),
+        trigger_norms=_floats(outcome.triggers.flatten(1).norm(dim=1)),
+        variation_ratio=outcome.final_gates.variation_ratio,
+    )
 
 
-def _confirmation_summary(confirmation: Confirmation, t: Thresholds, tokenizer: PromptTokenizer) -> dict:
+def _confirmation_summary(confirmation: Confirmation, t: Thresholds,
+                          tokenizer: PromptTokenizer) -> ConfirmationRecord:
     found = confirmation.trigger
-    return {"objective": confirmation.objective.value, "token_ids": list(found.ids),
-            "text": one_line(tokenizer.tokenizer.decode(list(found.ids))), "score": typed_score(confirmation, t),
-            "same_target_ratio": found.same_target_ratio, "assimilation_ratio": found.assimilation_ratio,
-            "variation_ratio": found.variation_ratio, "pooled_same_target_ratio": found.pooled_same_target_ratio,
-            "pooled_variation_ratio": found.pooled_variation_ratio, "screened_on": found.screened_on,
-            "search_loss": confirmation.search_loss, "seconds": round(confirmation.seconds, 3)}
+    return ConfirmationRecord(
+        objective=confirmation.objective, token_ids=tuple(found.ids),
+        text=one_line(tokenizer.tokenizer.decode(list(found.ids))), score=typed_score(confirmation, t),
+        same_target_ratio=found.same_target_ratio, assimilation_ratio=found.assimilation_ratio,
+        variation_ratio=found.variation_ratio, pooled_same_target_ratio=found.pooled_same_target_ratio,
+        pooled_variation_ratio=found.pooled_variation_ratio, screened_on=found.screened_on,
+        search_loss=confirmation.search_loss, seconds=round(confirmation.seconds, 3))
 
 
-def _natural_summary(natural: NaturalSteering, tokenizer: PromptTokenizer) -> dict:
+def _natural_summary(natural: NaturalSteering, tokenizer: PromptTokenizer) -> Natural:
     strongest = max(natural.words, key=lambda w: w.pooled_same_target_ratio, default=None)
-    return {"words": len(natural.words), "prompts": natural.words[0].screened_on if natural.words else 0,
-            "token_variation_ratio": natural.token_variation, "pooled_same_target_ratio": natural.pooled_share,
-            "pooled_variation_ratio": natural.pooled_variation,
-            "strongest_word": None if strongest is None else one_line(tokenizer.tokenizer.decode(list(strongest.ids)))}
+    word = None if strongest is None else one_line(tokenizer.tokenizer.decode(list(strongest.ids)))
+    return Natural(words=len(natural.words), prompts=natural.words[0].screened_on if natural.words else 0,
+                   token_variation_ratio=natural.token_variation, pooled_same_target_ratio=natural.pooled_share,
+                   pooled_variation_ratio=natural.pooled_variation,
+                   strongest_word=word)

@@ -37,11 +37,11 @@ def run_selftest(out: Path, quick: bool = False, quiet: bool = False,
         # The whole gate, as `amdet-gate scan` runs it: default policy, reports, images; no cache.
         options = GateOptions(model=str(folder), out=out / name, n_prompts=1000 if quick else 4000,
                               max_steps=200 if quick else 640, use_cache=False)
-        r = run_gate(options, env={}).result
-        good = r["verdict"] == expected[name]
+        r = run_gate(options, env={}).scan_result
+        good = r.verdict == expected[name]
         ok &= good
-        summary.print(f"{name:11s} verdict {r['verdict']:12s} score {r['score']:.3f}  expected {expected[name]:5s} "
-                      f"{'ok' if good else 'WRONG'}  ({r['timings']['total_s']:.0f} s, "
+        summary.print(f"{name:11s} verdict {r.verdict:12s} score {r.score:.3f}  expected {expected[name]:5s} "
+                      f"{'ok' if good else 'WRONG'}  ({r.timings.total_s:.0f} s, "
                       f"{out / name / 'report.html'})")
     summary.print("selftest passed: the gate fires on the backdoor and passes the benign fine-tune" if ok
                   else "selftest FAILED")

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+from amdet_gate.result.enums import Verdict
+
+PASS, FAIL, INCONCLUSIVE = Verdict.PASS, Verdict.FAIL, Verdict.INCONCLUSIVE
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
@@ -32,12 +31,8 @@ from amdet_gate.engine import (
     spread_of_sum,
 )
 from amdet_gate.engine import unit as _unit
+from amdet_gate.result.enums import Objective
 from amdet_gate.settings import SearchSettings, Thresholds
-
-
-class Objective(Enum):
-    TOKENS = "tokens"  # every position's feature: what tells prompts apart (variation ratio)
-    POOLED = "pooled"  # the pooled (EOS, projected) feature, centred on the clean prompts' mean
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,9 @@ def auroc(positives: list[float], negatives: list[float]) -> float:
 def _evidence(result: ScanResult) -> str:
     """Which path led, and the typed tokens its confirmation found (result.confirmation)."""
     if not result.confirmation:
-        return f"no lead (token search {result.search.get('stop_reason', '')})"
-    best = max(result.confirmation, key=lambda c: c["score"])
-    return f"{best['objective']} lead, typed {best['text']!r} score {best['score']:.2f}"
+        return f"no lead (token search {result.search.stop_reason})"
+    best = max(result.confirmation, key=lambda c: c.score or 0.0)
+    return f"{best.objective} lead, typed {best.text!r} score {best.score or 0.0:.2f}"
 
 
 def scan(member: BuiltMember, mode: str) -> Row:

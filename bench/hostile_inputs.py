@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -91,14 +92,15 @@ def _outside(ws: Workspace, model: Path, name: str) -> Path:
 
 def locked(ws: Workspace, model: Path, sign: bool = False) -> Path:
     """A lock entry saying `model` was scanned and passed (as `scan --lock` writes it)."""
-    from amdet_gate.lock import entry_from_result, write_lock
+    from amdet_gate.lock import LockEntry, write_lock
     from amdet_gate.lock_sign import LockKey, sign_lock
     from amdet_gate.source import identity_sha256, weight_identities
 
     weights = weight_identities(model)
-    result = {"model": {"weight_files": [w.__dict__ for w in weights], "identity_sha256": identity_sha256(weights),
-                        "subfolder": None}, "verdict": "pass", "score": 0.1, "tool": {"version": "0.1.0"}}
-    lock = write_lock(ws.root / "amdet.lock", entry_from_result(result, str(model)))
+    entry = LockEntry(id=str(model), subfolder=None, revision=None, resolved_sha=None, weight_files=tuple(weights),
+                      identity_sha256=identity_sha256(weights), verdict="pass", score=0.1, tool_version="0.1.0",
+                      policy_sha256=None, scanned_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    lock = write_lock(ws.root / "amdet.lock", entry)
     if sign:
         sign_lock(ws.root / "amdet.lock", LockKey(LOCK_KEY.encode()), lock.dumps().encode())
     return ws.root / "amdet.lock"

@@ -228,15 +228,15 @@ def whole(shape: Shape, device: str) -> None:
         scan = scan_model(ScanRequest(model=Path(tmp), n_prompts=shape.prompts, device=device))
         wall = time.perf_counter() - t0
     r = scan.result
-    peak = (torch.cuda.max_memory_allocated() if r.environment["device"].startswith("cuda")
+    peak = (torch.cuda.max_memory_allocated() if r.environment.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"shape": shape.spec, "name": shape.name, "wall_s": round(wall, 1), "verdict": r.verdict,
-                      "score": r.score, "token_steps": r.search["steps"], "stop_reason": str(r.search["stop_reason"]),
-                      "checks": len(r.search["checks"]), "pooled_steps": r.pooled["steps"] if r.pooled else 0,
-                      "confirmations": len(r.confirmation or []),
-                      "confirm_s": round(sum(c["seconds"] for c in r.confirmation or []), 1),
-                      "pooled_s": r.pooled["seconds"] if r.pooled else 0.0, "timings": r.timings,
-                      "device": r.environment["device"], "threads": r.environment["threads"],
+    print(json.dumps({"shape": shape.spec, "name": shape.name, "wall_s": round(wall, 1), "verdict": str(r.verdict),
+                      "score": r.score, "token_steps": r.search.steps, "stop_reason": str(r.search.stop_reason),
+                      "checks": len(r.search.checks), "pooled_steps": r.pooled.steps if r.pooled else 0,
+                      "confirmations": len(r.confirmation or ()),
+                      "confirm_s": round(sum(c.seconds for c in r.confirmation or ()), 1),
+                      "pooled_s": r.pooled.seconds if r.pooled else 0.0, "timings": asdict(r.timings),
+                      "device": r.environment.device, "threads": r.environment.threads,
                       "peak_gib": round(peak / 2**30, 2)}))
 
 

@@ -48,6 +48,23 @@ def tiny_dir(tmp_path: Path, tiny_model: CLIPTextModel) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def written_results_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every result.json a scan writes validates against the shipped schema and loads back to the
+    same typed result (`load(dump(r)) == r`)."""
+    from amdet_gate import outputs
+    from tests.results import WRITTEN_RESULTS, check_written
+
+    write = outputs.write_result
+
+    def checked(path: Path, result) -> None:
+        write(path, result)
+        check_written(path, result)
+        WRITTEN_RESULTS.append(path)
+
+    monkeypatch.setattr(outputs, "write_result", checked)
+
+
+@pytest.fixture(autouse=True)
 def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own verdict cache, and never writes to a real CI job summary."""
     monkeypatch.setenv("AMDET_CACHE_DIR", str(tmp_path / "amdet-cache"))

@@ -22,6 +22,7 @@ from amdet_gate.cache import (
     open_cache,
 )
 from amdet_gate.errors import ExitCode, UsageError
+from amdet_gate.result import from_dict
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +40,17 @@ OUTPUTS = {  # relative path -> bytes, as a scan writes them (result.json added 
 }
 
 
+SAMPLE = Path(__file__).parent / "data" / "sample_result.json"  # a real scan's result.json
+
+
 def result_dict(verdict: str = "fail", anchor: str | None = None, tool: str = "0.1.0") -> dict:
-    return {
-        "schema_version": "1.0", "tool": {"name": "amdet-gate", "version": tool},
-        "model": {"source": "models/backdoored", "identity_sha256": WEIGHT_SHA, "subfolder": None,
-                  "weight_files": [{"name": "model.safetensors", "sha256": WEIGHT_SHA, "size": 28516856}]},
-        "anchor": {"identity_sha256": anchor} if anchor else None,
+    """A real result.json with the identity, anchor, verdict and policy a test's key names."""
+    sample = json.loads(SAMPLE.read_text("utf-8"))
+    model = sample["model"] | {"source": "models/backdoored", "identity_sha256": WEIGHT_SHA, "subfolder": None,
+                               "weight_files": [{"name": "model.safetensors", "sha256": WEIGHT_SHA, "size": 28516856}]}
+    return sample | {
+        "tool": {"name": "amdet-gate", "version": tool}, "model": model,
+        "anchor": model | {"source": "models/clean", "identity_sha256": anchor} if anchor else None,
         "verdict": verdict, "score": 1.0 if verdict == "fail" else 0.01,
         "policy": {"source": "built-in default", "sha256": POLICY_SHA, "exit_code": 1, "note": ""},
     }
@@ -104,7 +110,7 @@ def test_store_then_lookup_restores_identical_files(vcache: VerdictCache, out_di
     restored = tmp_path / "restored"
     found = vcache.fetch(key, restored)
     assert found.hit and found.warning is None and found.digest == key.digest()
-    assert found.result == json.loads((out_dir / "result.json").read_text())
+    assert found.result == from_dict(json.loads((out_dir / "result.json").read_text()))
     expected = {**OUTPUTS, "result.json": (out_dir / "result.json").read_bytes()}
     assert set(found.files) == set(expected)
     for rel, data in expected.items():
@@ -367,7 +373,7 @@ def test_store_replaces_an_existing_entry(vcache: VerdictCache, tmp_path: Path) 
     key = make_key()
     vcache.store(key, write_outputs(tmp_path / "a", result_dict("fail")))
     vcache.store(key, write_outputs(tmp_path / "b", result_dict("pass")))
-    assert vcache.fetch(key, tmp_path / "r").result["verdict"] == "pass"
+    assert vcache.fetch(key, tmp_path / "r").result.verdict == "pass"
     assert [p.name for p in vcache.entries_dir.iterdir()] == [key.digest()]  # no temp or trash left
 
 
@@ -433,8 +439,8 @@ def test_import_is_light() -> None:
 def test_lookup_returns_the_result_and_keeps_warnings(vcache: VerdictCache, out_dir: Path, tmp_path: Path) -> None:
     key = make_key()
     assert vcache.lookup(key, tmp_path / "a") is None and vcache.take_warnings() == []
-    assert vcache.store(key, out_dir, json.loads((out_dir / "result.json").read_text())) is None
-    assert vcache.lookup(key, tmp_path / "b") == json.loads((out_dir / "result.json").read_text())
+    assert vcache.store(key, out_dir, from_dict(json.loads((out_dir / "result.json").read_text()))) is None
+    assert vcache.lookup(key, tmp_path / "b") == from_dict(json.loads((out_dir / "result.json").read_text()))
     _flip(entry_of(vcache, key) / "files" / "report.html")
     assert vcache.lookup(key, tmp_path / "c") is None
     warnings = vcache.take_warnings()
@@ -443,7 +449,7 @@ def test_lookup_returns_the_result_and_keeps_warnings(vcache: VerdictCache, out_
 
 
 def test_store_refuses_a_result_that_is_not_the_one_on_disk(vcache: VerdictCache, out_dir: Path) -> None:
-    assert "not the result reported" in vcache.store(make_key(), out_dir, result_dict("pass"))
+    assert "not the result reported" in vcache.store(make_key(), out_dir, from_dict(result_dict("pass")))
     assert vcache.entries() == []
 
 

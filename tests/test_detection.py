@@ -19,6 +19,7 @@ from amdet_gate.reverse import nearest_trigger_tokens
 from amdet_gate.source import sha256_file
 from amdet_gate.tokenizer import bundled_tokenizer
 from tests.conftest import run_cli
+from tests.results import check_file
 
 BENIGN = ("benign_distill", "benign_contrastive")
 TEXT_ON_TEXT = ("backdoor_homoglyph", "backdoor_rare_word")  # every style: bench/detection.py
@@ -35,6 +36,7 @@ def scans(control_models: dict[str, Path], tmp_path_factory: pytest.TempPathFact
         folder = root / name
         code, _, stderr = run_cli("scan", control_models[name], "--out", folder, "--quiet")
         assert (folder / "result.json").is_file(), stderr
+        check_file(folder / "result.json")  # valid against the shipped schema, loads, re-dumps to the same bytes
         out[name] = (code, json.loads((folder / "result.json").read_text()), folder)
     return out
 
@@ -119,7 +121,7 @@ def test_nearest_trigger_tokens_name_the_token_a_trigger_equals(control_models: 
 
 def test_result_and_artifacts(scans: dict, control_models: dict[str, Path]) -> None:
     _, result, folder = scans["backdoor_rare_word"]
-    assert result["schema_version"] == "1.2" and result["tool"]["name"] == "amdet-gate"
+    assert result["schema_version"] == "1.3" and result["tool"]["name"] == "amdet-gate"
     sha = sha256_file(control_models["backdoor_rare_word"] / "model.safetensors")
     assert result["model"]["weight_files"][0]["sha256"] == sha
     for key in ("settings", "prompts", "timings", "environment", "landscape", "distributions"):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from amdet_gate import charts, report_html
-from amdet_gate.errors import OutputError
-from amdet_gate.report_html import render_html, write_html
+from amdet_gate.errors import ExitCode, OutputError
+from amdet_gate.result import ResultError, ScanResult, from_dict
 
 SAMPLE = Path(__file__).parent / "data" / "sample_result.json"  # a real backdoored scan's result.json
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -32,6 +32,22 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 @pytest.fixture()
 def result() -> dict:
     return json.loads(SAMPLE.read_text("utf-8"))
+
+
+def render_html(data: dict, base_dir: Path) -> str:
+    """The report of result.json data, read as `report RESULT` reads it (validated, typed)."""
+    return report_html.render_html(from_dict(data), base_dir)
+
+
+def write_html(data: dict, base_dir: Path, path: Path) -> None:
+    report_html.write_html(from_dict(data), base_dir, path)
+
+
+def _refused(data: object) -> None:
+    """Data that is not a result.json: refused with one line and exit 4, never rendered."""
+    with pytest.raises(ResultError) as info:
+        from_dict(data)
+    assert info.value.exit_code == ExitCode.USAGE and "\n" not in str(info.value)
 
 
 def _png(width: int = 6, height: int = 4) -> bytes:
@@ -130,7 +146,7 @@ def test_report_is_deterministic(result: dict, tmp_path: Path) -> None:
 
 
 def test_charts_carry_no_metadata_url_or_date(result: dict) -> None:
-    for name, svg in charts.render_charts(result).items():
+    for name, svg in charts.render_charts(from_dict(result)).items():
         text = svg.decode("utf-8")
         assert text.startswith("<?xml"), name
         assert "<dc:date>" not in text and "matplotlib.org" not in text and "<script" not in text
@@ -138,10 +154,11 @@ def test_charts_carry_no_metadata_url_or_date(result: dict) -> None:
 
 def test_verdict_colours_and_policy(result: dict, tmp_path: Path) -> None:
     assert 'class="verdict verdict-fail"' in render_html(result, tmp_path)
-    for verdict, word in (("pass", "PASS"), ("inconclusive", "INCONCLUSIVE"), ("bogus\"'", "UNKNOWN")):
+    for verdict, word in (("pass", "PASS"), ("inconclusive", "INCONCLUSIVE")):
         html = render_html(result | {"verdict": verdict}, tmp_path)
         assert f'class="verdict-word">{word}<' in html
-        assert f"verdict-{verdict if word != 'UNKNOWN' else 'unknown'}" in html
+        assert f"verdict-{verdict}" in html
+    _refused(result | {"verdict": "bogus\"'"})  # an unknown verdict is no result.json
     html = render_html(result | {"policy": {"source": "team.yaml", "sha256": "ab" * 32, "exit_code": 0,
                                             "note": "finding allowed by the policy until 2099-01-01"}}, tmp_path)
     assert "exit code 0: allow" in html and "team.yaml" in html and "until 2099-01-01" in html
@@ -151,11 +168,12 @@ def test_gates_are_listed_generically(result: dict, tmp_path: Path) -> None:
     r = copy.deepcopy(result)
     r["gates"]["anchor_difference_ratio"] = {"value": 0.2, "threshold": 0.95, "passed": False, "margin": -0.79}
     r["gates"]["future_gate"] = {"value": 12.5, "threshold": 3.0, "passed": True, "margin": 0.4}
-    r["gates"]["future_metric"] = 0.25
     html = render_html(r, tmp_path)
-    for name in ("anchor_difference_ratio", "future_gate", "future_metric", "mean_assimilation"):
+    for name in ("anchor_difference_ratio", "future_gate", "mean_assimilation"):
         assert name in html
-    assert "4 of 5" in html  # gates passed, counted over threshold gates only
+    assert "4 of 5" in html  # gates passed, counted over threshold gates only (not mean_assimilation)
+    r["gates"]["future_metric"] = 0.25  # a bare number beside the gates: only mean_assimilation is one
+    _refused(r)
 
 
 def test_invisible_and_bidi_characters_are_shown_as_escapes(result: dict, tmp_path: Path) -> None:
@@ -190,7 +208,8 @@ def _images(tmp_path: Path) -> tuple[Path, list[dict]]:
 def test_images_are_embedded_only_from_inside_the_result_folder(result: dict, tmp_path: Path) -> None:
     base, entries = _images(tmp_path)
     r = copy.deepcopy(result)
-    r["reversed_target"]["images"] = entries
+    r["reversed_target"]["images"] = [e for e in entries if e["path"] is not None]
+    _refused(r | {"reversed_target": r["reversed_target"] | {"images": entries}})  # a null path: not a result
     html = render_html(r, base)
     _check_inert(html)
     assert base64.b64encode(_png()).decode() in html
@@ -207,7 +226,7 @@ def test_images_are_embedded_only_from_inside_the_result_folder(result: dict, tm
     assert "outside" in found["device"] or "regular file" in found["device"]
     assert "regular file" in found["pipe"]
     assert found["null"] == "image path missing"
-    assert html.count('class="missing"') == len(entries) - 2
+    assert html.count('class="missing"') == len(entries) - 1 - 2  # rendered: all but the null path
 
 
 def test_oversized_image_is_refused(result: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,16 +237,34 @@ def test_oversized_image_is_refused(result: dict, tmp_path: Path, monkeypatch: p
 
 
 def _damaged(result: dict) -> list[dict]:
-    nan = math.nan
-    broken = [
-        {},
-        {"verdict": None, "gates": None, "model": None, "reversed_target": None, "search": None},
+    """Results that fit the schema but carry little to draw: empty, null, ragged."""
+    empty = {"clean_assimilation": [], "triggered_assimilation": [], "same_target_similarity": [],
+             "anchor_similarity": None}
+    return [
         result | {"landscape": {"offsets": [], "loss": [], "eigenvalues": []}},
+        result | {"landscape": {"offsets": [0.0, 1.0], "loss": [[None, None], [None, None]], "eigenvalues": [None]}},
+        result | {"landscape": {"offsets": [0.0, 1.0], "loss": [[1.0, 2.0]], "eigenvalues": []}},
+        result | {"distributions": empty | {"triggered_assimilation": [None, None]}},
+        result | {"distributions": empty | {"clean_assimilation": [0.5] * 3}},
+        result | {"search": result["search"] | {"loss_history": [[None, None], []], "checks": []}},
+        result | {"gates": {"g": {"value": None, "threshold": 0.5, "passed": False, "margin": None},
+                            "mean_assimilation": None}},
+        result | {"reversed_target": {"trigger_tokens": [], "target_tokens": [], "target_prompts": []}},
+    ]
+
+
+def _malformed(result: dict) -> list[object]:
+    """Data that is not a result.json: what a report used to draw "no data" for is now refused at load."""
+    nan = math.nan
+    return [
+        {},
+        [],
+        {"verdict": None, "gates": None, "model": None, "reversed_target": None, "search": None},
+        result | {"schema_version": "2.0"},
         result | {"landscape": {"offsets": [0.0, 1.0], "loss": [[None, nan], [nan, None]], "eigenvalues": [nan]}},
         result | {"landscape": {"offsets": [0.0, 1.0], "loss": [[1.0, 2.0]], "eigenvalues": None}},
         result | {"landscape": {"offsets": [0.0, 1.0], "loss": [[1.0, "x"], [3.0, 4.0]], "eigenvalues": [1, -1]}},
         result | {"distributions": {"clean_assimilation": None, "triggered_assimilation": [nan, None]}},
-        result | {"distributions": {"clean_assimilation": [0.5] * 3, "triggered_assimilation": []}},
         result | {"search": {"loss_history": [[None, nan], [], 3.0, "x"], "checks": [{"step": None}, 7],
                              "best_restart": True, "detected_at_step": "soon"}},
         result | {"settings": None, "timings": None, "environment": [], "policy": {"exit_code": [1]}},
@@ -235,22 +272,37 @@ def _damaged(result: dict) -> list[dict]:
         result | {"model": {"weight_files": [{"name": "x", "size": None, "sha256": None}, "junk"], "config": 3}},
         result | {"reversed_target": {"trigger_tokens": "junk", "target_tokens": [None, 1],
                                       "target_prompts": [{"text": "t", "cosine": 0.5}], "images": "junk"}},
+        result | {"surprise": 1},
     ]
-    return broken
 
 
-def test_missing_null_and_nan_values_render(result: dict, tmp_path: Path) -> None:
+def test_missing_null_and_empty_values_render(result: dict, tmp_path: Path) -> None:
     for case in _damaged(result):
         html = render_html(case, tmp_path)
         _check_inert(html)
         assert html.count('src="data:image/svg+xml;base64,') == len(charts.CHARTS)
 
 
-def test_charts_draw_no_data_instead_of_failing() -> None:
+def test_malformed_results_are_refused_not_rendered(result: dict) -> None:
+    for case in _malformed(result):
+        _refused(case)
+
+
+def _bare(result: dict) -> ScanResult:
+    return from_dict(_damaged(result)[0] | {"distributions": {"clean_assimilation": [], "triggered_assimilation": [],
+                                                              "same_target_similarity": [], "anchor_similarity": None},
+                                            "search": result["search"] | {"loss_history": [], "checks": []}})
+
+
+def test_charts_draw_no_data_instead_of_failing(result: dict) -> None:
+    bare = _bare(result)
     for name in charts.CHARTS:
-        assert charts.chart_svg(name, {}).startswith(b"<?xml")
-    empty = charts.chart_svg("assimilation", {})
-    assert charts.chart_svg("assimilation", {"distributions": {"clean_assimilation": [None]}}) == empty
+        assert charts.chart_svg(name, bare).startswith(b"<?xml")
+    empty = charts.chart_svg("assimilation", bare)
+    nulls = from_dict(_damaged(result)[0] | {"distributions": {
+        "clean_assimilation": [None], "triggered_assimilation": [], "same_target_similarity": [],
+        "anchor_similarity": None}})
+    assert charts.chart_svg("assimilation", nulls) == empty
 
 
 def test_write_html_errors_are_output_errors(result: dict, tmp_path: Path) -> None:

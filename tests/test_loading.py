@@ -184,10 +184,12 @@ def _lock_for(folder: Path, lock: Path) -> Path:
     """A lock entry that says `folder` was scanned and passed (as `scan --lock` would write it)."""
     from amdet_gate.lock import entry_from_result, write_lock
     from amdet_gate.source import identity_sha256, weight_identities
+    from tests.results import sample_result
 
     weights = weight_identities(folder)
-    result = {"model": {"weight_files": [w.__dict__ for w in weights], "identity_sha256": identity_sha256(weights),
-                        "subfolder": None}, "verdict": "pass", "score": 0.1, "tool": {"version": "0.1.0"}}
+    result = sample_result(model={"weight_files": [w.__dict__ for w in weights],
+                                  "identity_sha256": identity_sha256(weights), "subfolder": None},
+                           verdict="pass", score=0.1, policy=None)
     write_lock(lock, entry_from_result(result, str(folder)))
     assert run_cli("verify", folder, "--lock", lock)[0] == ExitCode.PASS
     return lock

@@ -23,23 +23,24 @@ from amdet_gate.lock import (
     write_lock,
 )
 from amdet_gate.pins import pin_problems
+from amdet_gate.result import ResultError, ScanResult
 from amdet_gate.source import WeightFile, identity_sha256
+from tests.results import sample_result
 
 SHA_A, SHA_B = "aa" * 32, "bb" * 32
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HUB = "example-org/clip-text"  # has the form of a Hub id and is no local path
 
 
-def result(verdict: str = "pass", **model) -> dict:
-    """A scan result as result.json holds it (only what the lock reads, plus noise)."""
-    return {
-        "schema_version": "1.0", "tool": {"name": "amdet-gate", "version": "0.1.0"},
-        "model": {"source": HUB, "identity_sha256": SHA_A, "subfolder": "text_encoder", "architecture": "CLIPTextModel",
-                  "weight_files": [{"name": "model.safetensors", "sha256": SHA_A, "size": 1234}],
-                  "revision": COMMIT, "resolved_sha": COMMIT, **model},
-        "verdict": verdict, "score": 0.01, "gates": {},
-        "policy": {"source": ".amdet.yaml", "sha256": SHA_B, "exit_code": 0, "note": ""},
-    }
+def result(verdict: str = "pass", **model) -> ScanResult:
+    """A scan result as result.json holds it (what the lock reads, plus the rest of a real scan)."""
+    return sample_result(
+        tool={"name": "amdet-gate", "version": "0.1.0"},
+        model={"source": HUB, "identity_sha256": SHA_A, "subfolder": "text_encoder", "architecture": "CLIPTextModel",
+               "weight_files": [{"name": "model.safetensors", "sha256": SHA_A, "size": 1234}],
+               "revision": COMMIT, "resolved_sha": COMMIT, **model},
+        verdict=verdict, score=0.01,
+        policy={"source": ".amdet.yaml", "sha256": SHA_B, "exit_code": 0, "note": ""})
 
 
 def entry(verdict: str = "pass", model_id: str = HUB, **model) -> LockEntry:
@@ -67,9 +68,14 @@ def test_entry_from_result() -> None:
 
 
 @pytest.mark.parametrize("broken", [{"model": None}, {"verdict": "maybe"}, {"tool": {}}])
-def test_entry_from_a_broken_result_is_refused(broken: dict) -> None:
+def test_a_broken_result_never_reaches_the_lock(broken: dict) -> None:
+    with pytest.raises(ResultError):  # refused where it is read (exit 4), before any lock entry
+        sample_result(**broken)
+
+
+def test_entry_from_a_result_the_lock_cannot_hold_is_refused() -> None:
     with pytest.raises(LockError):
-        entry_from_result({**result(), **broken}, HUB, None)
+        entry_from_result(result(identity_sha256="not a sha256"), HUB, None)
 
 
 def test_write_read_round_trip_and_replacement(tmp_path: Path) -> None:

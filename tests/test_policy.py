@@ -11,6 +11,7 @@ import pytest
 import amdet_gate
 from amdet_gate.errors import ExitCode, GateError
 from amdet_gate.policy import STARTER_POLICY, PolicyError, apply_policy, load_policy
+from amdet_gate.result import PolicyDecision, Verdict
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,20 +71,26 @@ def test_precedence_env_over_file_over_default(tmp_path: Path) -> None:
 
 def test_apply_policy() -> None:
     strict = load_policy(None, {}, TODAY)
-    assert apply_policy("pass", SHA, strict) == (ExitCode.PASS, "")
-    assert apply_policy("fail", SHA, strict)[0] == ExitCode.FAIL
-    assert apply_policy("inconclusive", SHA, strict)[0] == ExitCode.ERROR
+    assert apply_policy("pass", SHA, strict) == PolicyDecision(ExitCode.PASS, Verdict.PASS)
+    assert apply_policy("fail", SHA, strict) == PolicyDecision(ExitCode.FAIL, Verdict.FAIL)
+    assert apply_policy("inconclusive", SHA, strict).exit_code == ExitCode.ERROR
     warn = load_policy(None, {"AMDET_ON_FINDING": "warn"}, TODAY)
-    assert apply_policy("fail", SHA, warn)[0] == ExitCode.PASS
-    assert apply_policy("inconclusive", SHA, warn)[0] == ExitCode.ERROR
+    warned = apply_policy("fail", SHA, warn)
+    assert warned.exit_code == ExitCode.PASS and warned.warn_only and warned.allowed is None
+    assert "on_finding: warn" in warned.note
+    assert apply_policy("inconclusive", SHA, warn).exit_code == ExitCode.ERROR
 
 
 def test_allow_entry_matches_rule_and_sha(tmp_path: Path) -> None:
     pol = load_policy(write(tmp_path, "version: 1\n" + allow_entry()), {}, TODAY)
-    code, note = apply_policy("fail", SHA, pol)
-    assert code == ExitCode.PASS and "ML security team" in note and "line 3" in note
-    assert apply_policy("fail", "cd" * 32, pol)[0] == ExitCode.FAIL  # other weights: not allowed
-    assert apply_policy("inconclusive", SHA, pol)[0] == ExitCode.ERROR  # other rule: not allowed
+    decision = apply_policy("fail", SHA, pol)
+    assert decision.exit_code == ExitCode.PASS and not decision.warn_only
+    assert "ML security team" in decision.note and "line 3" in decision.note
+    allowed = decision.allowed
+    assert allowed is not None and (allowed.rule, allowed.file, allowed.line) == ("AMDET001", str(pol.source), 3)
+    assert "ML security team" in allowed.statement and allowed.expires == pol.allow[0].expires.isoformat()
+    assert apply_policy("fail", "cd" * 32, pol).exit_code == ExitCode.FAIL  # other weights: not allowed
+    assert apply_policy("inconclusive", SHA, pol).exit_code == ExitCode.ERROR  # other rule: not allowed
 
 
 def test_policy_init_writes_a_valid_starter(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +24,24 @@ from amdet_gate.errors import GateError, LoadError, PickleRefused, UsageError
 from amdet_gate.render import clip_vision as rd_vision
 from amdet_gate.render import diffusion as rd_diffusion
 from amdet_gate.render import tokens as rd_tokens
+from amdet_gate.result import NearPrompt, NearToken, ResultError, ReversedTarget
+from amdet_gate.result.codec import from_data
 from amdet_gate.tokenizer import bundled_tokenizer, load_tokenizer
 from tests.tiny_pipelines import save_tiny_clip, save_tiny_sd_pipeline
 
 HOSTILE = "$\\frac{1}{2}$ \x1b[31mred\x1b[0m \u202eevil\u200b \ud800 \U0001f98a " + "x" * 500
 
-RESULT = {"reversed_target": {
-    "trigger_vectors": 2,
-    "trigger_tokens": [
-        {"id": 13506, "token": "\u00d0\u00be", "text": "\u043e", "cosine": 0.70, "position": 1},
-        {"id": 1, "token": "$x$", "text": HOSTILE, "cosine": float("nan"), "position": 2},
-        {"id": 2, "token": "ok", "text": "line\nbreak\ttab", "cosine": None, "position": "1; rm -rf"},
-    ],
-    "target_tokens": [{"id": 1119, "token": "morning</w>", "text": "morning", "cosine": 0.40, "position": 3}],
-    "target_prompts": [{"prompt": "a velvet camera", "similarity": 0.94}, {"prompt": HOSTILE, "similarity": 0.9}],
-}}
+RESULT = ReversedTarget(  # what a scan's result holds; the strings are untrusted
+    trigger_vectors=2,
+    trigger_tokens=(
+        NearToken(id=13506, token="\u00d0\u00be", text="\u043e", cosine=0.70, position=1),
+        NearToken(id=1, token="$x$", text=HOSTILE, cosine=float("nan"), position=2),
+        NearToken(id=2, token="ok", text="line\nbreak\ttab", cosine=None, position=None),
+    ),
+    target_tokens=(NearToken(id=1119, token="morning</w>", text="morning", cosine=0.40, position=3),),
+    target_prompts=(NearPrompt("a velvet camera", 0.94), NearPrompt(HOSTILE, 0.9)),
+)
+EMPTY = ReversedTarget(trigger_tokens=(), target_tokens=())
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -178,8 +182,8 @@ def test_diffusion_conditions_on_the_feature(tmp_path: Path, sd_folder: Path, sd
     """A different target feature gives different pixels for the same seed: T really conditions the UNet."""
     req = diffusion_request(sd_folder, n_images=1, guidance=7.5)
     empty = torch.zeros_like(sd_target)
-    a = rd.render(req, sd_target, {}, sd_folder, "text_encoder", tmp_path / "a", empty_feature=empty)
-    b = rd.render(req, -sd_target, {}, sd_folder, "text_encoder", tmp_path / "b", empty_feature=empty)
+    a = rd.render(req, sd_target, EMPTY, sd_folder, "text_encoder", tmp_path / "a", empty_feature=empty)
+    b = rd.render(req, -sd_target, EMPTY, sd_folder, "text_encoder", tmp_path / "b", empty_feature=empty)
     assert (tmp_path / "a" / a[0].images[0].path).read_bytes() != (tmp_path / "b" / b[0].images[0].path).read_bytes()
 
 
@@ -187,14 +191,15 @@ def test_diffusion_positions_are_fitted_and_width_checked(tmp_path: Path, sd_fol
                                                           sd_target: torch.Tensor) -> None:
     req = diffusion_request(sd_folder, n_images=1, steps=1)
     short, empty = sd_target[:40], torch.zeros(40, sd_target.shape[1])
-    made = rd.render(req, short, {}, sd_folder, "text_encoder", tmp_path, empty_feature=empty)
+    made = rd.render(req, short, EMPTY, sd_folder, "text_encoder", tmp_path, empty_feature=empty)
     assert any("padded to the 77" in note for note in made[0].notes)
     assert rd_diffusion.fit_positions(torch.randn(100, 8)).shape == (77, 8)
     padded = rd_diffusion.fit_positions(short)
     assert torch.equal(padded[:40], short) and torch.equal(padded[-1], short[-1])
 
     with pytest.raises(UsageError) as exc:
-        rd.render(req, torch.randn(77, 48), {}, sd_folder, "text_encoder", tmp_path, empty_feature=torch.randn(77, 48))
+        rd.render(req, torch.randn(77, 48), EMPTY, sd_folder, "text_encoder", tmp_path,
+                  empty_feature=torch.randn(77, 48))
     assert "does not match the encoder" in one_line(exc)
 
 
@@ -205,7 +210,7 @@ def test_diffusion_refuses_pickle_weights(tmp_path: Path, sd_folder: Path, sd_ta
     torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
     weights.unlink()
     with pytest.raises(PickleRefused) as exc:
-        rd.render(diffusion_request(folder), sd_target, {}, sd_folder, "text_encoder", tmp_path / "out")
+        rd.render(diffusion_request(folder), sd_target, EMPTY, sd_folder, "text_encoder", tmp_path / "out")
     assert exc.value.exit_code == 3 and "pickle" in one_line(exc)
 
 
@@ -215,11 +220,11 @@ def test_diffusion_refuses_hostile_configs(tmp_path: Path, sd_folder: Path, sd_t
     config = folder / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "layers_per_block": 10_000}))
     with pytest.raises(LoadError) as exc:
-        rd.render(diffusion_request(folder), sd_target, {}, sd_folder, "text_encoder", tmp_path / "out")
+        rd.render(diffusion_request(folder), sd_target, EMPTY, sd_folder, "text_encoder", tmp_path / "out")
     assert "layers_per_block" in one_line(exc)
     config.write_text("{not json")
     with pytest.raises(LoadError) as exc:
-        rd.render(diffusion_request(folder), sd_target, {}, sd_folder, "text_encoder", tmp_path / "out")
+        rd.render(diffusion_request(folder), sd_target, EMPTY, sd_folder, "text_encoder", tmp_path / "out")
     one_line(exc)
 
 
@@ -259,7 +264,7 @@ def test_clip_vision_is_seeded(tmp_path: Path, clip: tuple[Path, CLIPModel], cli
     folder = clip[0]
 
     def run(seed: int, name: str) -> list[bytes]:
-        made = rd.render(rd.RenderRequest(kind="clip-vision", steps=3, n_images=2, seed=seed), clip_target, {},
+        made = rd.render(rd.RenderRequest(kind="clip-vision", steps=3, n_images=2, seed=seed), clip_target, EMPTY,
                          folder, None, tmp_path / name)
         return [(tmp_path / name / i.path).read_bytes() for i in made[0].images]
 
@@ -271,7 +276,8 @@ def test_clip_vision_is_seeded(tmp_path: Path, clip: tuple[Path, CLIPModel], cli
 def test_clip_vision_with_separate_vision_folder(tmp_path: Path, text_dir: Path, clip: tuple[Path, CLIPModel],
                                                  clip_target: torch.Tensor) -> None:
     """A plain CLIPTextModel scan with --vision FULL_CLIP uses that checkpoint's text projection."""
-    made = rd.render(rd.RenderRequest(vision=clip[0], steps=1, n_images=1), clip_target, {}, text_dir, None, tmp_path)
+    made = rd.render(rd.RenderRequest(vision=clip[0], steps=1, n_images=1), clip_target, EMPTY, text_dir, None,
+                     tmp_path)
     assert made[0].renderer == "clip-vision" and made[0].metrics["text_projection"] == "vision"
 
     vision_only = tmp_path / "vision_only"
@@ -279,7 +285,7 @@ def test_clip_vision_with_separate_vision_folder(tmp_path: Path, text_dir: Path,
         **{**clip[1].config.vision_config.to_dict(), "projection_dim": 16}))
     tower.save_pretrained(str(vision_only))
     with pytest.raises(UsageError) as exc:
-        rd.render(rd.RenderRequest(vision=vision_only, steps=1), clip_target, {}, text_dir, None, tmp_path)
+        rd.render(rd.RenderRequest(vision=vision_only, steps=1), clip_target, EMPTY, text_dir, None, tmp_path)
     assert "needs a text projection" in one_line(exc)
 
 
@@ -290,7 +296,7 @@ def test_clip_vision_refuses_pickle_and_mismatched_headers(tmp_path: Path, clip:
     shutil.copy(clip[0] / "config.json", pickled)
     torch.save({"x": torch.zeros(1)}, pickled / "pytorch_model.bin")
     with pytest.raises(PickleRefused) as exc:
-        rd.render(rd.RenderRequest(vision=pickled, steps=1), clip_target, {}, clip[0], None, tmp_path / "o")
+        rd.render(rd.RenderRequest(vision=pickled, steps=1), clip_target, EMPTY, clip[0], None, tmp_path / "o")
     one_line(exc)
 
     lying = tmp_path / "lying"
@@ -299,11 +305,11 @@ def test_clip_vision_refuses_pickle_and_mismatched_headers(tmp_path: Path, clip:
     config["vision_config"]["image_size"] = 64  # the position embedding in the file is for 32 x 32
     (lying / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoadError) as exc:
-        rd.render(rd.RenderRequest(steps=1), clip_target, {}, lying, None, tmp_path / "o")
+        rd.render(rd.RenderRequest(steps=1), clip_target, EMPTY, lying, None, tmp_path / "o")
     assert "position_embedding" in one_line(exc)
 
     with pytest.raises(UsageError) as exc:  # an encoder of another width than the tower's text projection
-        rd.render(rd.RenderRequest(vision=clip[0], steps=1), torch.randn(77, 48), {}, tmp_path / "none", None,
+        rd.render(rd.RenderRequest(vision=clip[0], steps=1), torch.randn(77, 48), EMPTY, tmp_path / "none", None,
                   tmp_path / "o")
     assert "does not match the encoder" in one_line(exc)
 
@@ -326,22 +332,22 @@ def test_tokens_card_is_safe_and_deterministic(tmp_path: Path, text_dir: Path) -
     assert all(ch in "\n" or ch.isprintable() for ch in text)  # no escape sequences, bidi overrides, surrogates
     assert "$\\frac{1}{2}$" in text  # literal, not mathtext
     assert "U+043E" in text  # the homoglyph trigger is told apart from a Latin o
-    assert "pos  1   0.700" in text and "pos  3   0.400" in text and "rm -rf" not in text  # positions only as integers
+    assert "pos  1   0.700" in text and "pos  3   0.400" in text
+    assert next(line for line in text.splitlines() if "break" in line).strip().startswith("n/a")  # no position
     assert "a velvet camera" in text and "n/a" in text and "x" * 100 not in text
     assert "\u2026" in text  # long strings are cut
 
 
 def test_tokens_card_without_reversed_target(tmp_path: Path) -> None:
-    garbage = {"reversed_target": {"trigger_tokens": "garbage", "target_prompts": [1, None]}}
-    made = rd_tokens.render_tokens(garbage, tmp_path)
+    made = rd_tokens.render_tokens(EMPTY, tmp_path)
     assert made.text.count("(none)") == 3
     assert png(tmp_path / made.images[0].path).size[0] > 100
 
 
 def test_render_none_and_errors_are_gate_errors(tmp_path: Path, text_dir: Path) -> None:
-    assert rd.render(rd.RenderRequest(kind="none"), torch.randn(77, 32), {}, text_dir, None, tmp_path) == []
+    assert rd.render(rd.RenderRequest(kind="none"), torch.randn(77, 32), EMPTY, text_dir, None, tmp_path) == []
     with pytest.raises(GateError) as exc:
-        rd.render(rd.RenderRequest(), torch.full((77, 32), float("nan")), {}, text_dir, None, tmp_path)
+        rd.render(rd.RenderRequest(), torch.full((77, 32), float("nan")), EMPTY, text_dir, None, tmp_path)
     one_line(exc)
 
 
@@ -353,9 +359,16 @@ def test_core_import_does_not_need_diffusers() -> None:
 
 def test_trigger_vectors_are_read_from_an_untrusted_result() -> None:
     assert rd.trigger_vectors(RESULT) == 2
-    for bad in (None, True, 0, -3, 10**9, "2", 2.0, [2]):
-        assert rd.trigger_vectors({"reversed_target": {"trigger_vectors": bad}}) == 1
-    assert rd.trigger_vectors({"reversed_target": "junk"}) == 1 and rd.trigger_vectors([]) == 1
+    assert rd.trigger_vectors(EMPTY) == 1  # a result before schema 1.2: one vector
+    for implausible in (0, -3, 10**9):
+        assert rd.trigger_vectors(replace(RESULT, trigger_vectors=implausible)) == 1
+    for bad in (None, True, "2", 2.0, [2]):  # not an integer: result.json is refused before any renderer
+        data = {"trigger_vectors": bad, "trigger_tokens": [], "target_tokens": []}
+        if bad is None:
+            assert rd.trigger_vectors(from_data(ReversedTarget, data)) == 1
+        else:
+            with pytest.raises(ResultError):
+                from_data(ReversedTarget, data)
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -34,6 +34,7 @@ from amdet_gate.prompts import builtin_prompts
 from amdet_gate.source import INDEX_FILE, ModelSource, sha256_file
 from amdet_gate.tokenizer import bundled_tokenizer, save_bundled_tokenizer
 from tests.conftest import run_cli
+from tests.results import sample_result
 
 CONTROL = "backdoor_rare_word"
 STYLE = "rare_word"
@@ -161,13 +162,13 @@ def test_repair_json_holds_the_proof(repaired: Repaired) -> None:
 
 def test_decision_needs_both_the_rescan_and_fidelity() -> None:
     faithful, unfaithful = Fidelity(0.995, 0.99, 0.97), Fidelity(0.97, 0.99, 0.9)
-    passed, failed = {"verdict": "pass", "reason": "-"}, {"verdict": "fail", "reason": "gates passed"}
+    passed, failed = sample_result(verdict="pass", reason="-"), sample_result(verdict="fail", reason="gates passed")
     assert decide(passed, faithful, 0.98, 1)[0] is Status.REPAIRED
     status, reason = decide(passed, unfaithful, 0.98, 1)
     assert status is Status.NOT_REPAIRED and "fidelity 0.9700 is below --min-fidelity 0.98" in reason
     status, reason = decide(failed, faithful, 0.98, 2)
     assert status is Status.NOT_REPAIRED and "fail after 2 round(s)" in reason
-    assert decide({"verdict": "inconclusive", "reason": "-"}, faithful, 0.98, 1)[0] is Status.NOT_REPAIRED
+    assert decide(sample_result(verdict="inconclusive", reason="-"), faithful, 0.98, 1)[0] is Status.NOT_REPAIRED
 
 
 # --- refusals: one line, exit 4, nothing written -----------------------------------------------

@@ -79,6 +79,18 @@ def test_allowed_finding_is_a_suppression(tiny_dir: Path, tmp_path: Path, valida
     (result,) = check(validator, tmp_path / "a" / "result.sarif")["runs"][0]["results"]
     assert result["suppressions"][0]["kind"] == "external"
     assert "red-team fixture" in result["suppressions"][0]["justification"]
+    recorded = json.loads((tmp_path / "a" / "result.json").read_text())["policy"]  # schema 1.3: the decision
+    assert recorded["allowed"] == {"rule": "AMDET001", "file": str(policy), "line": 3, "expires": "2099-01-01",
+                                   "statement": "red-team fixture, accepted by security"}
+    assert recorded["warn_only"] is False and recorded["exit_code"] == 0
+    # on_finding: warn passes the gate but accepts nothing: the finding stays an open alert.
+    warn = tmp_path / "warn.yaml"
+    warn.write_text("version: 1\non_finding: warn\n")
+    code, _, _ = run_cli("scan", tiny_dir, *FAST, *ALL_PASS, "--policy", warn, "--out", tmp_path / "w")
+    (result,) = check(validator, tmp_path / "w" / "result.sarif")["runs"][0]["results"]
+    recorded = json.loads((tmp_path / "w" / "result.json").read_text())["policy"]
+    assert code == ExitCode.PASS and "suppressions" not in result
+    assert recorded["warn_only"] is True and recorded["allowed"] is None and "on_finding: warn" in recorded["note"]
 
 
 def test_unscannable_model_sarif(tiny_dir: Path, tmp_path: Path, validator) -> None:

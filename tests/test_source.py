@@ -17,6 +17,7 @@ from amdet_gate.source import (
     tokenizer_folder,
 )
 from amdet_gate.tokenizer import save_bundled_tokenizer
+from tests.results import sample_result
 
 SD_REPO = [
     "model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
@@ -88,9 +89,11 @@ def test_markdown_shows_untrusted_text_inert(hostile: str) -> None:
     text = md_text(hostile)
     assert "\n" not in text and "<" not in text and ">" not in text
     assert "](" not in text  # no link or image syntax survives
-    result = {"verdict": "fail", "score": 0.9, "reason": hostile, "model": {"source": hostile,
-              "identity_sha256": "ab" * 32}, "gates": {hostile: {"value": 1.0, "threshold": 0.8, "passed": True}},
-              "reversed_target": {"trigger_tokens": [{"text": hostile}], "target_tokens": []}}
+    result = sample_result(verdict="fail", score=0.9, reason=hostile, model={"source": hostile,
+                           "identity_sha256": "ab" * 32},
+                           gates={hostile: {"value": 1.0, "threshold": 0.8, "passed": True, "margin": 1.0}},
+                           reversed_target={"trigger_tokens": [{"id": 1, "token": hostile, "text": hostile,
+                                                                "cosine": 0.5}], "target_tokens": []})
     summary = render_markdown(result)
     assert "<img" not in summary and "](" not in summary and "FAIL" in summary
 

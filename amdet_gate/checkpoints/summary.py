@@ -15,41 +15,41 @@ from pathlib import Path
 
 import jinja2
 
+from amdet_gate.result import ModelIdentity
 from amdet_gate.sanitise import md_text, uri_path, visible
 
 VERDICT_MARK = {"pass": "✅ PASS", "fail": "❌ FAIL", "inconclusive": "⚠️ INCONCLUSIVE", "error": "⚠️ ERROR"}
 
 
-def encoder_lines(model: dict) -> list[tuple[str, str]]:
+def encoder_lines(model: ModelIdentity) -> list[tuple[str, str]]:
     """(label, text) rows for one encoder's report: which encoder, which layer, which config, the LoRA,
     and every part of the model that was not scanned. Empty for a plain encoder folder."""
+    details = model.details
+    if details is None:
+        return []
     rows = []
-    if model.get("encoder") or model.get("layout"):
-        where = model.get("layout_title") or model.get("layout") or ""
-        rows.append(("Encoder", f"{model.get('encoder') or 'the model'}" + (f" ({where})" if where else "")))
-    layer = model.get("layer")
-    if isinstance(layer, dict):
-        scanned = "the final layer (after the final LayerNorm)" if layer.get("scanned") == "final" else \
-            f"hidden_states[{layer.get('scanned')}] (no final LayerNorm)"
-        by, reads = layer.get("chosen_by"), layer.get("consumer_reads")
-        why = "set by --layer" if by == "--layer" else "the default" if by == "default" else f"what {by} reads"
-        rows.append(("Layer", f"{scanned}, {why}" + (f" (the pipeline reads {reads}; --layer consumer scans it)"
-                                                      if isinstance(reads, str) else "")
-                     + (f"; {model['consumer']}" if model.get("consumer") else "")))
-    config = model.get("config_source")
-    if isinstance(config, dict) and config.get("note"):
-        rows.append(("Config", str(config["note"])))
-    lora = model.get("lora")
-    if isinstance(lora, dict):
-        rows.append(("LoRA", f"{lora.get('file')} ({lora.get('format')}, scale {lora.get('scale')}, "
-                     f"{lora.get('modules_merged')} layers merged into this encoder)"))
-    for part in model.get("not_scanned") or []:
-        if isinstance(part, dict):
-            rows.append(("Not scanned", f"{part.get('name')} ({part.get('kind')}): {part.get('reason')}"))
+    if details.encoder or details.layout:
+        where = details.layout_title or details.layout or ""
+        rows.append(("Encoder", f"{details.encoder or 'the model'}" + (f" ({where})" if where else "")))
+    layer = details.layer
+    scanned = "the final layer (after the final LayerNorm)" if layer.scanned == "final" else \
+        f"hidden_states[{layer.scanned}] (no final LayerNorm)"
+    by, reads = layer.chosen_by, layer.consumer_reads
+    why = "set by --layer" if by == "--layer" else "the default" if by == "default" else f"what {by} reads"
+    rows.append(("Layer", f"{scanned}, {why}" + (f" (the pipeline reads {reads}; --layer consumer scans it)"
+                                                  if reads is not None else "")
+                 + (f"; {details.consumer}" if details.consumer else "")))
+    if details.config_source is not None and details.config_source.note:
+        rows.append(("Config", details.config_source.note))
+    lora = details.lora
+    if lora is not None:
+        rows.append(("LoRA", f"{lora.file} ({lora.format}, scale {lora.scale}, "
+                     f"{lora.modules_merged} layers merged into this encoder)"))
+    rows += [("Not scanned", f"{part.name} ({part.kind}): {part.reason}") for part in details.not_scanned]
     return rows
 
 
-def encoder_markdown(model: dict) -> list[str]:
+def encoder_markdown(model: ModelIdentity) -> list[str]:
     return [line for label, text in encoder_lines(model) for line in (f"**{label}** {md_text(text, 400)}", "")]
 
 

@@ -6,31 +6,13 @@ loop, which runs the pooled one.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 from torch import Tensor
 
 from amdet_gate.engine.measures import clip_triggers
+from amdet_gate.result.enums import StopReason  # one definition: result.json holds these words
 
-
-class StopReason(str, Enum):
-    """Why a search loop ended. A str: the values are what result.json has always held, and they
-    compare equal to those strings (`verdict` tests `"non_finite" in (...)`)."""
-
-    DETECTED = "detected"  # every gate passed on a trigger
-    MAX_STEPS = "max_steps"  # the step budget ran out
-    PLATEAU = "plateau"  # token path only: no restart improved for `patience` steps
-    TIME_BUDGET = "time_budget"  # the wall-clock deadline passed
-    NON_FINITE = "non_finite"  # a loss or a trigger became NaN or infinite
-
-    # str() and format() give the bare value, as the plain strings did (Enum's own would give
-    # "StopReason.DETECTED" in messages and reports).
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return self.value.__format__(spec)
+__all__ = ["StopReason", "descend"]
 
 
 def descend(optimiser: torch.optim.Optimizer, loss: Tensor, triggers: Tensor, history: list[Tensor],

@@ -13,7 +13,6 @@ When the result schema changes, this module is what adapts; the edit and the pip
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -25,6 +24,7 @@ from safetensors.torch import load as load_safetensors
 from amdet_gate.errors import UsageError
 from amdet_gate.files import read_capped
 from amdet_gate.outputs import read_result
+from amdet_gate.result import ModelIdentity, Objective, ScanResult, StopReason, Verdict
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import WeightFile, identity_sha256
 
@@ -36,12 +36,6 @@ TRIGGER_FILE = "pseudo_trigger.safetensors"
 # The gates each detection path must have passed for its verdict to be `fail` (scanner._gates).
 TOKEN_GATES = ("assimilation_ratio", "same_target_ratio", "landscape_positive_ratio")
 POOLED_GATES = ("pooled_same_target_ratio",)
-
-
-class Verdict(StrEnum):
-    PASS = "pass"
-    FAIL = "fail"
-    INCONCLUSIVE = "inconclusive"
 
 
 class DetectionPath(StrEnum):
@@ -78,85 +72,74 @@ def _bad(path: Path, what: str) -> UsageError:
     return UsageError(f"{path} is not a usable scan result: {what}")
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _weight_files(path: Path, model: dict) -> tuple[WeightFile, ...]:
+def _weight_files(path: Path, model: ModelIdentity) -> tuple[WeightFile, ...]:
     files = []
-    for item in model["weight_files"]:
-        name, sha, size = item.get("name"), item.get("sha256"), item.get("size")
-        if not (isinstance(sha, str) and SHA256.fullmatch(sha) and isinstance(size, int) and size >= 0
-                and PurePosixPath(name).name == name):
+    for item in model.weight_files:
+        if not (SHA256.fullmatch(item.sha256) and item.size >= 0 and PurePosixPath(item.name).name == item.name):
             raise _bad(path, "model.weight_files holds an entry that is not a file name, sha256 and size")
-        files.append(WeightFile(name, sha, size))
+        files.append(WeightFile(item.name, item.sha256, item.size))
     # The identity is derived from the files; a result whose two disagree was edited by hand.
-    if identity_sha256(files) != model["identity_sha256"]:
+    if identity_sha256(files) != model.identity_sha256:
         raise _bad(path, "model.identity_sha256 does not match its weight_files (tampered result)")
     return tuple(files)
 
 
-def _gate_detection(path: Path, data: dict) -> tuple[DetectionPath, float]:
+def _gate_detection(path: Path, result: ScanResult) -> tuple[DetectionPath, float]:
     """Results without typed confirmation: the path whose pseudo-trigger gates all passed, and its
     same-target share; a `fail` without one is forged."""
-    gates = data["gates"]
-    pooled = data.get("pooled")
-    detected = DetectionPath.POOLED if isinstance(pooled, dict) and pooled.get("stop_reason") == "detected" \
+    gates = result.gates
+    pooled = result.pooled
+    detected = DetectionPath.POOLED if pooled is not None and pooled.stop_reason is StopReason.DETECTED \
         else DetectionPath.TOKEN
     names = POOLED_GATES if detected is DetectionPath.POOLED else TOKEN_GATES
     anchor_gate = "pooled_anchor_difference_ratio" if detected is DetectionPath.POOLED else "anchor_difference_ratio"
-    names += (anchor_gate,) if anchor_gate in gates else ()  # scanned with an anchor
+    names += (anchor_gate,) if anchor_gate in gates.names else ()  # scanned with an anchor
     for name in names:
         gate = gates.get(name)
-        if not (isinstance(gate, dict) and _number(gate.get("value")) and _number(gate.get("threshold"))
-                and gate.get("passed") is True and gate["value"] > gate["threshold"]):
+        if not (gate is not None and gate.value is not None and gate.passed and gate.value > gate.threshold):
             raise _bad(path, f"its verdict is fail but gate {name} did not pass (tampered result)")
-    return detected, float(gates[names[0]]["value"])
+    return detected, float(gates[names[0]].value)
 
 
-def _typed_ids(path: Path, value: object, vocab_size: int) -> tuple[int, ...]:
-    if not (isinstance(value, list) and 1 <= len(value) <= MAX_TRIGGER_VECTORS
-            and all(type(i) is int and 0 <= i < vocab_size for i in value)):
+def _typed_ids(path: Path, value: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
+    if not (1 <= len(value) <= MAX_TRIGGER_VECTORS and all(0 <= i < vocab_size for i in value)):
         raise _bad(path, "confirmation.token_ids is not a short list of vocabulary ids")
-    return tuple(value)
+    return value
 
 
-def _typed_detection(path: Path, data: dict, vocab_size: int) -> tuple[DetectionPath, float, tuple[int, ...]]:
+def _typed_detection(path: Path, result: ScanResult, vocab_size: int) -> tuple[DetectionPath, float, tuple[int, ...]]:
     """Results with typed confirmation (scanner: the verdict rests on real tokens, verdict.decide):
     the typed search whose score is the result's score and above 0.5, its share and its tokens."""
-    entries = [e for e in data["confirmation"] if isinstance(e, dict)]
-    for objective, path_of, share_key in (("tokens", DetectionPath.TOKEN, "same_target_ratio"),
-                                          ("pooled", DetectionPath.POOLED, "pooled_same_target_ratio")):
-        entry = next((e for e in entries if e.get("objective") == objective), None)
-        if entry is None or not (_number(entry.get("score")) and entry["score"] > 0.5):
+    for objective, path_of in ((Objective.TOKENS, DetectionPath.TOKEN), (Objective.POOLED, DetectionPath.POOLED)):
+        entry = next((e for e in result.confirmation or () if e.objective is objective), None)
+        if entry is None or entry.score is None or not entry.score > 0.5:
             continue
-        if path_of is DetectionPath.POOLED and not isinstance(data.get("anchor"), dict):
+        if path_of is DetectionPath.POOLED and result.anchor is None:
             # Without an anchor a pooled typed collapse is inconclusive (a classifier-like encoder does it).
             raise _bad(path, "its verdict is fail on a pooled typed trigger but it names no anchor (tampered result)")
-        if abs(entry["score"] - data["score"]) > 1e-5 or not _number(entry.get(share_key)):
+        share = entry.same_target_ratio if path_of is DetectionPath.TOKEN else entry.pooled_same_target_ratio
+        if abs(entry.score - result.score) > 1e-5 or share is None:
             raise _bad(path, "its score is not its typed trigger's score (tampered result)")
-        return path_of, float(entry[share_key]), _typed_ids(path, entry.get("token_ids"), vocab_size)
+        return path_of, float(share), _typed_ids(path, entry.token_ids, vocab_size)
     raise _bad(path, "its verdict is fail but no typed trigger in confirmation scores above 0.5 (tampered result)")
 
 
-def _candidates(data: dict, vocab_size: int) -> tuple[int, ...]:
+def _candidates(result: ScanResult, vocab_size: int) -> tuple[int, ...]:
     """Vocabulary ids of the tokens nearest the pseudo-trigger, nearest first (`trigger_tokens`).
 
-    Only well-typed ids inside the vocabulary are kept; texts are never needed here.
+    Only ids inside the vocabulary are kept; texts are never needed here.
     """
     seen: list[int] = []
-    for token in data["reversed_target"].get("trigger_tokens") or []:
-        token_id = token.get("id")
-        if isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < vocab_size \
-                and token_id not in seen:
-            seen.append(token_id)
+    for token in result.reversed_target.trigger_tokens:
+        if 0 <= token.id < vocab_size and token.id not in seen:
+            seen.append(token.id)
     return tuple(seen[:MAX_CANDIDATES])
 
 
-def _trigger_file(result_path: Path, data: dict) -> Path:
+def _trigger_file(result_path: Path, result: ScanResult) -> Path:
     """The pseudo-trigger file named by the result, which must be a plain file in the result's folder."""
-    named = (data.get("artifacts") or {}).get("pseudo_trigger", TRIGGER_FILE)
-    if not isinstance(named, str) or PurePosixPath(named).name != named:
+    named = (result.artifacts or {}).get("pseudo_trigger", TRIGGER_FILE)
+    if PurePosixPath(named).name != named:
         raise _bad(result_path, "artifacts.pseudo_trigger is not a file name in the result's folder")
     return result_path.parent / named
 
@@ -208,31 +191,30 @@ def read_finding(result_path: Path, width: int, vocab_size: int) -> Finding:
     to the model at hand is the caller's check (`check_identity`).
     """
     result_path = Path(result_path)
-    data = read_result(result_path)
+    result = read_result(result_path)
     path = result_path
-    verdict = Verdict(data["verdict"])
-    if verdict is not Verdict.FAIL:
-        raise UsageError(f"{path} has verdict {verdict.value}, not fail: there is no detected backdoor to "
+    if result.verdict is not Verdict.FAIL:
+        raise UsageError(f"{path} has verdict {result.verdict.value}, not fail: there is no detected backdoor to "
                          "repair (benign and undecided models are never repaired)")
-    model = data["model"]
-    sha = model["identity_sha256"]
+    model = result.model
+    sha = model.identity_sha256
     if not SHA256.fullmatch(sha):
         raise _bad(path, "model.identity_sha256 is not a sha256")
     files = _weight_files(path, model)
-    if not data["score"] > 0.5:
-        raise _bad(path, f"its verdict is fail but its score {data['score']} is not above 0.5 (tampered result)")
+    if not result.score > 0.5:
+        raise _bad(path, f"its verdict is fail but its score {result.score} is not above 0.5 (tampered result)")
     typed: tuple[int, ...] = ()
-    if isinstance(data.get("confirmation"), list) and data["confirmation"]:
-        detected, share, typed = _typed_detection(path, data, vocab_size)
+    if result.confirmation:
+        detected, share, typed = _typed_detection(path, result, vocab_size)
     else:  # an earlier 1.x result: the pseudo-trigger's gates decided
-        detected, share = _gate_detection(path, data)
+        detected, share = _gate_detection(path, result)
     # What the pseudo-trigger itself reached: a swapped trigger file must reproduce it too.
-    gate = data["gates"].get("pooled_same_target_ratio" if detected is DetectionPath.POOLED else "same_target_ratio")
-    pseudo_share = float(gate["value"]) if isinstance(gate, dict) and _number(gate.get("value")) else None
-    trigger, restarts = _read_trigger(_trigger_file(path, data), path, sha, width)
-    return Finding(result_path=path, schema_version=one_line(str(data["schema_version"]))[:20], model_sha256=sha,
-                   weight_files=files, verdict=verdict, score=float(data["score"]), path=detected, share=share,
-                   trigger=trigger, restarts=restarts, candidate_tokens=_candidates(data, vocab_size), typed=typed,
+    gate = result.gates.get("pooled_same_target_ratio" if detected is DetectionPath.POOLED else "same_target_ratio")
+    pseudo_share = float(gate.value) if gate is not None and gate.value is not None else None
+    trigger, restarts = _read_trigger(_trigger_file(path, result), path, sha, width)
+    return Finding(result_path=path, schema_version=one_line(result.schema_version)[:20], model_sha256=sha,
+                   weight_files=files, verdict=result.verdict, score=float(result.score), path=detected, share=share,
+                   trigger=trigger, restarts=restarts, candidate_tokens=_candidates(result, vocab_size), typed=typed,
                    pseudo_share=pseudo_share)
 
 

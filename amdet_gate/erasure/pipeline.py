@@ -42,6 +42,7 @@ from amdet_gate.gate import GateOptions, GateOutcome, prepare_outputs, run_gate
 from amdet_gate.outputs import append_step_summary
 from amdet_gate.policy import load_policy
 from amdet_gate.prompts import builtin_prompts, read_prompt_file
+from amdet_gate.result import ScanResult
 from amdet_gate.scanner import check_anchor_is_another_model, load_models, pick_device, split_prompts, tokenize
 from amdet_gate.settings import FAIL, PASS, Thresholds
 from amdet_gate.source import (
@@ -242,12 +243,12 @@ def _measure(loaded: _Loaded, prompts: _Prompts, finding: Finding, evidence: lis
     return fid, readings, shares
 
 
-def decide(rescan: dict, fid: Fidelity, min_fidelity: float, rounds: int) -> tuple[reports.Status, str]:
+def decide(rescan: ScanResult, fid: Fidelity, min_fidelity: float, rounds: int) -> tuple[reports.Status, str]:
     """Repaired only when the fresh re-scan passes and clean fidelity holds; otherwise why not."""
-    verdict = rescan["verdict"]
+    verdict = rescan.verdict
     if verdict != PASS:
         return reports.Status.NOT_REPAIRED, (f"the re-scan of the repaired copy is {verdict} after {rounds} "
-                                             f"round(s): {rescan['reason']}")
+                                             f"round(s): {rescan.reason}")
     if fid.value < min_fidelity:
         return reports.Status.NOT_REPAIRED, f"clean fidelity {fid.value:.4f} is below --min-fidelity {min_fidelity}"
     return reports.Status.REPAIRED, f"the re-scan passes and clean fidelity is {fid.value:.4f} (>= {min_fidelity})"
@@ -306,12 +307,12 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
         lap("edit_s")
         t_rescan = time.monotonic()
         rescan = _rescan(request, loaded, stage)
-        if rescan.result["model"]["identity_sha256"] != identity_sha256(repaired_files):
+        if rescan.scan_result.model.identity_sha256 != identity_sha256(repaired_files):
             raise LoadError(f"the re-scan of {request.out} read other weights than the repair wrote")
         lap("rescan_s")
         rounds.append(Round(len(rounds) + 1, tuple(e.probe.name for e in evidence), plan, rescan,
                             round(t_rescan - t_round, 3), round(time.monotonic() - t_rescan, 3)))
-        if rescan.result["verdict"] != FAIL or len(rounds) >= request.rounds:
+        if rescan.scan_result.verdict != FAIL or len(rounds) >= request.rounds:
             break
         # The fresh search found another pseudo-trigger on the repaired copy: erase it too, in a
         # new edit solved from the original weights with every probe so far.
@@ -326,7 +327,7 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
 
     fid, after, shares = _measure(loaded, prompts, finding, evidence, plan, thresholds, chunk)
     lap("measure_s")
-    status, reason = decide(rescan.result, fid, request.min_fidelity, len(rounds))
+    status, reason = decide(rescan.scan_result, fid, request.min_fidelity, len(rounds))
     code = ExitCode.PASS if status is reports.Status.REPAIRED else ExitCode.FAIL
     record = reports.RepairRecord(
         status=status, exit_code=int(code), reason=reason, model=request.model, subfolder=loaded.source.subfolder,
@@ -335,9 +336,9 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
         shares_after=tuple(shares), corruption=tuple(profile), fidelity=fid, min_fidelity=request.min_fidelity,
         before=before.gates, after=after.gates, typed_before=before.typed, typed_after=after.typed,
         thresholds=thresholds,
-        rounds=tuple(reports.RoundRecord(r.number, r.probes, r.plan.layers, r.plan.lam, r.rescan.result["verdict"],
-                                         float(r.rescan.result["score"]), r.rescan.result["reason"],
-                                         r.edit_s, r.rescan_s) for r in rounds),
+        rounds=tuple(reports.RoundRecord(r.number, r.probes, r.plan.layers, r.plan.lam,
+                                         str(r.rescan.scan_result.verdict), float(r.rescan.scan_result.score),
+                                         r.rescan.scan_result.reason, r.edit_s, r.rescan_s) for r in rounds),
         rescan_folder=request.rescan_folder, anchor=request.anchor, settings=settings,
         timings={**timings, "total_s": round(time.monotonic() - t0, 3)})
     paths = reports.write_reports(record, request.out / REPORT_FILE)

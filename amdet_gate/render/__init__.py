@@ -55,6 +55,7 @@ from amdet_gate.render.common import (
     parse_device,
     trigger_vectors,
 )
+from amdet_gate.result import ReversedTarget
 
 __all__ = [
     "CARD", "IMAGES_DIR", "MAX_IMAGES", "MAX_STEPS", "REGISTRY", "RENDERERS", "REQUEST_KINDS", "RenderJob",
@@ -138,11 +139,11 @@ def _check_request(req: RenderRequest) -> None:
 # ----------------------------------------------------------------------------- rendering
 
 
-def render(req: RenderRequest, target_feature: Tensor, result: dict, model_folder: Path, subfolder: str | None,
-           out_dir: Path, *, empty_feature: Tensor | None = None) -> list[Rendering]:
+def render(req: RenderRequest, target_feature: Tensor, reversed_target: ReversedTarget, model_folder: Path,
+           subfolder: str | None, out_dir: Path, *, empty_feature: Tensor | None = None) -> list[Rendering]:
     """Run the chosen renderer, then the tokens card; PNGs go to `out_dir/images/`.
 
-    `result` is the scan's result dict (its `reversed_target` feeds the tokens card).
+    `reversed_target` is the scan result's (its nearest tokens feed the tokens card).
     `empty_feature` (L x d) is the scanned encoder's output for the empty prompt, the
     unconditional branch of the diffusion renderer; when None it is computed by reloading the
     model from `model_folder`.
@@ -150,7 +151,7 @@ def render(req: RenderRequest, target_feature: Tensor, result: dict, model_folde
     kind = choose_renderer(req, model_folder, subfolder)
     if kind == "none":
         return []
-    job = RenderJob(check_feature(target_feature, "target feature"), result, Path(model_folder), subfolder,
+    job = RenderJob(check_feature(target_feature, "target feature"), reversed_target, Path(model_folder), subfolder,
                     Path(out_dir), empty_feature)
     names = [kind] if kind == CARD else [kind, CARD]
     return [get_renderer(name).render(req, job) for name in names]

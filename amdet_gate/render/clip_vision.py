@@ -352,4 +352,4 @@ class ClipVisionRenderer:
 
     def render(self, req: RenderRequest, job: RenderJob) -> Rendering:
         return render_clip_vision(req, job.target, job.model_folder, job.subfolder, job.out_dir,
-                                  result_trigger_vectors(job.result))
+                                  result_trigger_vectors(job.reversed_target))

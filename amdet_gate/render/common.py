@@ -21,6 +21,7 @@ from torch import Tensor
 
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.files import write_atomic
+from amdet_gate.result import ReversedTarget
 from amdet_gate.source import read_small
 
 IMAGES_DIR = "images"
@@ -61,7 +62,7 @@ class RenderJob:
     """What one `render` call works on, beside the request: the same for every renderer."""
 
     target: Tensor  # L x d, checked by `check_feature` (finite, float32, on the CPU)
-    result: dict  # the scan's result dict (untrusted: read it defensively)
+    reversed_target: ReversedTarget  # the scan's reversed target (its nearest tokens feed the tokens card)
     model_folder: Path  # the scanned model's folder
     subfolder: str | None  # the encoder's subfolder inside it, as given to the scan
     out_dir: Path  # PNGs go to out_dir/images/
@@ -103,11 +104,10 @@ def check_feature(feature: Tensor, what: str) -> Tensor:
     return feature
 
 
-def trigger_vectors(result: dict) -> int:
-    """K, the pseudo-trigger's vectors, from an (untrusted) result: 1 when absent or implausible."""
-    rt = result.get("reversed_target") if isinstance(result, dict) else None
-    k = rt.get("trigger_vectors") if isinstance(rt, dict) else None
-    return k if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 16 else 1
+def trigger_vectors(target: ReversedTarget) -> int:
+    """K, the pseudo-trigger's vectors: 1 when absent (before schema 1.2) or implausible."""
+    k = target.trigger_vectors
+    return k if k is not None and 1 <= k <= 16 else 1
 
 
 def write_image(out_dir: Path, name: str, data: bytes) -> str:

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from amdet_gate.render.common import RenderedImage, Rendering, RenderJob, RenderRequest, write_image
+from amdet_gate.result import NearToken, ReversedTarget
 from amdet_gate.sanitise import one_line
 
 CARD_FONT = "DejaVuSansMono.ttf"  # shipped inside matplotlib: same glyphs (and bytes) on every machine
@@ -37,49 +38,40 @@ def _code_points(raw: object, limit: int = 3) -> str:
     return f"  [{shown}{' ...' if len(seen) > limit else ''}]"
 
 
-def _number(value: object) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+def _number(value: float | None) -> str:
+    if value is not None and math.isfinite(value):
         return f"{value:6.3f}"
     return "   n/a"
 
 
-def _entries(reversed_target: object, key: str) -> list[dict]:
-    items = reversed_target.get(key) if isinstance(reversed_target, dict) else None
-    if not isinstance(items, list):
-        return []
-    return [item for item in items[:CARD_ROWS] if isinstance(item, dict)]
+def _position(item: NearToken) -> str:
+    return f"pos {item.position:>2}  " if item.position is not None else ""
 
 
-def _position(item: dict) -> str:
-    position = item.get("position")
-    return f"pos {position:>2}  " if isinstance(position, int) and not isinstance(position, bool) else ""
+def _token_label(item: NearToken) -> str:
+    return f'"{one_line(item.text, 30)}"{_code_points(item.text)}  id {item.id}'
 
 
-def _token_label(item: dict) -> str:
-    raw = item.get("text", "")
-    token_id = item.get("id")
-    ident = f"  id {token_id}" if isinstance(token_id, int) and not isinstance(token_id, bool) else ""
-    return f'"{one_line(raw, 30)}"{_code_points(raw)}{ident}'
+def _row(item: NearToken) -> str:
+    return f"{_position(item)}{_number(item.cosine)}  {_token_label(item)}"
 
 
-def token_sections(result: dict) -> list[tuple[str, list[str]]]:
-    """The card's sections as (heading, rows), from result["reversed_target"]."""
-    rt = result.get("reversed_target") if isinstance(result, dict) else None
-    trigger = [f"{_position(t)}{_number(t.get('cosine'))}  {_token_label(t)}" for t in _entries(rt, "trigger_tokens")]
+def token_sections(target: ReversedTarget) -> list[tuple[str, list[str]]]:
+    """The card's sections as (heading, rows), from the reversed target."""
+    trigger = [_row(t) for t in target.trigger_tokens[:CARD_ROWS]]
     # reverse.py decodes the positions after the trigger: 0 is BOS, 1..K the pseudo-trigger itself.
-    target = [f"{_position(t)}{_number(t.get('cosine'))}  {_token_label(t)}" for t in _entries(rt, "target_tokens")]
-    prompts = [f"{_number(p.get('similarity'))}  {one_line(p.get('prompt', ''), CARD_CHARS)}"
-               for p in _entries(rt, "target_prompts")]
+    targets = [_row(t) for t in target.target_tokens[:CARD_ROWS]]
+    prompts = [f"{_number(p.similarity)}  {one_line(p.prompt, CARD_CHARS)}" for p in target.target_prompts[:CARD_ROWS]]
     return [
         ("Pseudo-trigger: nearest vocabulary tokens (cosine, input embeddings)", trigger or ["(none)"]),
-        ("Target feature, position by position: nearest corpus tokens", target or ["(none)"]),
+        ("Target feature, position by position: nearest corpus tokens", targets or ["(none)"]),
         ("Corpus prompts whose clean features are nearest the target", prompts or ["(none)"]),
     ]
 
 
-def render_tokens(result: dict, out_dir: Path) -> Rendering:
-    """The tokens card from `result["reversed_target"]`: `images/tokens.png` in `out_dir`, and the same as text."""
-    sections = token_sections(result)
+def render_tokens(target: ReversedTarget, out_dir: Path) -> Rendering:
+    """The tokens card of the reversed target: `images/tokens.png` in `out_dir`, and the same as text."""
+    sections = token_sections(target)
     title = "amdet-gate: reversed target (nearest tokens and prompts)"
     lines = [title]
     for heading, rows in sections:
@@ -141,4 +133,4 @@ class TokensRenderer:
         return None
 
     def render(self, req: RenderRequest, job: RenderJob) -> Rendering:
-        return render_tokens(job.result, job.out_dir)
+        return render_tokens(job.reversed_target, job.out_dir)
