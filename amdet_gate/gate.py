@@ -28,6 +28,7 @@ from amdet_gate.outpaths import OutputPlan, check_plan, check_writable, clear, w
 from amdet_gate.policy import Policy, apply_policy, load_policy, require_finite
 from amdet_gate.result import ModelIdentity, PolicyDecision, PolicyRecord, RenderingRecord, ScanResult, dump
 from amdet_gate.result.codec import to_data
+from amdet_gate.result.document import SCHEMA_VERSION
 from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
 from amdet_gate.source import (
@@ -158,7 +159,8 @@ def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity:
     from amdet_gate.cache import CacheKey
     from amdet_gate.prompts import prompts_identity
 
-    effective = {"search": dataclasses.asdict(r.settings), "thresholds": dataclasses.asdict(r.thresholds),
+    effective = {"result_schema": SCHEMA_VERSION,  # a stored result of another schema is never restored
+                 "search": dataclasses.asdict(r.settings), "thresholds": dataclasses.asdict(r.thresholds),
                  "n_prompts": r.n_prompts, "prompts": prompts_identity(options.prompts),
                  "subfolder": r.model.subfolder, "device": r.device,
                  # Same weights under another config or tokenizer are another model.

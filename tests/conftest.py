@@ -64,6 +64,17 @@ def written_results_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outputs, "write_result", checked)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session fixtures that scan (before any test's own environment is set) use a cache of this run,
+    never the machine's: a stored verdict of an earlier run must not stand in for a scan."""
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("session-cache")
+        patch.setenv("AMDET_CACHE_DIR", str(root / "amdet-cache"))
+        patch.setenv("XDG_CONFIG_HOME", str(root / "config"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own verdict cache, and never writes to a real CI job summary."""

@@ -102,3 +102,16 @@ def test_the_tokenizer_reads_only_its_own_files(tiny_dir: Path, monkeypatch: pyt
     tok = load_tokenizer(tiny_dir)
     assert tok.source == "model folder" and not getattr(tok.tokenizer, "chat_template", None)
     assert torch.equal(tok(["a photo of a cat"], 7), bundled_tokenizer()(["a photo of a cat"], 7))
+
+
+def test_a_stored_result_of_another_schema_is_not_restored(tiny_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The result schema is part of the cache key: after a schema bump, every scan is a fresh one."""
+    import amdet_gate.gate
+
+    args = ("--threshold", "same_target=1", *FAST)
+    assert run_cli("scan", tiny_dir, *args, "--out", tmp_path / "a")[0] == 0
+    assert "verdict cache" in run_cli("scan", tiny_dir, *args, "--out", tmp_path / "b")[1]
+    monkeypatch.setattr(amdet_gate.gate, "SCHEMA_VERSION", "1.99")
+    code, stdout, stderr = run_cli("scan", tiny_dir, *args, "--out", tmp_path / "c")
+    assert code == 0 and "verdict cache" not in stdout, stderr
