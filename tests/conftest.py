@@ -177,3 +177,21 @@ def control_models(shared_builds: SharedBuilds) -> Controls:
 @pytest.fixture(scope="session")
 def control_model(control_models: Controls) -> Callable[[str], Path]:
     return control_models.__getitem__
+
+
+@pytest.fixture(scope="session")
+def control_scan(control_models: Controls, shared_builds: SharedBuilds) -> Callable[[str], tuple[int, Path]]:
+    """A default scan of a control through the CLI, once per run: name -> (exit code, output folder).
+    The budget is generous: on a busy shared CPU a starved scan would stop inconclusive."""
+    def scan(name: str) -> tuple[int, Path]:
+        def run(folder: Path) -> None:
+            folder.mkdir()
+            code, _, stderr = run_cli("scan", control_models[name], "--out", folder / "out", "--quiet",
+                                      "--time-budget", "20000")
+            assert (folder / "out" / "result.json").is_file(), stderr
+            (folder / "exit-code").write_text(str(code))
+
+        folder = shared_builds.get(f"scan-{name}", run)
+        return int((folder / "exit-code").read_text()), folder / "out"
+
+    return scan

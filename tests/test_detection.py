@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,6 @@ from amdet_gate.prompts import builtin_prompts
 from amdet_gate.reverse import nearest_trigger_tokens
 from amdet_gate.source import sha256_file
 from amdet_gate.tokenizer import bundled_tokenizer
-from tests.conftest import run_cli
 from tests.results import check_file
 
 BENIGN = ("benign_distill", "benign_contrastive")
@@ -27,14 +27,11 @@ BACKDOORED = TEXT_ON_TEXT + TEXT_ON_PAIR
 
 
 @pytest.fixture(scope="session")
-def scans(control_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
-    """Scan every control once through the CLI: name -> (exit code, result, output folder)."""
-    root = tmp_path_factory.mktemp("scans")
+def scans(control_scan: Callable[[str], tuple[int, Path]]) -> dict[str, tuple]:
+    """Every control scanned once through the CLI: name -> (exit code, result, output folder)."""
     out = {}
     for name in BENIGN + BACKDOORED:
-        folder = root / name
-        code, _, stderr = run_cli("scan", control_models[name], "--out", folder, "--quiet")
-        assert (folder / "result.json").is_file(), stderr
+        code, folder = control_scan(name)
         check_file(folder / "result.json")  # valid against the shipped schema, loads, re-dumps to the same bytes
         out[name] = (code, json.loads((folder / "result.json").read_text()), folder)
     return out

@@ -56,15 +56,15 @@ class Repaired:
 
 
 @pytest.fixture(scope="module")
-def repaired(control_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Repaired:
+def repaired(control_model: Callable[[str], Path], control_scan: Callable[[str], tuple[int, Path]],
+             tmp_path_factory: pytest.TempPathFactory) -> Repaired:
     root = tmp_path_factory.mktemp("repair")
     model = control_model(CONTROL)
-    # A generous time budget: on a busy shared CPU a starved scan would stop inconclusive.
-    code, _, stderr = run_cli("scan", model, "--out", root / "scan", "--no-cache", "-q", "--time-budget", BUDGET)
-    assert code == ExitCode.FAIL, stderr
-    code, stdout, stderr = run_cli("repair", model, "--result", root / "scan" / "result.json",
+    code, scan = control_scan(CONTROL)  # the default scan test_detection reads too
+    assert code == ExitCode.FAIL, (scan / "result.json").read_text()[:2000]
+    code, stdout, stderr = run_cli("repair", model, "--result", scan / "result.json",
                                    "--out", root / "repaired", "--no-cache", "-q", "--time-budget", BUDGET)
-    return Repaired(model, root / "scan", root / "repaired", code, stdout, stderr)
+    return Repaired(model, scan, root / "repaired", code, stdout, stderr)
 
 
 def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
