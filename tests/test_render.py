@@ -358,14 +358,14 @@ def test_core_import_does_not_need_diffusers() -> None:
 
 
 def test_trigger_vectors_are_read_from_an_untrusted_result() -> None:
-    assert rd.trigger_vectors(RESULT) == 2
-    assert rd.trigger_vectors(EMPTY) == 1  # a result before schema 1.2: one vector
+    assert RESULT.vectors == 2
+    assert EMPTY.vectors == 1  # a result before schema 1.2: one vector
     for implausible in (0, -3, 10**9):
-        assert rd.trigger_vectors(replace(RESULT, trigger_vectors=implausible)) == 1
+        assert replace(RESULT, trigger_vectors=implausible).vectors == 1
     for bad in (None, True, "2", 2.0, [2]):  # not an integer: result.json is refused before any renderer
         data = {"trigger_vectors": bad, "trigger_tokens": [], "target_tokens": []}
         if bad is None:
-            assert rd.trigger_vectors(from_data(ReversedTarget, data)) == 1
+            assert from_data(ReversedTarget, data).vectors == 1
         else:
             with pytest.raises(ResultError):
                 from_data(ReversedTarget, data)

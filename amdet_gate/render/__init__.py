@@ -53,14 +53,12 @@ from amdet_gate.render.common import (
     check_feature,
     model_dir,
     parse_device,
-    trigger_vectors,
 )
 from amdet_gate.result import ReversedTarget
 
 __all__ = [
     "CARD", "IMAGES_DIR", "MAX_IMAGES", "MAX_STEPS", "REGISTRY", "RENDERERS", "REQUEST_KINDS", "RenderJob",
     "RenderRequest", "RenderedImage", "Renderer", "Rendering", "choose_renderer", "get_renderer", "render",
-    "trigger_vectors",
 ]
 
 

@@ -36,7 +36,6 @@ from amdet_gate.render.common import (
     read_json,
     write_image,
 )
-from amdet_gate.render.common import trigger_vectors as result_trigger_vectors
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import find_weight_files, read_small
 
@@ -352,4 +351,4 @@ class ClipVisionRenderer:
 
     def render(self, req: RenderRequest, job: RenderJob) -> Rendering:
         return render_clip_vision(req, job.target, job.model_folder, job.subfolder, job.out_dir,
-                                  result_trigger_vectors(job.reversed_target))
+                                  job.reversed_target.vectors)

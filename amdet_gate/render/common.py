@@ -104,12 +104,6 @@ def check_feature(feature: Tensor, what: str) -> Tensor:
     return feature
 
 
-def trigger_vectors(target: ReversedTarget) -> int:
-    """K, the pseudo-trigger's vectors: 1 when absent (before schema 1.2) or implausible."""
-    k = target.trigger_vectors
-    return k if k is not None and 1 <= k <= 16 else 1
-
-
 def write_image(out_dir: Path, name: str, data: bytes) -> str:
     """Write `images/<name>` under `out_dir`; returns the path relative to `out_dir` (for result.json)."""
     relative = f"{IMAGES_DIR}/{name}"

@@ -55,5 +55,6 @@ class ReversedTarget:
 
     @property
     def vectors(self) -> int:
-        """K, 1 when the result predates schema 1.2."""
-        return self.trigger_vectors if self.trigger_vectors and self.trigger_vectors > 0 else 1
+        """K, the pseudo-trigger's vectors: 1 when absent (before schema 1.2) or implausible."""
+        k = self.trigger_vectors
+        return k if k is not None and 1 <= k <= 16 else 1
