@@ -68,7 +68,7 @@ from amdet_gate.result.codec import from_data, to_data
 from amdet_gate.reverse import ReversedTarget, reverse_target
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder, weight_identities
-from amdet_gate.token_search import Confirmation, confirm_outcome
+from amdet_gate.token_search import Confirmation, Objective, confirm_outcome
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 from amdet_gate.verdict import check_score, decide, margin, typed_score
 
@@ -331,7 +331,9 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     natural = natural_steering(models, held, request.thresholds, specials, chunk, seed=request.settings.seed,
                                span=request.settings.span_measures)
     stage("confirming with typed tokens")
-    typed = confirm_outcome(models, opt, held, outcome, natural, specials, request.settings, request.thresholds)
+    typed = confirm_outcome(models, opt, held, outcome, natural, specials, request.settings, request.thresholds,
+                            decisive=lambda c: c.objective is Objective.TOKENS
+                            and typed_score(c, request.thresholds) > 0.5)
     decision = decide(outcome, request.thresholds, request.inconclusive_band, natural,
                       decisive_steps(request.settings, len(opt)), typed, lambda ids: tok.decode(list(ids)))
     t_search = time.monotonic()

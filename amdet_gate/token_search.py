@@ -13,6 +13,7 @@ tokens and from ordinary words, and its result is measured like any trigger
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -168,8 +169,10 @@ def needs_confirmation(outcome: SearchOutcome, natural: NaturalSteering, t: Thre
 
 def confirm_outcome(models: Models, opt: PromptFeatures, held: PromptFeatures, outcome: SearchOutcome,
                     natural: NaturalSteering, excluded: set[int], settings: SearchSettings,
-                    t: Thresholds) -> dict[Objective, Confirmation]:
-    """A typed-trigger search for every objective whose free pseudo-trigger collapsed the prompts."""
+                    t: Thresholds, decisive: Callable[[Confirmation], bool]) -> dict[Objective, Confirmation]:
+    """A typed-trigger search for every objective whose free pseudo-trigger collapsed the prompts,
+    token path first. Once one confirmation is `decisive` (a finding on its own), the rest are
+    skipped: a second search could only add a weaker reason for the same verdict."""
     found = {}
     ids = opt.ids[: settings.confirm_prompts]
     for objective in needs_confirmation(outcome, natural, t):
@@ -177,4 +180,6 @@ def confirm_outcome(models: Models, opt: PromptFeatures, held: PromptFeatures, o
                   else outcome.triggers[outcome.best_restart])
         found[objective] = confirm_with_tokens(models, ids, held, pseudo.to(ids.device), objective, excluded, t,
                                                TokenSearchSettings.of(settings), settings.chunk_size)
+        if decisive(found[objective]):
+            break
     return found

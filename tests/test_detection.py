@@ -69,11 +69,14 @@ def test_text_on_pair_is_led_by_the_pooled_path_and_never_passes(scans: dict, na
     the pooled output comes from, which is a finding of its own."""
     code, result, _ = scans[name]
     assert (code, result["verdict"]) in ((ExitCode.ERROR, "inconclusive"), (ExitCode.FAIL, "fail"))
+    assert result["pooled"]["stop_reason"] == "detected" and result["score"] > 0.5
+    typed = {c["objective"]: c for c in result["confirmation"]}
     if result["verdict"] == "inconclusive":
         assert "--anchor" in result["reason"]
-    assert result["pooled"]["stop_reason"] == "detected"
-    typed = {c["objective"]: c for c in result["confirmation"]}
-    assert typed["pooled"]["pooled_same_target_ratio"] >= 0.9 and result["score"] > 0.5
+        assert typed["pooled"]["pooled_same_target_ratio"] >= 0.9
+    else:  # the token path's typed trigger is the finding; the pooled typed search is then skipped
+        assert "typed tokens" in result["reason"] and list(typed) == ["tokens"]
+        assert typed["tokens"]["pooled_same_target_ratio"] >= 0.9
 
 
 @pytest.mark.parametrize("name", BENIGN)
