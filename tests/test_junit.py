@@ -208,3 +208,39 @@ def test_a_failed_run_writes_the_error_junit_like_the_error_sarif(tiny_dir: Path
         (case,) = parse(path.read_bytes()).findall("testcase")
         assert case.find(tag).get("type") == sarif["ruleId"]
         assert case.find(tag).get("message") == sarif["message"]["text"]
+
+
+def test_a_checkpoint_with_several_encoders_gets_a_case_per_encoder_and_its_t5(tmp_path: Path) -> None:
+    """The several-encoders summary through the whole gate: an SDXL-style file with one unreadable encoder, and a T5."""
+    import torch
+
+    from tests import tiny_checkpoints as tc
+
+    clip_l, clip_g = tc.tiny_encoder(64, 2, seed=0), tc.tiny_encoder(128, 2, seed=1)
+    path = tc.sd3_file(tmp_path / "sd3.safetensors", clip_l, clip_g)
+    out, copy, html = tmp_path / "out", tmp_path / "ci" / "amdet.xml", tmp_path / "ci" / "amdet.html"
+    code, _, stderr = run_cli("scan", path, *PASS, "--out", out, "--junit", copy, "--html", html)
+    assert code == ExitCode.PASS, stderr
+    assert copy.read_bytes() == (out / "report.junit.xml").read_bytes()
+    suite = parse(copy.read_bytes())
+    cases = suite.findall("testcase")
+    assert cases[0].get("name").endswith("(text_encoder)") and cases[1].get("name").endswith("(text_encoder_2)")
+    assert "text_encoder_3" in cases[2].get("name")
+    assert [c.find("skipped") is not None for c in cases] == [False, False, True]
+    assert properties(suite)["text_encoder_2.encoder"] == "text_encoder_2"
+    for name in ("text_encoder", "text_encoder_2"):  # each encoder's own report too
+        (case,) = [c for c in parse((out / name / "report.junit.xml").read_bytes()).findall("testcase")
+                   if c.find("skipped") is None]
+        assert case.get("name").endswith(f"({name})")
+    assert 'href="../out/text_encoder_2/report.html"' in html.read_text()  # the copy links from where it lies
+    assert 'href="text_encoder_2/report.html"' in (out / "report.html").read_text()
+
+    tensors = {**tc.to_transformers(clip_l, "conditioner.embedders.0.transformer."),
+               **tc.to_open_clip(clip_g, "conditioner.embedders.1.model.")}
+    tensors["conditioner.embedders.1.model.ln_final.weight"] = torch.full((128,), float("nan"))
+    broken = tc.save(tensors, tmp_path / "sdxl.safetensors")
+    code, _, stderr = run_cli("scan", broken, *PASS, "--out", tmp_path / "b")
+    assert code == ExitCode.ERROR, stderr
+    good, bad = parse((tmp_path / "b" / "report.junit.xml").read_bytes()).findall("testcase")
+    assert [child.tag for child in good] == ["system-out"]
+    assert bad.find("error").get("type") == "AMDET003" and bad.get("name").endswith("(text_encoder_2)")
