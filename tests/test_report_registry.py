@@ -170,9 +170,14 @@ def test_a_registered_format_is_cleared_at_the_start_and_written_on_errors(plugi
 
 @pytest.mark.slow
 def test_a_registered_format_is_written_copied_and_cached(plugin, tiny_dir: Path, tmp_path: Path) -> None:
-    for run in ("a", "b"):  # the second is a cache hit: the format's file comes back from the cache
-        done = plugin("scan", tiny_dir, *PASS, "--out", tmp_path / run, "--plain", tmp_path / f"{run}.txt")
-        assert done.returncode == 0, done.stderr
-        assert (tmp_path / run / "verdict.txt").read_text() == (tmp_path / f"{run}.txt").read_text() == "verdict pass\n"
-        assert json.loads((tmp_path / run / "result.json").read_text())["artifacts"]["plain"] == "verdict.txt"
-    assert "verdict cache" in done.stdout
+    from tests.conftest import run_cli
+
+    code, _, stderr = run_cli("scan", tiny_dir, *PASS, "--out", tmp_path / "old")  # before the format existed
+    assert code == 0 and not (tmp_path / "old" / "verdict.txt").exists(), stderr
+    # A cache hit on that entry: the format's file is rendered from the stored result, and copied.
+    done = plugin("scan", tiny_dir, *PASS, "--out", tmp_path / "a", "--plain", tmp_path / "a.txt")
+    assert done.returncode == 0 and "verdict cache" in done.stdout, done.stderr
+    assert (tmp_path / "a" / "verdict.txt").read_text() == (tmp_path / "a.txt").read_text() == "verdict pass\n"
+    done = plugin("scan", tiny_dir, *PASS, "--no-cache", "--out", tmp_path / "c")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "c" / "result.json").read_text())["artifacts"]["plain"] == "verdict.txt"
