@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from amdet_gate.errors import LoadError, PickleRefused, UnsupportedModel, UsageError
-from amdet_gate.markdown import md_text, render_markdown
+from amdet_gate.report.markdown import md_text, render_markdown
 from amdet_gate.source import (
     UnpinnedRevision,
     check_pin,

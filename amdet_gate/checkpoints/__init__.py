@@ -6,7 +6,7 @@ and OpenCLIP text-encoder files, the encoders of a diffusers pipeline, and LoRA 
   families.py          the config it is built with: shipped (CLIP-L, OpenCLIP-H, bigG), inferred, --config
   load.py, loader.py   reading only that encoder's tensors; the LoRA merge (lora.py); the layer (layer.py)
   inventory.py, attach.py  which encoders a scan runs, and the glue to the gate
-  summary.py           the reports of a model with several encoders (multiscan.py runs them)
+  summary.py           the lines each report adds on the encoder and layer (the reports: amdet_gate/report)
 
 The user-facing description, one command per source, is docs/sources.md.
 """
