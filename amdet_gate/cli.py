@@ -18,11 +18,11 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from amdet_gate import __version__
 from amdet_gate.cli_output import Display, print_outcome, say, say_error, terminate_as_interrupt
 from amdet_gate.errors import ExitCode, GateError, UsageError
 from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
+from amdet_gate.version import __version__
 
 
 class _ExitCodeGroup(TyperGroup):

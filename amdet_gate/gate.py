@@ -18,12 +18,12 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from amdet_gate import __version__
 from amdet_gate.errors import ExitCode, GateError, LoadError, UsageError
+from amdet_gate.gate_options import GateOptions, GateOutcome
 from amdet_gate.outpaths import OutputPlan, check_plan, check_writable, clear, write_error_outputs
 from amdet_gate.policy import Policy, apply_policy, load_policy, require_finite
 from amdet_gate.result import ModelIdentity, PolicyDecision, PolicyRecord, RenderingRecord, ScanResult, dump
@@ -43,60 +43,7 @@ from amdet_gate.source import (
     resolve_source,
     weight_identities,
 )
-
-
-@dataclass
-class GateOptions:
-    """What one scan is asked to do; None means: take it from the policy (then the default)."""
-
-    model: str
-    revision: str | None = None
-    subfolder: str | None = None
-    anchor: str | None = None
-    anchor_revision: str | None = None
-    anchor_subfolder: str | None = None
-    policy: Path | None = None
-    prompts: Path | None = None
-    n_prompts: int | None = None
-    out: Path = Path("amdet-out")
-    sarif: Path | None = None
-    html: Path | None = None
-    markdown: Path | None = None
-    seed: int | None = None
-    restarts: int | None = None
-    max_steps: int | None = None
-    time_budget: float | None = None
-    device: str | None = None
-    thresholds: dict[str, float] = field(default_factory=dict)
-    render: str = "auto"
-    pipeline: str | None = None  # a Stable Diffusion pipeline folder or Hub id
-    pipeline_revision: str | None = None
-    vision: Path | None = None
-    render_steps: int | None = None
-    lock: Path | None = None
-    use_cache: bool = True
-    cache_dir: Path | None = None
-    follow_symlinks: bool = False  # model files may resolve outside the model folder
-    # Single-file checkpoints, multi-encoder models, LoRA (amdet_gate/checkpoints, docs/sources.md).
-    encoder: str | None = None  # --encoder: one of the model's text encoders
-    layer: str | None = None  # --layer final|-N (default: what the model's family reads)
-    text_config: Path | None = None  # --config: the encoder's config.json, for a single-file checkpoint
-    tokenizer: Path | None = None  # --tokenizer FOLDER
-    lora: Path | None = None  # --lora: merged into the base before the scan
-    lora_scale: float | None = None
-
-
-@dataclass
-class GateOutcome:
-    result: dict  # result.json's content (the public API's view; `scan_result` is the typed one)
-    exit_code: ExitCode
-    note: str  # what the policy did, if anything ("allowed by ...", "reported as a warning")
-    paths: dict[str, Path]
-    cache_hit: bool = False
-    warnings: list[str] = field(default_factory=list)
-    encoder_runs: list = field(default_factory=list)  # a model of several text encoders: each one's run
-    scan_result: ScanResult | None = None  # the typed result (None for the summary of several encoders)
-    decision: PolicyDecision | None = None  # the policy's decision (None for the summary of several encoders)
+from amdet_gate.version import __version__
 
 
 @dataclass(frozen=True)
@@ -475,9 +422,7 @@ def _attach(model: ModelSource, options: GateOptions) -> ModelSource:
 
 
 def _encoder_identity(source: ModelSource) -> dict | None:
-    from amdet_gate.checkpoints.attach import cache_identity
-
-    return cache_identity(source)
+    return source.encoder.cache_identity() if source.encoder is not None else None
 
 
 def _unscanned_policy(model: ModelIdentity, policy: Policy, decision: PolicyDecision,

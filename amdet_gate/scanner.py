@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from amdet_gate import __version__
 from amdet_gate.confirm import NaturalSteering, natural_steering
 from amdet_gate.encoder import LoadedEncoder, load_encoder
 from amdet_gate.engine import (
@@ -71,6 +70,7 @@ from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenize
 from amdet_gate.token_search import Confirmation, confirm_outcome
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 from amdet_gate.verdict import check_score, decide, margin, typed_score
+from amdet_gate.version import __version__
 
 RESULT_SCHEMA_VERSION = SCHEMA_VERSION  # the history of the versions: amdet_gate/result/document.py
 
@@ -123,9 +123,10 @@ def load_models(model: ModelSource, anchor_source: ModelSource | None, device: t
         if source is not None:
             check_contained(source)
     if model.encoder is not None:  # an encoder of a checkpoint file or a pipeline, a LoRA, --layer
-        from amdet_gate.checkpoints.attach import identities, load
+        from amdet_gate.checkpoints.attach import identities
+        from amdet_gate.checkpoints.loader import load_ref
 
-        suspect = load(model, weights)
+        suspect = load_ref(model, weights)
         now = identities(model) if weights is not None else None
     else:
         suspect = load_encoder(model.root, model.subfolder, weights)
@@ -137,9 +138,9 @@ def load_models(model: ModelSource, anchor_source: ModelSource | None, device: t
     if anchor_source is not None:
         anchor = load_encoder(anchor_source.root, anchor_source.subfolder)
         if model.encoder is not None:  # read at the model's layer
-            from amdet_gate.checkpoints.attach import load_anchor
+            from amdet_gate.checkpoints.loader import wrap_anchor
 
-            anchor = load_anchor(anchor, model)
+            anchor = wrap_anchor(anchor, model)
         s, a = suspect.adapter, anchor.adapter
         if (s.hidden_size, s.seq_len) != (a.hidden_size, a.seq_len):
             raise UsageError(f"anchor width/positions {a.hidden_size}/{a.seq_len} differ from the "
@@ -266,9 +267,9 @@ def check_tokenizer_fits(tokenizer: PromptTokenizer, prompts: list[str], ids: to
 def model_tokenizer(model: ModelSource, encoder: LoadedEncoder) -> PromptTokenizer:
     """The model's tokenizer; for an encoder of a checkpoint file, padded as its family pads."""
     if model.encoder is not None:
-        from amdet_gate.checkpoints.attach import tokenizer_for
+        from amdet_gate.checkpoints.loader import tokenizer_of
 
-        return tokenizer_for(model, encoder)
+        return tokenizer_of(model, encoder)
     return load_tokenizer(tokenizer_folder(model))
 
 

@@ -18,14 +18,12 @@ import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from amdet_gate.errors import ExitCode, GateError, LoadError, PickleRefused, UnsupportedModel, UsageError
 from amdet_gate.files import OutsideFolder, open_regular, read_capped_text, resolve_inside
 from amdet_gate.sanitise import one_line
-
-if TYPE_CHECKING:
-    from amdet_gate.checkpoints.ref import EncoderRef
+from amdet_gate.sources.model import WeightFile, identity_sha256  # noqa: F401 - importers move in the next commit
+from amdet_gate.sources.selection import EncoderRef
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SINGLE_FILE = "model.safetensors"
@@ -51,13 +49,6 @@ class UnpinnedRevision(GateError):
 
     exit_code = ExitCode.FAIL
     rule_id = "AMDET100"
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    name: str
-    sha256: str
-    size: int
 
 
 @dataclass(frozen=True)
@@ -289,14 +280,6 @@ def check_hub_sha256(source: ModelSource, files: list[WeightFile]) -> None:
         if file.name in listed and listed[file.name] != file.sha256:
             raise LoadError(f"{source.spec}@{source.resolved_sha}: {file.name} in the local cache has sha256 "
                             f"{file.sha256[:16]}..., the Hub lists {listed[file.name][:16]}...; clear the cache")
-
-
-def identity_sha256(files: list[WeightFile]) -> str:
-    """The model's identity: its weight file's sha256, or for shards a sha256 over all of them."""
-    if len(files) == 1:
-        return files[0].sha256
-    lines = "".join(f"{w.name} {w.sha256}\n" for w in sorted(files, key=lambda w: w.name))
-    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def has_tokenizer_files(folder: Path) -> bool:

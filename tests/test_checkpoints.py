@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from amdet_gate.checkpoints.attach import EncoderOptions, attach, identities, scan_targets, tokenizer_for
+from amdet_gate.checkpoints.attach import EncoderOptions, attach, identities, scan_targets
 from amdet_gate.checkpoints.families import choose_config
 from amdet_gate.checkpoints.inventory import inventory
-from amdet_gate.checkpoints.loader import load_ref
+from amdet_gate.checkpoints.loader import load_ref, tokenizer_of
 from amdet_gate.checkpoints.tower import map_tower
 from amdet_gate.encoder import load_encoder
 from amdet_gate.safetensors_header import read_header
@@ -101,10 +101,10 @@ def test_sd2_drops_the_last_block_and_pads_with_zero(tmp_path: Path, encoders: d
     source, enc = loaded(path)
     assert enc.config["num_hidden_layers"] == 2 and enc.adapter.projection is None  # SD 2.x reads no projection
     assert_same_tensors(enc, folder_encoder(tmp_path / "hf", model))
-    tokenizer = tokenizer_for(source, enc)
+    tokenizer = tokenizer_of(source, enc)
     assert tokenizer.tokenizer.pad_token_id == 0 and tokenizer(["a cat"], 77)[0, -1] == 0
     _, sd1 = loaded(tc.sd1_file(tmp_path / "sd1.safetensors", model))
-    assert tokenizer_for(attach(resolve_source(str(tmp_path / "sd1.safetensors")), EncoderOptions()),
+    assert tokenizer_of(attach(resolve_source(str(tmp_path / "sd1.safetensors")), EncoderOptions()),
                          sd1).tokenizer.pad_token_id == 49407  # OpenAI's CLIP pads with <|endoftext|>
 
 
@@ -140,7 +140,7 @@ def test_converted_open_clip_gives_the_same_outputs(tmp_path: Path, under_text: 
     source, enc = loaded(folder)
     assert (source.encoder.layout, enc.config["hidden_act"], enc.config["num_attention_heads"]) == \
         ("open-clip", "gelu", 2)
-    ids = tokenizer_for(source, enc)(["a photo of a cat", "an astronaut riding a horse on the moon"], 77)
+    ids = tokenizer_of(source, enc)(["a photo of a cat", "an astronaut riding a horse on the moon"], 77)
     assert ids[0, -1] == 0  # OpenCLIP pads with 0
     prefix = "text." if under_text else ""
     state = {k.removeprefix(prefix): v for k, v in tc.to_open_clip(model, prefix).items()}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModel
 
-from amdet_gate.checkpoints.layer import LayerChoice
 from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.sources.selection import LayerChoice
 
 
 class LayerAdapter(TextEncoderAdapter):

@@ -4,8 +4,7 @@
                            else their names (several: one scan each, multiscan.py)
   attach(source, options)  the ModelSource of one encoder, with its EncoderRef
   identities(source)       the weight files that identify it (the checkpoint, and the LoRA)
-  load(source, weights)    the loaded encoder (scanner.load_models)
-  tokenizer_for(source)    its tokenizer, padded as its family pads
+Loading it is loader.py's (scanner.load_models calls it): nothing here imports torch or the loader.
 """
 
 from __future__ import annotations
@@ -17,14 +16,12 @@ from typing import TYPE_CHECKING
 
 from amdet_gate.checkpoints.inventory import Inventory, inventory, select
 from amdet_gate.checkpoints.layer import choose
-from amdet_gate.checkpoints.ref import EncoderRef, LoraRef
 from amdet_gate.errors import UsageError
 from amdet_gate.sanitise import one_line
+from amdet_gate.sources.selection import EncoderRef, LoraRef
 
 if TYPE_CHECKING:
-    from amdet_gate.encoder import LoadedEncoder
     from amdet_gate.source import ModelSource, WeightFile
-    from amdet_gate.tokenizer import PromptTokenizer
 
 
 @dataclass(frozen=True)
@@ -171,32 +168,3 @@ def small_files(source: ModelSource) -> dict[str, Path]:
     if ref.lora is not None:
         files["adapter_config.json"] = ref.lora.path.parent / "adapter_config.json"
     return files
-
-
-def cache_identity(source: ModelSource) -> dict | None:
-    """What the cache key adds for an EncoderRef: which encoder, which layer, the LoRA scale."""
-    ref = source.encoder
-    if ref is None:
-        return None
-    return {"encoder": ref.name, "layout": ref.layout, "layer": ref.layer.name,
-            "lora_scale": ref.lora.scale if ref.lora else None,
-            "tokenizer": str(ref.tokenizer) if ref.tokenizer else None}
-
-
-def load(source: ModelSource, weights: list[WeightFile] | None) -> LoadedEncoder:
-    """The encoder this source names, with its LoRA merged and its layer chosen (scanner.load_models)."""
-    from amdet_gate.checkpoints.loader import load_ref
-
-    return load_ref(source, weights)
-
-
-def tokenizer_for(source: ModelSource, encoder: LoadedEncoder | None = None) -> PromptTokenizer:
-    from amdet_gate.checkpoints.loader import tokenizer_of
-
-    return tokenizer_of(source, encoder)
-
-
-def load_anchor(anchor: LoadedEncoder, model: ModelSource) -> LoadedEncoder:
-    from amdet_gate.checkpoints.loader import wrap_anchor
-
-    return wrap_anchor(anchor, model)

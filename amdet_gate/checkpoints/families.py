@@ -23,12 +23,13 @@ from pathlib import Path
 
 from transformers import CLIPTextConfig
 
-from amdet_gate.checkpoints.parts import PROJECTION, EncoderPart, Naming, Pad
+from amdet_gate.checkpoints.parts import PROJECTION, Pad
 from amdet_gate.checkpoints.tower import TowerMap
 from amdet_gate.encoder import MAX_PARAMETERS, SIZE_LIMITS, validate_transformer_config
 from amdet_gate.errors import LoadError, UnsupportedModel, UsageError
 from amdet_gate.files import read_capped_text
 from amdet_gate.sanitise import one_line
+from amdet_gate.sources.selection import EncoderPart, Naming
 
 FAMILY_FILES = ("clip-l", "openclip-h", "openclip-h-24", "openclip-bigg")
 HEAD_WIDTH = 64

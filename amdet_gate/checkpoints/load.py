@@ -19,14 +19,14 @@ from transformers import CLIPTextModel
 
 from amdet_gate.checkpoints.adapter import LayerAdapter
 from amdet_gate.checkpoints.families import ChosenConfig, check_shapes, choose_config, hf_config, open_clip_text_config
-from amdet_gate.checkpoints.layer import LayerChoice
-from amdet_gate.checkpoints.parts import PROJECTION, EncoderPart, Naming
+from amdet_gate.checkpoints.parts import PROJECTION
 from amdet_gate.checkpoints.tower import TowerMap, map_tower
 from amdet_gate.encoder import FLOAT_DTYPES, LoadedEncoder, reason
 from amdet_gate.errors import LoadError
 from amdet_gate.safetensors_header import Header, read_header
 from amdet_gate.sanitise import one_line
 from amdet_gate.source import WeightFile
+from amdet_gate.sources.selection import EncoderPart, LayerChoice, Naming
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 from amdet_gate.checkpoints.adapter import LayerAdapter
 from amdet_gate.checkpoints.lora import ANY_ENCODER, LoraPlan, merge, plan_lora
 from amdet_gate.checkpoints.parts import Pad
-from amdet_gate.checkpoints.ref import EncoderRef
 from amdet_gate.errors import UnsupportedModel, UsageError
 from amdet_gate.safetensors_header import read_header
 from amdet_gate.sanitise import one_line
+from amdet_gate.sources.selection import EncoderRef
 
 if TYPE_CHECKING:
     from amdet_gate.encoder import LoadedEncoder

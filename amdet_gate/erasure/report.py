@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from amdet_gate import __version__
 from amdet_gate.erasure.findings import Finding
 from amdet_gate.erasure.measure import Fidelity, GateReading, TypedReading
 from amdet_gate.erasure.plan import Corruption, Evidence, Plan, RepairSettings
@@ -18,6 +17,7 @@ from amdet_gate.outputs import _json_safe, write_json, write_text
 from amdet_gate.sanitise import md_text, one_line
 from amdet_gate.settings import Thresholds
 from amdet_gate.source import WeightFile, identity_sha256
+from amdet_gate.version import __version__
 
 REPAIR_SCHEMA_VERSION = "1.0"
 LABEL = "repaired, re-verify before use"
