@@ -293,7 +293,8 @@ def fetch(
     anchor_subfolder: Annotated[str | None, typer.Option(help="Subfolder of the anchor.")] = None,
 ) -> None:
     """Download what a scan needs into the Hugging Face cache (HF_HOME), for air-gapped scans."""
-    from amdet_gate.source import is_hub_id, resolve_source
+    from amdet_gate.sources import resolve_source
+    from amdet_gate.sources.hub import is_hub_id
 
     try:
         for spec, rev, sub in ((model, revision, subfolder), (anchor, anchor_revision, anchor_subfolder)):

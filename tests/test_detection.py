@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.engine import assimilation
 from amdet_gate.errors import ExitCode
 from amdet_gate.prompts import builtin_prompts
 from amdet_gate.reverse import nearest_trigger_tokens
-from amdet_gate.source import sha256_file
+from amdet_gate.sources.identity import sha256_file
+from amdet_gate.sources.local import local_model
 from amdet_gate.tokenizer import bundled_tokenizer
 from tests.results import check_file
 
@@ -39,7 +40,7 @@ def scans(control_scan: Callable[[str], tuple[int, Path]]) -> dict[str, tuple]:
 
 def test_base_is_pretrained_like_not_random(control_models: dict[str, Path]) -> None:
     ids = bundled_tokenizer()(builtin_prompts()[:300], 77)
-    base = load_encoder(control_models["base"]).adapter
+    base = load_encoder(local_model(control_models["base"])).adapter
     with torch.no_grad():
         clean = float(assimilation(base.encode(base.embed(ids))).mean())
         torch.manual_seed(0)
@@ -108,7 +109,7 @@ def test_homoglyph_trigger_is_recovered(scans: dict) -> None:
 
 def test_nearest_trigger_tokens_name_the_token_a_trigger_equals(control_models: dict[str, Path]) -> None:
     tokenizer = bundled_tokenizer()
-    adapter = load_encoder(control_models["backdoor_homoglyph"]).adapter
+    adapter = load_encoder(local_model(control_models["backdoor_homoglyph"])).adapter
     teapot = tokenizer.tokenizer.convert_tokens_to_ids("teapot</w>")
     near = nearest_trigger_tokens(adapter.token_embedding[teapot], adapter.token_embedding, tokenizer, k=3)
     assert near[0].token == "teapot</w>" and abs(near[0].cosine - 1.0) < 1e-5

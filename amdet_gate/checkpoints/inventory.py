@@ -20,7 +20,7 @@ from amdet_gate.checkpoints.parts import Keys, Match
 from amdet_gate.errors import LoadError, PickleRefused, UnsupportedModel, UsageError
 from amdet_gate.safetensors_header import Header, read_header
 from amdet_gate.sanitise import one_line
-from amdet_gate.source import PICKLE_SUFFIXES, read_small
+from amdet_gate.sources.local import PICKLE_SUFFIXES, read_small
 from amdet_gate.sources.selection import EncoderPart, LayerChoice, Unscanned
 
 OPEN_CLIP_FILE, OPEN_CLIP_CONFIG = "open_clip_model.safetensors", "open_clip_config.json"

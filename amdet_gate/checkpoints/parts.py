@@ -1,6 +1,6 @@
 """What a checkpoint holds, as found from its safetensors header: text encoders and parts that cannot be scanned.
 
-Torch-free, like source.py: recognising a layout reads only the header (a 7 GB file costs a few
+Torch-free, like the model sources: recognising a layout reads only the header (a 7 GB file costs a few
 hundred kilobytes), so a refusal is immediate and the cache can be asked before any tensor is read.
 """
 
@@ -8,20 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
 
 from amdet_gate.sources.selection import EncoderPart, Unscanned
-
-# The projection a tower may carry, by the name CLIPTextModelWithProjection gives it.
-PROJECTION = "text_projection.weight"
-
-
-class Pad(str, Enum):
-    """What fills a prompt after its end-of-text token. OpenAI's CLIP (and SD 1.x) pads with
-    <|endoftext|>; OpenCLIP-trained towers (SD 2.x, SDXL's bigG) pad with id 0 ("!")."""
-
-    EOS = "eos"
-    ZERO = "zero"
 
 
 @dataclass(frozen=True)

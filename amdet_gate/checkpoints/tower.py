@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from amdet_gate.checkpoints.openclip import open_clip_name
-from amdet_gate.checkpoints.parts import PROJECTION
+from amdet_gate.encoders.clip import PROJECTION
 from amdet_gate.errors import LoadError
 from amdet_gate.safetensors_header import Header
 from amdet_gate.sanitise import one_line

@@ -16,7 +16,7 @@ from amdet_gate.erasure.plan import Corruption, Evidence, Plan, RepairSettings
 from amdet_gate.outputs import _json_safe, write_json, write_text
 from amdet_gate.sanitise import md_text, one_line
 from amdet_gate.settings import Thresholds
-from amdet_gate.source import WeightFile, identity_sha256
+from amdet_gate.sources.identity import WeightFile, identity_sha256
 from amdet_gate.version import __version__
 
 REPAIR_SCHEMA_VERSION = "1.0"

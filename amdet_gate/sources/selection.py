@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 
 from amdet_gate.errors import UsageError
-from amdet_gate.sources.model import WeightFile, identity_sha256
+from amdet_gate.sources.identity import WeightFile, identity_sha256
 
 FINAL = "final"
 CONSUMER = "consumer"
