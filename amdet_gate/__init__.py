@@ -29,13 +29,20 @@ def scan(model: str, *, policy: str | Path | None = None, out: str | Path = "amd
     """Scan one model like `amdet-gate scan` (same options, as keyword arguments) and return the outcome."""
     from amdet_gate.errors import GateError
     from amdet_gate.gate import GateOptions, run_gate
+    from amdet_gate.report import formats
 
-    for name in ("sarif", "html", "markdown", "prompts", "vision", "lock", "cache_dir", "lora", "text_config",
-                 "tokenizer"):
+    # A report copy is named as on the command line (sarif="amdet.sarif", junit=...), or given as reports={...}.
+    reports = {name: Path(path) for name, path in (options.pop("reports", None) or {}).items() if path is not None}
+    for fmt in formats():
+        path = options.pop(fmt.name, None)
+        if path is not None:
+            reports[fmt.name] = Path(path)
+    for name in ("prompts", "vision", "lock", "cache_dir", "lora", "text_config", "tokenizer"):
         if options.get(name) is not None:
             options[name] = Path(options[name])
     try:
-        return run_gate(GateOptions(model=model, policy=Path(policy) if policy else None, out=Path(out), **options))
+        return run_gate(GateOptions(model=model, policy=Path(policy) if policy else None, out=Path(out),
+                                    reports=reports, **options))
     except GateError:
         raise
     except Exception as exc:  # one error type for callers, so that a hook can fail closed on it

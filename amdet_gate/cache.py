@@ -18,8 +18,8 @@ Layout (under the cache root, `default_cache_dir`):
     v1/<key digest>/manifest.json  key fields, model identity, verdict, score, and every
                                    file's relative path, size and sha256
     v1/<key digest>/manifest.hmac  HMAC-SHA256 of manifest.json's bytes under the cache key
-    v1/<key digest>/files/...      the output folder's files (result.json, result.sarif,
-                                   report.html, summary.md, *.safetensors, images/*.png, ...)
+    v1/<key digest>/files/...      the output folder's files (result.json, each report format's
+                                   file, *.safetensors, images/*.png, ...)
     v1/.tmp-*                    entries being written; renamed into place when complete
 
 Integrity. `lookup` trusts nothing it reads from the cache folder. An entry is used only
@@ -115,10 +115,10 @@ MIN_ENV_SECRET_CHARS = 16
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_ENTRY_BYTES = 256 * 1024 * 1024  # all files of one entry; a scan's outputs are a few MiB
 CACHEABLE_VERDICTS = ("pass", "fail")
-# The files of an output folder worth restoring; anything else there (the user's own files,
-# a model that happens to sit in the output folder) is never copied into the cache.
-OUTPUT_PATTERNS = ("result.json", "result.sarif", "report.html", "summary.md", "*.safetensors", "*.png",
-                   "textual_inversion/*.safetensors", "images/*.png")
+# The files of an output folder worth restoring, besides each report format's file (`output_patterns`);
+# anything else there (the user's own files, a model that happens to sit in the output folder) is never
+# copied into the cache.
+ARTIFACT_PATTERNS = ("*.safetensors", "*.png", "textual_inversion/*.safetensors", "images/*.png")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST_NAME = _SHA256
@@ -408,7 +408,7 @@ class VerdictCache:
 
         result: the result the caller is about to report; if given, result.json in `out_dir`
         must say the same (model identity, verdict, score), else nothing is stored.
-        files: relative paths to store (default: whatever matches OUTPUT_PATTERNS). Only
+        files: relative paths to store (default: whatever matches output_patterns()). Only
         regular files, never through a symlink; result.json is required and must describe the
         weights, anchor, policy and tool version of `key` (else the key was computed wrongly
         and nothing is stored). Inconclusive results are not stored (None is returned). The
@@ -671,11 +671,18 @@ def _result_mismatch(result: ScanResult, key: CacheKey) -> str | None:
     return None
 
 
+def output_patterns() -> tuple[str, ...]:
+    """What `store` copies from an output folder by default: the result, the artifacts, every report."""
+    from amdet_gate.report import formats  # the registry imports the format modules: not for a bare import
+
+    return ("result.json", *(f.file_name for f in formats()), *ARTIFACT_PATTERNS)
+
+
 def _collect(out_dir: Path, files: Sequence[str] | None, max_bytes: int) -> dict[str, bytes]:
     """The bytes of the output files to store; symlinks and special files are left out."""
     if files is None:
         found: set[str] = set()
-        for pattern in OUTPUT_PATTERNS:
+        for pattern in output_patterns():
             found.update(p.relative_to(out_dir).as_posix() for p in out_dir.glob(pattern))
         files = sorted(found)
     if len(files) > MAX_FILES:

@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from amdet_gate.cli_output import Display, print_outcome, say, say_error, terminate_as_interrupt
+from amdet_gate.cli_reports import Verb, report_options
 from amdet_gate.errors import ExitCode, GateError, UsageError
 from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
@@ -75,6 +76,7 @@ def _fail(exc: GateError) -> typer.Exit:
 
 
 @app.command()
+@report_options(Verb.ALSO)
 def scan(
     model: Annotated[str, typer.Argument(help="Model folder (Hugging Face layout) or Hub id org/name.")],
     revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit sha (recorded as the sha).")] = None,
@@ -87,9 +89,7 @@ def scan(
     prompts: Annotated[Path | None, typer.Option(help="Prompt file, one per line (default: built-in corpus).")] = None,
     n_prompts: Annotated[int | None, typer.Option(min=20, help="Prompts used (80% optimisation). [4000]")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("amdet-out"),
-    sarif: Annotated[Path | None, typer.Option(help="Also write the SARIF 2.1.0 log here.")] = None,
-    html: Annotated[Path | None, typer.Option(help="Also write the HTML report here.")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Also write the Markdown summary here.")] = None,
+    reports: dict[str, Path] | None = None,  # --sarif, --html, ...: one option per report format (cli_reports.py)
     render: Annotated[str, typer.Option(help="Reversed-target images: auto, diffusion, clip-vision, tokens "
                                         "or none.")] = "auto",
     pipeline: Annotated[str | None, typer.Option(help="Stable Diffusion pipeline (folder or Hub id) for "
@@ -135,7 +135,7 @@ def scan(
     options = GateOptions(
         model=model, revision=revision, subfolder=subfolder, anchor=anchor, anchor_revision=anchor_revision,
         anchor_subfolder=anchor_subfolder, policy=policy, prompts=prompts, n_prompts=n_prompts, out=out,
-        sarif=sarif, html=html, markdown=markdown, seed=seed, restarts=restarts, max_steps=max_steps,
+        reports=reports or {}, seed=seed, restarts=restarts, max_steps=max_steps,
         time_budget=time_budget, device=device, render=render, pipeline=pipeline, pipeline_revision=pipeline_revision,
         render_steps=render_steps, vision=vision, lock=lock,
         use_cache=not no_cache, cache_dir=cache_dir, follow_symlinks=follow_symlinks,
@@ -259,28 +259,26 @@ def policy_init(
 
 
 @app.command()
+@report_options(Verb.ONLY)
 def report(
     result: Annotated[Path, typer.Argument(help="A stored result.json.")],
-    html: Annotated[Path | None, typer.Option(help="Write the HTML report here.")] = None,
-    sarif: Annotated[Path | None, typer.Option(help="Write the SARIF 2.1.0 log here.")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown summary here.")] = None,
+    reports: dict[str, Path] | None = None,  # --sarif, --html, ...: one option per report format (cli_reports.py)
 ) -> None:
     """Re-render the reports from a stored result.json, without scanning again."""
-    from amdet_gate.outpaths import Role, prepare_report_targets
+    from amdet_gate.outpaths import prepare_report_targets
     from amdet_gate.outputs import read_result, write_reports
+    from amdet_gate.report import formats, options_list
 
-    if html is None and sarif is None and markdown is None:
-        raise _fail(UsageError("nothing to write: give --html, --sarif and/or --markdown"))
-    targets = {role: path for role, path in ((Role.HTML, html), (Role.SARIF, sarif), (Role.MARKDOWN, markdown))
-               if path is not None}
+    asked = [(f, reports[f.name]) for f in formats() if (reports or {}).get(f.name) is not None]
+    if not asked:
+        raise _fail(UsageError(f"nothing to write: give {options_list()}"))
     try:
-        prepare_report_targets(result, targets)
-        write_reports(read_result(result), result.parent, {"html": html, "sarif": sarif, "markdown": markdown})
+        prepare_report_targets(result, {f.option: path for f, path in asked})
+        write_reports(read_result(result), result.parent, {f.name: path for f, path in asked})
     except GateError as exc:
         raise _fail(exc) from None
-    for path in (html, sarif, markdown):
-        if path is not None:
-            say(f"wrote {one_line(path)}")
+    for _, path in asked:
+        say(f"wrote {one_line(path)}")
 
 
 @app.command()

@@ -123,7 +123,7 @@ def _small_files_identity(source: ResolvedModel) -> dict[str, str | None]:
 
 
 def output_plan(options: GateOptions) -> OutputPlan:
-    return OutputPlan(options.out, options.sarif, options.html, options.markdown, options.lock)
+    return OutputPlan(options.out, options.reports, options.lock)
 
 
 def run_inputs(options: GateOptions, env: Mapping[str, str]) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -291,17 +291,21 @@ def _cache_hit(options: GateOptions, r: Resolved, stored: ScanResult, warnings: 
     """A verified cached result: same weights, anchor, policy, tool, seed and settings.
 
     When the same weights were reached under another name (path, revision), the result is
-    relabelled and its reports re-rendered, so that the SARIF and the report name this model.
+    relabelled and its reports re-rendered, so that the SARIF and the report name this model. A report
+    format the entry has no file for (it was stored before the format existed) is rendered from it.
     """
     from amdet_gate.outputs import output_paths, write_reports, write_result
+    from amdet_gate.report import formats
 
     paths = output_paths(options.out)
     result = dataclasses.replace(stored, cache_hit=True)
     named = r.model.describe()
+    missing = [f.name for f in formats() if not paths[f.name].is_file()]
     if result.model.named() != named:
         result = dataclasses.replace(result, model=dataclasses.replace(result.model, **named))
         write_result(paths["result"], result)
-        write_reports(result, options.out, {k: paths[k] for k in ("sarif", "html", "markdown")})
+        missing = [f.name for f in formats()]
+    write_reports(result, options.out, {name: paths[name] for name in missing})
     return _finish(options, r, result, paths, warnings, env, cache_hit=True)
 
 
@@ -309,17 +313,18 @@ def _finish(options: GateOptions, r: Resolved, result: ScanResult, paths: dict[s
             env: Mapping[str, str], cache_hit: bool) -> GateOutcome:
     """Decide with the policy, copy reports where asked, append the job summary, write the lock."""
     from amdet_gate.outputs import append_step_summary, copy_reports
+    from amdet_gate.report import JOB_SUMMARY_FORMAT
 
     decision = apply_policy(result.verdict, result.model.identity_sha256, r.policy)
     decision = _unscanned_policy(result.model, r.policy, decision, warnings)
-    copy_reports(paths, sarif=options.sarif, html=options.html, markdown=options.markdown)
+    copy_reports(paths, options.reports)
     if options.lock is not None:
         from amdet_gate.lock import entry_from_result
         from amdet_gate.lock_sign import write_signed_lock
 
         write_signed_lock(options.lock, entry_from_result(_lock_view(result), options.model, options.revision), env)
     # Last: the job summary cannot be taken back, so nothing that can still fail comes after it.
-    problem = append_step_summary(env, paths["markdown"].read_text("utf-8"))
+    problem = append_step_summary(env, paths[JOB_SUMMARY_FORMAT].read_text("utf-8"))
     if problem:
         warnings.append(problem)
     return GateOutcome(dump(result), ExitCode(decision.exit_code), decision.note, paths, cache_hit, warnings,

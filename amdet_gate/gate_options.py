@@ -27,9 +27,7 @@ class GateOptions:
     prompts: Path | None = None
     n_prompts: int | None = None
     out: Path = Path("amdet-out")
-    sarif: Path | None = None
-    html: Path | None = None
-    markdown: Path | None = None
+    reports: dict[str, Path] = field(default_factory=dict)  # copies of the reports: format name -> path (--sarif)
     seed: int | None = None
     restarts: int | None = None
     max_steps: int | None = None

@@ -6,7 +6,9 @@ policy, reports, lock entry) once per encoder into `--out/<encoder>/`, then writ
 summary into `--out` itself:
 
   result.json    kind "encoders": one entry per encoder (verdict, score, exit code, identity,
-                 the layer read, where its own result.json is) and the parts not scanned
+                 the layer read, where its own result.json is; for an error its rule) and the parts
+                 not scanned
+  and each report format's summary (`ReportFormat.render_summary`, amdet_gate/report), such as
   result.sarif   every encoder's results in one run, each located at its encoder
                  (`model.safetensors#text_encoder_2`, or the pipeline's `text_encoder_2/...` file)
   summary.md     a table of the encoders, then each encoder's summary
@@ -91,8 +93,7 @@ def run_encoders(options: GateOptions, names: list[str], env: Mapping[str, str],
     quiet_env = {k: v for k, v in env.items() if k != "GITHUB_STEP_SUMMARY"}
     runs = []
     for name in names:
-        sub = dataclasses.replace(options, encoder=name, out=options.out / name, sarif=None, html=None,
-                                  markdown=None)
+        sub = dataclasses.replace(options, encoder=name, out=options.out / name, reports={})
         stage(f"scanning {name}")
         try:
             runs.append(EncoderRun(name, run_one(sub, quiet_env, today, progress, stage), None))
@@ -105,8 +106,9 @@ def run_encoders(options: GateOptions, names: list[str], env: Mapping[str, str],
     paths = write_summary(summary, options)
     warnings = sorted({w for r in runs if r.outcome for w in r.outcome.warnings})
     from amdet_gate.outputs import append_step_summary
+    from amdet_gate.report import JOB_SUMMARY_FORMAT
 
-    problem = append_step_summary(env, paths["markdown"].read_text("utf-8"))
+    problem = append_step_summary(env, paths[JOB_SUMMARY_FORMAT].read_text("utf-8"))
     if problem:
         warnings.append(problem)
     code = exit_code(runs, exit_zero=False)
@@ -132,8 +134,8 @@ def encoders_result(options: GateOptions, runs: list[EncoderRun]) -> dict:
     for run in runs:
         if run.outcome is None:
             entries.append({"name": run.name, "verdict": "error", "score": None, "exit_code": int(run.code),
-                            "reason": str(run.error), "identity_sha256": None, "layer": None,
-                            "result": None})
+                            "reason": str(run.error), "rule": run.error.rule_id or "AMDET003",
+                            "identity_sha256": None, "layer": None, "result": None})
             continue
         r = run.outcome.scan_result
         m = to_data(r.model)
@@ -155,18 +157,20 @@ def encoders_result(options: GateOptions, runs: list[EncoderRun]) -> dict:
 
 
 def write_summary(summary: dict, options: GateOptions) -> dict[str, Path]:
-    """result.json, result.sarif, summary.md and report.html in --out, and the copies the user asked for."""
-    from amdet_gate.checkpoints.summary import render_html, render_markdown, summary_sarif
-    from amdet_gate.outputs import copy_reports, write_json, write_text
+    """result.json and each report format's summary in --out, and the copies the user asked for."""
+    from amdet_gate.files import write_atomic
+    from amdet_gate.outputs import write_json
+    from amdet_gate.report import formats
 
     out = options.out
-    paths = {"result": out / "result.json", "sarif": out / "result.sarif", "html": out / "report.html",
-             "markdown": out / "summary.md"}
+    paths = {"result": out / "result.json"}
     write_json(paths["result"], summary)
-    write_json(paths["sarif"], summary_sarif(summary, out))
-    write_text(paths["markdown"], render_markdown(summary, out))
-    write_text(paths["html"], render_html(summary, out, options.html.parent if options.html else out))
-    if options.html is not None and options.html.resolve() != paths["html"].resolve():
-        write_text(options.html, render_html(summary, out, options.html.parent))  # its links, from where it lies
-    copy_reports(paths, sarif=options.sarif, markdown=options.markdown)
+    for fmt in formats():
+        if fmt.render_summary is None:  # a format with nothing to say about several encoders writes nothing
+            continue
+        paths[fmt.name] = out / fmt.file_name
+        write_atomic(paths[fmt.name], fmt.render_summary(summary, out, out))
+        copy = options.reports.get(fmt.name)
+        if copy is not None and copy.resolve() != paths[fmt.name].resolve():
+            write_atomic(copy, fmt.render_summary(summary, out, copy.parent))  # its links, from where it lies
     return paths

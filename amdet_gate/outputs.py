@@ -1,22 +1,19 @@
-"""Write a scan's outputs into its folder: result.json and the artifacts.
+"""Write a scan's outputs into its folder: result.json, the artifacts and the reports.
 
-  result.json                        the versioned result (everything the report shows)
+  result.json                        the versioned result (everything the reports show)
   pseudo_trigger.safetensors         the reported pseudo-trigger and every restart's vector
   target_feature.safetensors         the recovered target feature (L x d)
   textual_inversion/learned_embeds.safetensors
                                      the pseudo-trigger as a textual-inversion token, loadable
                                      by diffusers' `load_textual_inversion`
   landscape.safetensors              the loss-landscape grid and Hessian eigenvalues
-  result.sarif                       SARIF 2.1.0 for code scanning
-  report.html                        the self-contained HTML report
-  summary.md                         the Markdown summary (also GitHub's job summary)
+  one file per report format         result.sarif, report.html, summary.md, report.junit.xml, ...
+                                     (amdet_gate/report: the registry names them)
   images/                            the reversed target's rendered images
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -24,39 +21,27 @@ from typing import TYPE_CHECKING
 
 from amdet_gate.errors import OutputError, UsageError
 from amdet_gate.files import append_regular, read_capped, read_capped_text, write_atomic
-from amdet_gate.markdown import render_markdown
+from amdet_gate.report import formats, json_bytes
 from amdet_gate.result import ResultError, ScanResult, dumps, from_dict
 from amdet_gate.result.document import parse
-from amdet_gate.sarif import scan_sarif
 
 if TYPE_CHECKING:
     from amdet_gate.scanner import Scan
 
 TRIGGER_TOKEN = "<amdet-trigger>"
-
-
-def _json_safe(value):
-    """NaN/inf are not JSON; write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+# The artifacts a scan writes beside result.json: name -> path in --out.
+ARTIFACTS = {
+    "pseudo_trigger": "pseudo_trigger.safetensors",
+    "target_feature": "target_feature.safetensors",
+    "textual_inversion": "textual_inversion/learned_embeds.safetensors",
+    "landscape": "landscape.safetensors",
+}
 
 
 def output_paths(out_dir: Path) -> dict[str, Path]:
-    return {
-        "result": out_dir / "result.json",
-        "pseudo_trigger": out_dir / "pseudo_trigger.safetensors",
-        "target_feature": out_dir / "target_feature.safetensors",
-        "textual_inversion": out_dir / "textual_inversion" / "learned_embeds.safetensors",
-        "landscape": out_dir / "landscape.safetensors",
-        "sarif": out_dir / "result.sarif",
-        "html": out_dir / "report.html",
-        "markdown": out_dir / "summary.md",
-    }
+    """Every file a scan writes into --out, by name: the result, the artifacts, one per report format."""
+    return {"result": out_dir / "result.json", **{name: out_dir / rel for name, rel in ARTIFACTS.items()},
+            **{f.name: out_dir / f.file_name for f in formats()}}
 
 
 def write_outputs(scan: Scan, out_dir: Path) -> tuple[dict[str, Path], ScanResult]:
@@ -88,26 +73,20 @@ def write_outputs(scan: Scan, out_dir: Path) -> tuple[dict[str, Path], ScanResul
     result = replace(scan.result, artifacts={k: str(p.relative_to(out_dir)) for k, p in paths.items()
                                              if k != "result"})
     write_result(paths["result"], result)
-    write_reports(result, out_dir, {k: paths[k] for k in ("sarif", "html", "markdown")})
+    write_reports(result, out_dir, {f.name: paths[f.name] for f in formats()})
     return paths, result
 
 
-def write_reports(result: ScanResult, base_dir: Path, targets: dict[str, Path | None]) -> None:
-    """SARIF, HTML and Markdown from a result (also what `amdet-gate report` re-renders).
-
-    `base_dir` is where the result's image paths are relative to.
-    """
-    if targets.get("sarif") is not None:
-        write_json(targets["sarif"], scan_sarif(result))
-    if targets.get("html") is not None:
-        from amdet_gate.report_html import write_html
-
-        write_html(result, base_dir, targets["html"])
-    if targets.get("markdown") is not None:
-        write_text(targets["markdown"], render_markdown(result))
+def write_reports(result: ScanResult, base_dir: Path, targets: Mapping[str, Path | None]) -> None:
+    """Every report format asked for in `targets` (format name -> path), from a result; also what
+    `amdet-gate report` re-renders. `base_dir` is where the result's image paths are relative to."""
+    for fmt in formats():
+        target = targets.get(fmt.name)
+        if target is not None:
+            write_atomic(target, fmt.render(result, base_dir))
 
 
-def copy_reports(paths: dict[str, Path], **targets: Path | None) -> None:
+def copy_reports(paths: Mapping[str, Path], targets: Mapping[str, Path | None]) -> None:
     """Copy the reports from the output folder to where the user asked for them (--sarif ...), atomically."""
     for name, target in targets.items():
         if target is None or target.resolve() == paths[name].resolve():
@@ -154,4 +133,4 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, (json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n").encode("utf-8"))
+    write_atomic(path, json_bytes(data))

@@ -70,7 +70,7 @@ from amdet_gate.sanitise import one_line
 from amdet_gate.sources.files import check_contained, identities
 from amdet_gate.sources.identity import WeightFile, identity_sha256
 from amdet_gate.sources.model import ResolvedModel
-from amdet_gate.token_search import Confirmation, confirm_outcome
+from amdet_gate.token_search import Confirmation, Objective, confirm_outcome
 from amdet_gate.tokenizer import PromptTokenizer
 from amdet_gate.verdict import check_score, decide, margin, typed_score
 from amdet_gate.version import __version__
@@ -318,7 +318,9 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     natural = natural_steering(models, held, request.thresholds, specials, chunk, seed=request.settings.seed,
                                span=request.settings.span_measures)
     stage("confirming with typed tokens")
-    typed = confirm_outcome(models, opt, held, outcome, natural, specials, request.settings, request.thresholds)
+    typed = confirm_outcome(models, opt, held, outcome, natural, specials, request.settings, request.thresholds,
+                            decisive=lambda c: c.objective is Objective.TOKENS
+                            and typed_score(c, request.thresholds) > 0.5)
     decision = decide(outcome, request.thresholds, request.inconclusive_band, natural,
                       decisive_steps(request.settings, len(opt)), typed, lambda ids: tok.decode(list(ids)))
     t_search = time.monotonic()

@@ -13,6 +13,7 @@ tokens and from ordinary words, and its result is measured like any trigger
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,10 +97,8 @@ def token_search(encoder: EncoderAdapter, ids: Tensor, start: tuple[int, ...], a
             embeds = torch.stack([encoder.embed(insert_tokens(batch, o)[:, :length]) for o in options])
             return _loss(encoder, embeds, batch, reference, shift, objective, centre)
 
-    current = start
-    current_loss = float(evaluate([current])[0])
-    start_loss = current_loss
-    for _ in range(settings.iterations):
+    def ranked_swaps(current: tuple[int, ...]) -> Tensor:
+        """(shift, top_k) tokens per slot, the most negative gradient of the objective first."""
         one_hot = torch.zeros(shift, table.shape[0], device=table.device)
         one_hot[torch.arange(shift), torch.tensor(current, device=table.device)] = 1.0
         one_hot.requires_grad_(True)
@@ -108,20 +107,35 @@ def token_search(encoder: EncoderAdapter, ids: Tensor, start: tuple[int, ...], a
         embeds = torch.cat([base[:, :1], typed[None].expand(len(batch), -1, -1), base[:, shift + 1 :]], dim=1)
         loss = _loss(encoder, embeds[None], batch, reference, shift, objective, centre)[0]
         (grad,) = torch.autograd.grad(loss, one_hot)
-        grad = grad.masked_fill(~allowed[None], float("inf"))
-        ranked = (-grad).topk(settings.top_k, dim=1).indices  # most negative gradient first
-        options = []
+        return (-grad.masked_fill(~allowed[None], float("inf"))).topk(settings.top_k, dim=1).indices
+
+    def swap(current: tuple[int, ...], slot: int, token: int) -> tuple[int, ...]:
+        return tuple(token if i == slot else t for i, t in enumerate(current))
+
+    current = start
+    current_loss = float(evaluate([current])[0])
+    start_loss = current_loss
+    ranked, tried = ranked_swaps(current), set()  # swaps of `current` already evaluated
+    for _ in range(settings.iterations):
+        drawn = []
         for _ in range(settings.candidates):
             slot = int(torch.randint(shift, (1,), generator=generator))
-            token = int(ranked[slot, int(torch.randint(settings.top_k, (1,), generator=generator))])
-            options.append(tuple(token if i == slot else t for i, t in enumerate(current)))
-        options = list(dict.fromkeys(o for o in options if o != current))
-        if not options:
+            drawn.append(swap(current, slot, int(ranked[slot, int(torch.randint(settings.top_k, (1,),
+                                                                                  generator=generator))])))
+        options = list(dict.fromkeys(o for o in drawn if o != current and o not in tried))
+        if options:
+            losses = evaluate(options)
+            best = int(losses.argmin())
+            if float(losses[best]) < current_loss:
+                current, current_loss = options[best], float(losses[best])
+                ranked, tried = ranked_swaps(current), set()
+                continue
+            tried.update(options)
+        # While `current` stands, its gradient and so its swaps are the same: a swap evaluated once
+        # is not evaluated again, and once all of them were, no later round can improve.
+        every = {swap(current, s, int(t)) for s in range(shift) for t in ranked[s]} - {current}
+        if every <= tried:
             break
-        losses = evaluate(options)
-        best = int(losses.argmin())
-        if float(losses[best]) < current_loss:
-            current, current_loss = options[best], float(losses[best])
     return TokenSearchResult(current, current_loss, start_loss)
 
 
@@ -168,8 +182,10 @@ def needs_confirmation(outcome: SearchOutcome, natural: NaturalSteering, t: Thre
 
 def confirm_outcome(models: Models, opt: PromptFeatures, held: PromptFeatures, outcome: SearchOutcome,
                     natural: NaturalSteering, excluded: set[int], settings: SearchSettings,
-                    t: Thresholds) -> dict[Objective, Confirmation]:
-    """A typed-trigger search for every objective whose free pseudo-trigger collapsed the prompts."""
+                    t: Thresholds, decisive: Callable[[Confirmation], bool]) -> dict[Objective, Confirmation]:
+    """A typed-trigger search for every objective whose free pseudo-trigger collapsed the prompts,
+    token path first. Once one confirmation is `decisive` (a finding on its own), the rest are
+    skipped: a second search could only add a weaker reason for the same verdict."""
     found = {}
     ids = opt.ids[: settings.confirm_prompts]
     for objective in needs_confirmation(outcome, natural, t):
@@ -177,4 +193,6 @@ def confirm_outcome(models: Models, opt: PromptFeatures, held: PromptFeatures, o
                   else outcome.triggers[outcome.best_restart])
         found[objective] = confirm_with_tokens(models, ids, held, pseudo.to(ids.device), objective, excluded, t,
                                                TokenSearchSettings.of(settings), settings.chunk_size)
+        if decisive(found[objective]):
+            break
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -195,3 +196,30 @@ def control_scan(control_models: Controls, shared_builds: SharedBuilds) -> Calla
         return int((folder / "exit-code").read_text()), folder / "out"
 
     return scan
+
+
+class ControlScans(Mapping[str, tuple[int, dict, Path]]):
+    """Each control's default scan by name: (exit code, result.json, output folder), scanned on first
+    use (`control_scan`) and checked against the shipped schema, so a file that reads one control's
+    verdict waits only for that scan, and two files that read different controls run side by side."""
+
+    def __init__(self, scan: Callable[[str], tuple[int, Path]]) -> None:
+        self.scan = scan
+
+    def __getitem__(self, name: str) -> tuple[int, dict, Path]:
+        from tests.results import check_file
+
+        code, folder = self.scan(name)
+        check_file(folder / "result.json")  # valid against the shipped schema, loads, re-dumps to the same bytes
+        return code, json.loads((folder / "result.json").read_text()), folder
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(CONTROL_RECIPES)
+
+    def __len__(self) -> int:
+        return len(CONTROL_RECIPES)
+
+
+@pytest.fixture(scope="session")
+def scans(control_scan: Callable[[str], tuple[int, Path]]) -> ControlScans:
+    return ControlScans(control_scan)

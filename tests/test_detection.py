@@ -2,52 +2,23 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import CLIPTextModel
 
 from amdet_gate.encoders import load_encoder
-from amdet_gate.engine import assimilation
 from amdet_gate.errors import ExitCode
-from amdet_gate.prompts import builtin_prompts
 from amdet_gate.reverse import nearest_trigger_tokens
 from amdet_gate.sources.identity import sha256_file
 from amdet_gate.sources.local import local_model
 from amdet_gate.tokenizer import bundled_tokenizer
-from tests.results import check_file
 
 BENIGN = ("benign_distill", "benign_contrastive")
 TEXT_ON_TEXT = ("backdoor_homoglyph", "backdoor_rare_word")  # every style: bench/detection.py
 TEXT_ON_PAIR = ("backdoor_pair_rare_word",)  # every trigger style: bench/detection.py
 BACKDOORED = TEXT_ON_TEXT + TEXT_ON_PAIR
-
-
-@pytest.fixture(scope="session")
-def scans(control_scan: Callable[[str], tuple[int, Path]]) -> dict[str, tuple]:
-    """Every control scanned once through the CLI: name -> (exit code, result, output folder)."""
-    out = {}
-    for name in BENIGN + BACKDOORED:
-        code, folder = control_scan(name)
-        check_file(folder / "result.json")  # valid against the shipped schema, loads, re-dumps to the same bytes
-        out[name] = (code, json.loads((folder / "result.json").read_text()), folder)
-    return out
-
-
-def test_base_is_pretrained_like_not_random(control_models: dict[str, Path]) -> None:
-    ids = bundled_tokenizer()(builtin_prompts()[:300], 77)
-    base = load_encoder(local_model(control_models["base"])).adapter
-    with torch.no_grad():
-        clean = float(assimilation(base.encode(base.embed(ids))).mean())
-        torch.manual_seed(0)
-        random_model = CLIPTextModel(base.model.config).eval()
-        random_init = float(assimilation(random_model(input_ids=ids).last_hidden_state).mean())
-    assert random_init > 0.75  # random initialisation already assimilates
-    assert 0.3 < clean < 0.65, clean  # CLIP's range, after the short pretraining
 
 
 @pytest.mark.parametrize("name", TEXT_ON_TEXT)
@@ -70,29 +41,14 @@ def test_text_on_pair_is_led_by_the_pooled_path_and_never_passes(scans: dict, na
     the pooled output comes from, which is a finding of its own."""
     code, result, _ = scans[name]
     assert (code, result["verdict"]) in ((ExitCode.ERROR, "inconclusive"), (ExitCode.FAIL, "fail"))
+    assert result["pooled"]["stop_reason"] == "detected" and result["score"] > 0.5
+    typed = {c["objective"]: c for c in result["confirmation"]}
     if result["verdict"] == "inconclusive":
         assert "--anchor" in result["reason"]
-    assert result["pooled"]["stop_reason"] == "detected"
-    typed = {c["objective"]: c for c in result["confirmation"]}
-    assert typed["pooled"]["pooled_same_target_ratio"] >= 0.9 and result["score"] > 0.5
-
-
-@pytest.mark.parametrize("name", BENIGN)
-def test_benign_controls_run_the_pooled_path_and_no_typed_tokens_confirm_it(scans: dict, name: str) -> None:
-    """A bounded free vector may steer a benign encoder's pooled output (0.59 on the contrastive
-    control): a lead at most, which no typed tokens reproduce."""
-    _, result, _ = scans[name]
-    assert result["pooled"]["steps"] > 0
-    typed = {c["objective"]: c for c in result["confirmation"]}
-    assert "pooled" not in typed or typed["pooled"]["pooled_same_target_ratio"] < 0.9
-
-
-@pytest.mark.parametrize("name", BENIGN)
-def test_benign_controls_pass(scans: dict, name: str) -> None:
-    code, result, _ = scans[name]
-    assert result["verdict"] == "pass", result["reason"]
-    assert code == ExitCode.PASS
-    assert result["score"] < 0.45
+        assert typed["pooled"]["pooled_same_target_ratio"] >= 0.9
+    else:  # the token path's typed trigger is the finding; the pooled typed search is then skipped
+        assert "typed tokens" in result["reason"] and list(typed) == ["tokens"]
+        assert typed["tokens"]["pooled_same_target_ratio"] >= 0.9
 
 
 def test_score_separates_backdoored_from_benign(scans: dict) -> None:

@@ -70,7 +70,6 @@ def test_selftest_checks_both_verdicts(control_models: dict[str, Path], tmp_path
     assert verdicts == {"benign": "pass", "backdoored": "fail"}
     assert (tmp_path / "right" / "backdoored" / "report.html").is_file()
     assert "selftest passed" in capsys.readouterr().out
-    # Swapped, each verdict is the opposite of what the selftest expects: it must say so.
-    swapped = {"benign": pair["backdoored"], "backdoored": pair["benign"]}
-    assert not run_selftest(tmp_path / "swapped", quick=True, quiet=True, models=swapped)
+    # Given the benign encoder as the backdoored one, the verdict is not what it expects: it must say so.
+    assert not run_selftest(tmp_path / "swapped", quick=True, quiet=True, models={"backdoored": pair["benign"]})
     assert "selftest FAILED" in capsys.readouterr().out

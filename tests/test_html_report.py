@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from amdet_gate import charts, report_html
 from amdet_gate.errors import ExitCode, OutputError
+from amdet_gate.report import _charts as charts
+from amdet_gate.report import html as report_html
 from amdet_gate.result import ResultError, ScanResult, from_dict
 
 SAMPLE = Path(__file__).parent / "data" / "sample_result.json"  # a real backdoored scan's result.json

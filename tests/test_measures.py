@@ -149,6 +149,32 @@ def test_typed_token_search_improves_its_objective_and_never_types_an_excluded_t
         assert token_search(encoder, ids, (1500, 1500), allowed, objective, settings) == found
 
 
+
+def test_typed_token_search_stops_once_every_swap_of_its_tokens_was_tried(tiny_model) -> None:
+    """With a small neighbourhood (2 slots x top 2) the search reaches a point none of whose swaps
+    improves; it stops there instead of drawing the same swaps for the remaining rounds, so more
+    rounds change neither its answer nor its work."""
+    encoder = ClipTextAdapter(tiny_model, 49407)
+    ids = bundled_tokenizer()(builtin_prompts()[:16], encoder.seq_len)
+    allowed = torch.zeros(encoder.token_embedding.shape[0], dtype=torch.bool)
+    allowed[1000:3000] = True
+    calls = []
+    encode = encoder.encode
+
+    def counted(embeds: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return encode(embeds)
+
+    encoder.encode = counted
+    found = {}
+    for rounds in (200, 400):
+        calls.clear()
+        settings = TokenSearchSettings(iterations=rounds, prompts=8, top_k=2, candidates=4, seed=1)
+        found[rounds] = (token_search(encoder, ids, (1500, 1500), allowed, Objective.TOKENS, settings), len(calls))
+    assert found[200] == found[400]
+    assert found[200][1] < 100  # a few gradient steps and evaluations, not one per round
+
+
 def test_pooled_path_reads_the_projected_feature_when_the_checkpoint_has_one(tmp_path) -> None:
     """CLIPTextModelWithProjection: the pooled path measures what SDXL and retrieval read."""
     from transformers import CLIPTextModelWithProjection

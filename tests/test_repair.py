@@ -27,7 +27,7 @@ from amdet_gate.erasure.edit import LayerEdit, edited_weights
 from amdet_gate.erasure.findings import DetectionPath
 from amdet_gate.erasure.layout import CopyPlan, write_copy
 from amdet_gate.erasure.measure import Fidelity, attack_success, prompt_target
-from amdet_gate.erasure.pipeline import decide
+from amdet_gate.erasure.pipeline import decide, spelled_alike
 from amdet_gate.erasure.report import LABEL, Status
 from amdet_gate.errors import ExitCode, GateError
 from amdet_gate.prompts import builtin_prompts
@@ -197,6 +197,20 @@ def _edit(path: Path, change: Callable[[dict], None]) -> None:
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
+
+
+
+def test_tokens_spelled_with_the_typed_trigger_are_probed_too() -> None:
+    """A homoglyph typed inside words is several tokens (the Cyrillic o alone, as a word's end,
+    inside longer pieces); the typed trigger names one of them, the repair probes its kin."""
+    tokenizer = bundled_tokenizer()
+    tok = tokenizer.tokenizer
+    alone, word_end = tok.convert_tokens_to_ids(["\u00d0\u00be", "\u00d0\u00be</w>"])
+    assert tok.decode([alone]) == "\u043e"
+    alike = spelled_alike(tokenizer)((alone, alone))
+    assert word_end in alike and alone not in alike
+    assert all("\u043e" in tok.decode([i]) for i in alike)
+    assert spelled_alike(tokenizer)(()) == []
 
 
 def test_a_pass_result_is_refused(repaired: Repaired, tmp_path: Path) -> None:

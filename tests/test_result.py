@@ -16,6 +16,7 @@ import pytest
 
 import amdet_gate
 from amdet_gate.errors import ExitCode
+from amdet_gate.report.sarif import scan_sarif
 from amdet_gate.result import (
     SCHEMA_VERSION,
     AllowedBy,
@@ -32,7 +33,6 @@ from amdet_gate.result import (
     result_schema,
 )
 from amdet_gate.result.document import shipped_schema
-from amdet_gate.sarif import scan_sarif
 from tests.conftest import run_cli
 from tests.results import SAMPLE, WRITTEN_RESULTS, sample_data, sample_result
 

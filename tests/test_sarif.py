@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from amdet_gate.errors import ExitCode
-from amdet_gate.sarif import RULES
+from amdet_gate.report.sarif import RULES
 from tests.conftest import run_cli
 
 FAST = ("--max-steps", "16", "--n-prompts", "40", "--restarts", "2", "-q")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from amdet_gate.errors import LoadError, PickleRefused, UnsupportedModel, UsageError
-from amdet_gate.markdown import md_text, render_markdown
+from amdet_gate.report.markdown import md_text, render_markdown
 from amdet_gate.sources import check_pin, resolve_source
 from amdet_gate.sources.files import tokenizer_folder
 from amdet_gate.sources.hub import UnpinnedRevision, files_to_fetch, is_hub_id

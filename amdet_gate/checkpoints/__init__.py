@@ -7,7 +7,7 @@ and OpenCLIP text-encoder files, the encoders of a diffusers pipeline, and LoRA 
   load.py, loader.py   reading only that encoder's tensors; the LoRA merge (lora.py); the layer (layer.py);
                        loader.load is the one entry point the scanner loads any resolved model through
   inventory.py, attach.py  which encoders a scan runs; attach layers them over the model sources (sources/)
-  summary.py           the reports of a model with several encoders (multiscan.py runs them)
+  summary.py           the lines each report adds on the encoder and layer (the reports: amdet_gate/report)
 
 Layers: this package sits over amdet_gate/sources (which encoder of a resolved model) and
 amdet_gate/encoders (every tower here is a CLIP one, built by the CLIP family, encoders/clip.py).

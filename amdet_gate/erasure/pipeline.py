@@ -169,6 +169,21 @@ def _prompts(request: RepairRequest, loaded: _Loaded) -> _Prompts:
         return _Prompts(edit_ids, adapter.embed(edit_ids), features_of(rest[:judged]), features_of(rest[judged:]))
 
 
+def spelled_alike(tokenizer: PromptTokenizer) -> Callable[[tuple[int, ...]], list[int]]:
+    """Vocabulary tokens whose text contains a typed trigger token's text, by id (BPE merge order)."""
+    tok = tokenizer.tokenizer
+    vocab = sorted(tok.get_vocab().items(), key=lambda item: item[1])
+    texts: list[tuple[int, str]] = []
+
+    def alike(typed: tuple[int, ...]) -> list[int]:
+        if not texts:
+            texts.extend((i, tok.convert_tokens_to_string([token]).strip()) for token, i in vocab)
+        wanted = {tok.decode([i]).strip() for i in typed} - {""}
+        return [i for i, text in texts if i not in typed and any(w in text for w in wanted)]
+
+    return alike
+
+
 def _specials(tokenizer: PromptTokenizer) -> set[int]:
     tok = tokenizer.tokenizer
     return {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
@@ -286,7 +301,8 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
     judge = prompts.judge
     profile = corruption_profile(adapter, judge, finding.trigger, chunk)
     first = first_layer(profile, settings)
-    evidence = collect(adapter, judge, judge.clean, finding, settings, _specials(loaded.tokenizer), "scan")
+    alike = spelled_alike(loaded.tokenizer)
+    evidence = collect(adapter, judge, judge.clean, finding, settings, _specials(loaded.tokenizer), "scan", alike)
     lap("probes_s")
 
     rounds: list[Round] = []
@@ -320,7 +336,7 @@ def run_repair(request: RepairRequest, stage: Callable[[str], None] = lambda nam
         with applied(adapter, list(plan.edits)):
             repaired_clean = features(adapter, judge.embeds, chunk)
             evidence += collect(adapter, judge, repaired_clean, found, settings, _specials(loaded.tokenizer),
-                                f"rescan-{len(rounds)}")
+                                f"rescan-{len(rounds)}", alike)
         lap("probes_s")
 
     fid, after, shares = _measure(loaded, prompts, finding, evidence, plan, thresholds, chunk)

@@ -22,6 +22,7 @@ faithful.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -166,10 +167,13 @@ def token_vectors(adapter: ClipTextAdapter, ids: list[int]) -> Tensor:
 
 @torch.no_grad()
 def collect(adapter: ClipTextAdapter, held: PromptFeatures, clean: Tensor, finding: Finding,
-            settings: RepairSettings, specials: set[int], found_in: str) -> list[Evidence]:
+            settings: RepairSettings, specials: set[int], found_in: str,
+            spelled_alike: Callable[[tuple[int, ...]], list[int]] = lambda typed: []) -> list[Evidence]:
     """The probes of one finding, measured on `adapter` (the model the finding was made on): the
-    typed trigger, the pseudo-trigger, then the real tokens that fire, then the other restarts that
-    fire, at most `max_probes`. Shares are measured on the judge prompts `held`.
+    typed trigger, the pseudo-trigger, then the real tokens that fire (nearest the pseudo-trigger,
+    then those spelled with the typed trigger's text: a homoglyph typed inside words becomes
+    several tokens, the letter alone and as a word's end), then the other restarts that fire, at most `max_probes`.
+    Shares are measured on the judge prompts `held`.
 
     Typed and token probes are judged against the typed trigger's target when the scan found one
     (the backdoor's own), free vectors against the pseudo-trigger's.
@@ -195,6 +199,8 @@ def collect(adapter: ClipTextAdapter, held: PromptFeatures, clean: Tensor, findi
     tried = [[i] for i in tokens]
     if len(tokens) >= finding.vectors > 1:
         tried.append(tokens[: finding.vectors])  # the nearest of each vector, as one sequence
+    alike = [i for i in spelled_alike(finding.typed) if i not in specials and i not in tokens]
+    tried += [[i] for i in alike[: settings.candidates]]
     for ids in tried:
         if tuple(ids) == finding.typed:
             continue

@@ -13,7 +13,8 @@ from pathlib import Path
 from amdet_gate.erasure.findings import Finding
 from amdet_gate.erasure.measure import Fidelity, GateReading, TypedReading
 from amdet_gate.erasure.plan import Corruption, Evidence, Plan, RepairSettings
-from amdet_gate.outputs import _json_safe, write_json, write_text
+from amdet_gate.outputs import write_json, write_text
+from amdet_gate.report import json_safe
 from amdet_gate.sanitise import md_text, one_line
 from amdet_gate.settings import Thresholds
 from amdet_gate.sources.identity import WeightFile, identity_sha256
@@ -89,7 +90,7 @@ def to_json(r: RepairRecord) -> dict:
     gate_names = {"assimilation_ratio": r.thresholds.assimilation_ratio,
                   "same_target_ratio": r.thresholds.same_target_ratio,
                   "pooled_same_target_ratio": r.thresholds.pooled_same_target_ratio}
-    return _json_safe({
+    return json_safe({
         "schema_version": REPAIR_SCHEMA_VERSION,
         "tool": {"name": "amdet-gate", "version": __version__},
         "label": LABEL,

@@ -1,14 +1,20 @@
 """SARIF 2.1.0 for GitHub code scanning: stable rules, our own fingerprints, suppressions.
 
 `scan_sarif` turns a scan's typed result into a log; `error_sarif` reports a model that
-could not be scanned (pickle weights, unsupported architecture) so that CI still shows why.
+could not be scanned (pickle weights, unsupported architecture) so that CI still shows why;
+`summary_sarif` puts every encoder of a model with several text encoders into one run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from amdet_gate.report import ReportFormat, json_bytes
 from amdet_gate.result import Gate, ModelIdentity, ScanResult, Verdict
 from amdet_gate.sanitise import one_line, uri_path
 from amdet_gate.version import __version__
@@ -172,3 +178,46 @@ def _unscanned(result: ScanResult, uri: str, line: int) -> list[dict]:
 def error_sarif(rule_id: str, message: str, model: Path, subfolder: str | None = None) -> dict:
     """SARIF log for a model that could not be scanned at all."""
     return _log(_model_name(str(model), subfolder), [_result(rule_id, message, _uri(model), str(model), {})])
+
+
+MAX_ENCODER_LOG_BYTES = 64 * 1024 * 1024  # an encoder's own result.sarif, read back for the summary
+
+
+def summary_sarif(summary: Mapping[str, Any], out: Path) -> dict:
+    """One SARIF run with every encoder's results, each located at its encoder; the not-scanned notes once."""
+    from amdet_gate.errors import GateError
+    from amdet_gate.files import read_capped_text
+    from amdet_gate.report._summary import rows
+
+    results, seen = [], set()
+    model = summary.get("model") or {}
+    for row in rows(summary):
+        log = None
+        with contextlib.suppress(GateError, OSError, ValueError):
+            log = json.loads(read_capped_text(out / row["name"] / FORMAT.file_name, MAX_ENCODER_LOG_BYTES,
+                                              FORMAT.file_name, GateError))
+        for result in ((log or {}).get("runs") or [{}])[0].get("results") or []:
+            fingerprint = (result.get("ruleId"), json.dumps(result.get("partialFingerprints"), sort_keys=True))
+            if fingerprint in seen:
+                continue
+            seen.add(fingerprint)
+            _locate(result, row["name"], model)
+            results.append(result)
+    return _log(_model_name(str(model.get("source", "model"))), results)
+
+
+def _locate(result: dict, name: str, model: Mapping[str, Any]) -> None:
+    """An error result of an encoder of a checkpoint file names the file; it should name the encoder."""
+    for location in result.get("locations") or []:
+        artifact = location.get("physicalLocation", {}).get("artifactLocation", {})
+        uri = artifact.get("uri", "")
+        if model.get("layout") not in (None, "pipeline") and "#" not in uri:
+            artifact["uri"] = f"{uri}#{uri_path(name)}"
+
+
+FORMAT = ReportFormat(
+    "sarif", "--sarif", "result.sarif", "the SARIF 2.1.0 log",
+    render=lambda result, base_dir: json_bytes(scan_sarif(result)),
+    render_summary=lambda summary, out, where: json_bytes(summary_sarif(summary, out)),
+    render_error=lambda error: json_bytes(error_sarif(error.rule, error.message, Path(error.model), error.subfolder)),
+    order=10)

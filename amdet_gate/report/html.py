@@ -4,6 +4,12 @@ One file: inline CSS, charts and reversed-target images as data: URIs, no script
 a Content-Security-Policy that forbids everything else. The typed result is the input contract; model
 names, tokens, prompts and captions in it are untrusted, so Jinja2 autoescapes every value and
 invisible or direction-changing characters are shown as escapes rather than rendered.
+
+`render_summary_html` is the page of a model with several text encoders (templates/encoders.html.j2):
+the table of encoders, each linking to that encoder's own report.
+
+Jinja2 and the charts (matplotlib) are imported when a page is rendered, not with this module: the
+CLI imports every report format to build its options.
 """
 
 from __future__ import annotations
@@ -11,17 +17,20 @@ from __future__ import annotations
 import base64
 import importlib.resources
 import math
+import os
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-from markupsafe import Markup
-
-from amdet_gate.charts import render_charts
 from amdet_gate.checkpoints.summary import encoder_lines
 from amdet_gate.files import NotRegular, OutsideFolder, TooLarge, read_regular_at, resolve_inside, write_atomic
+from amdet_gate.report import ReportFormat
 from amdet_gate.result import GateTable, ScanResult, Search, dump
 from amdet_gate.result.codec import to_data
-from amdet_gate.sanitise import visible
+from amdet_gate.sanitise import uri_path, visible
+
+if TYPE_CHECKING:
+    import jinja2
 
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 MAX_IMAGES = 32  # render.py makes up to 16 images plus its tokens card
@@ -63,6 +72,8 @@ CHART_CAPTIONS = {
 
 def _finalize(value: object) -> object:
     # Applied to every {{ }} before autoescaping; Markup is ours (CSS), never user data.
+    from markupsafe import Markup
+
     if isinstance(value, str) and not isinstance(value, Markup):
         return visible(value)
     return value
@@ -76,6 +87,8 @@ def _finite(value: object) -> float | None:
 
 def fmt(value: object, digits: int = 4) -> str:
     """A value for a table cell: numbers to `digits` significant digits, null as an em dash."""
+    import jinja2
+
     if value is None or isinstance(value, jinja2.Undefined):
         return "\u2014"
     if isinstance(value, bool):
@@ -180,6 +193,8 @@ def _checks(search: Search) -> dict:
 
 
 def _template() -> jinja2.Template:
+    import jinja2
+
     files = importlib.resources.files("amdet_gate.templates")
 
     def load(name: str) -> str | None:
@@ -197,6 +212,10 @@ def render_html(result: ScanResult, base_dir: Path) -> str:
     """The report as one HTML string; image paths in the result are read relative to base_dir.
 
     The template shows result.json's data (`dump(result)`: the same keys the file holds)."""
+    from markupsafe import Markup
+
+    from amdet_gate.report._charts import render_charts
+
     word, meaning = VERDICTS[result.verdict]
     gate_rows, metrics = _gates(result.gates)
     charts = {name: "data:image/svg+xml;base64," + base64.b64encode(svg).decode("ascii")
@@ -214,3 +233,36 @@ def render_html(result: ScanResult, base_dir: Path) -> str:
 
 def write_html(result: ScanResult, base_dir: Path, path: Path) -> None:
     write_atomic(path, render_html(result, base_dir).encode("utf-8"))
+
+
+def _summary_template() -> jinja2.Template:
+    import jinja2
+
+    source = importlib.resources.files("amdet_gate.templates").joinpath("encoders.html.j2").read_text("utf-8")
+    return jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(source)
+
+
+def render_summary_html(summary: Mapping[str, Any], out: Path, where: Path) -> str:
+    """The model's page; links to each encoder's report are relative to `where`, the page's folder."""
+    from amdet_gate.report._summary import rows, score
+
+    model = summary.get("model") or {}
+    table = []
+    for row in rows(summary):
+        link = None
+        if row["report"] and (out / row["report"]).is_file():
+            link = uri_path(Path(os.path.relpath((out / row["report"]).resolve(), where.resolve())).as_posix())
+        table.append({**{k: visible(str(v)) for k, v in row.items()}, "score": score(row["score"]), "link": link})
+    parts = [{k: visible(str(p.get(k))) for k in ("name", "kind", "reason")} for p in summary.get("not_scanned") or []]
+    return _summary_template().render(
+        verdict=str(summary.get("verdict")), exit_code=summary.get("exit_code"),
+        source=visible(str(model.get("source", "?"))),
+        title=visible(str(model.get("layout_title"))) if model.get("layout_title") else None,
+        rows=table, not_scanned=parts, version=(summary.get("tool") or {}).get("version", "?"))
+
+
+FORMAT = ReportFormat(
+    "html", "--html", "report.html", "the HTML report",
+    render=lambda result, base_dir: render_html(result, base_dir).encode("utf-8"),
+    render_summary=lambda summary, out, where: render_summary_html(summary, out, where).encode("utf-8"),
+    order=20)  # no error page: a run without a result has nothing to show but the one line SARIF and Markdown carry
