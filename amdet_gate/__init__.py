@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from amdet_gate.version import __version__ as __version__  # the API reports it: amdet_gate.__version__
 
 if TYPE_CHECKING:
     from amdet_gate.erasure.pipeline import RepairOutcome

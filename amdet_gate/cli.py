@@ -18,12 +18,12 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from amdet_gate import __version__
 from amdet_gate.cli_output import Display, print_outcome, say, say_error, terminate_as_interrupt
 from amdet_gate.cli_reports import Verb, report_options
 from amdet_gate.errors import ExitCode, GateError, UsageError
 from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
+from amdet_gate.version import __version__
 
 
 class _ExitCodeGroup(TyperGroup):
@@ -291,7 +291,8 @@ def fetch(
     anchor_subfolder: Annotated[str | None, typer.Option(help="Subfolder of the anchor.")] = None,
 ) -> None:
     """Download what a scan needs into the Hugging Face cache (HF_HOME), for air-gapped scans."""
-    from amdet_gate.source import is_hub_id, resolve_source
+    from amdet_gate.sources import resolve_source
+    from amdet_gate.sources.hub import is_hub_id
 
     try:
         for spec, rev, sub in ((model, revision, subfolder), (anchor, anchor_revision, anchor_subfolder)):

@@ -18,12 +18,12 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from amdet_gate import __version__
 from amdet_gate.errors import ExitCode, GateError, LoadError, UsageError
+from amdet_gate.gate_options import GateOptions, GateOutcome
 from amdet_gate.outpaths import OutputPlan, check_plan, check_writable, clear, write_error_outputs
 from amdet_gate.policy import Policy, apply_policy, load_policy, require_finite
 from amdet_gate.result import ModelIdentity, PolicyDecision, PolicyRecord, RenderingRecord, ScanResult, dump
@@ -31,70 +31,11 @@ from amdet_gate.result.codec import to_data
 from amdet_gate.result.document import SCHEMA_VERSION
 from amdet_gate.sanitise import one_line
 from amdet_gate.settings import SearchSettings, Thresholds
-from amdet_gate.source import (
-    ModelSource,
-    WeightFile,
-    check_contained,
-    check_hub_sha256,
-    check_pin,
-    download_pipeline,
-    identity_sha256,
-    is_hub_id,
-    resolve_source,
-    weight_identities,
-)
-
-
-@dataclass
-class GateOptions:
-    """What one scan is asked to do; None means: take it from the policy (then the default)."""
-
-    model: str
-    revision: str | None = None
-    subfolder: str | None = None
-    anchor: str | None = None
-    anchor_revision: str | None = None
-    anchor_subfolder: str | None = None
-    policy: Path | None = None
-    prompts: Path | None = None
-    n_prompts: int | None = None
-    out: Path = Path("amdet-out")
-    reports: dict[str, Path] = field(default_factory=dict)  # copies of the reports: format name -> path (--sarif)
-    seed: int | None = None
-    restarts: int | None = None
-    max_steps: int | None = None
-    time_budget: float | None = None
-    device: str | None = None
-    thresholds: dict[str, float] = field(default_factory=dict)
-    render: str = "auto"
-    pipeline: str | None = None  # a Stable Diffusion pipeline folder or Hub id
-    pipeline_revision: str | None = None
-    vision: Path | None = None
-    render_steps: int | None = None
-    lock: Path | None = None
-    use_cache: bool = True
-    cache_dir: Path | None = None
-    follow_symlinks: bool = False  # model files may resolve outside the model folder
-    # Single-file checkpoints, multi-encoder models, LoRA (amdet_gate/checkpoints, docs/sources.md).
-    encoder: str | None = None  # --encoder: one of the model's text encoders
-    layer: str | None = None  # --layer final|-N (default: what the model's family reads)
-    text_config: Path | None = None  # --config: the encoder's config.json, for a single-file checkpoint
-    tokenizer: Path | None = None  # --tokenizer FOLDER
-    lora: Path | None = None  # --lora: merged into the base before the scan
-    lora_scale: float | None = None
-
-
-@dataclass
-class GateOutcome:
-    result: dict  # result.json's content (the public API's view; `scan_result` is the typed one)
-    exit_code: ExitCode
-    note: str  # what the policy did, if anything ("allowed by ...", "reported as a warning")
-    paths: dict[str, Path]
-    cache_hit: bool = False
-    warnings: list[str] = field(default_factory=list)
-    encoder_runs: list = field(default_factory=list)  # a model of several text encoders: each one's run
-    scan_result: ScanResult | None = None  # the typed result (None for the summary of several encoders)
-    decision: PolicyDecision | None = None  # the policy's decision (None for the summary of several encoders)
+from amdet_gate.sources import check_pin, identify, resolve_source
+from amdet_gate.sources.hub import download_pipeline, is_hub_id
+from amdet_gate.sources.identity import identity_sha256
+from amdet_gate.sources.model import ResolvedModel
+from amdet_gate.version import __version__
 
 
 @dataclass(frozen=True)
@@ -104,8 +45,8 @@ class Resolved:
     thresholds: Thresholds
     n_prompts: int
     device: str
-    model: ModelSource
-    anchor: ModelSource | None
+    model: ResolvedModel
+    anchor: ResolvedModel | None
     pipeline: str | None  # local folder of the diffusion pipeline, when one is used
 
 
@@ -171,22 +112,14 @@ def cache_key(options: GateOptions, r: Resolved, weights: list, anchor_identity:
                            tool_version=__version__, seed=r.settings.seed, settings=effective)
 
 
-def _small_files_identity(source: ModelSource) -> dict[str, str | None]:
-    """sha256 of config.json and of every file the tokenizer reads (source.TOKENIZER_FILES, the list
-    tokenizer.load_tokenizer copies): they change the result too."""
+def _small_files_identity(source: ResolvedModel) -> dict[str, str | None]:
+    """sha256 of config.json, of every file the tokenizer reads and of the other small files whose bytes
+    change the result (sources.files.result_files): same weights under another config are another model."""
     from amdet_gate.files import read_capped
-    from amdet_gate.source import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, tokenizer_folder
+    from amdet_gate.sources.files import MAX_TOKENIZER_FILE_BYTES, result_files
 
-    names = {"config.json": source.folder / "config.json"}
-    if source.encoder is not None:  # --config, open_clip_config.json, adapter_config.json
-        from amdet_gate.checkpoints.attach import small_files
-
-        names.update(small_files(source))
-    tok = tokenizer_folder(source)
-    if tok is not None:
-        names.update({f"tokenizer/{n}": tok / n for n in TOKENIZER_FILES})
     return {name: hashlib.sha256(read_capped(path, MAX_TOKENIZER_FILE_BYTES, name, LoadError)).hexdigest()
-            if os.path.lexists(path) else None for name, path in names.items()}
+            if os.path.lexists(path) else None for name, path in result_files(source).items()}
 
 
 def output_plan(options: GateOptions) -> OutputPlan:
@@ -279,10 +212,10 @@ def _run(options: GateOptions, env: Mapping[str, str], today: date, progress,
     r = resolve(options, env, today)
     # Hashing a 10 GB weight file takes a while: it runs inside the time budget, after the cheap checks.
     deadline = time.monotonic() + r.settings.time_budget_s
-    weights = _identities(r.model, deadline)
+    weights = identify(r.model, deadline)
     anchor_identity = None
     if r.anchor is not None:
-        anchor_identity = identity_sha256(_identities(r.anchor, deadline))
+        anchor_identity = identity_sha256(identify(r.anchor, deadline))
     if anchor_identity is not None and anchor_identity == identity_sha256(weights):
         # The anchor gate asks "does the model differ from a clean reference?"; the model itself
         # as its own anchor fails that gate for every trigger and would pass any backdoor.
@@ -398,20 +331,6 @@ def _finish(options: GateOptions, r: Resolved, result: ScanResult, paths: dict[s
                        scan_result=result, decision=decision)
 
 
-def _identities(source: ModelSource, deadline: float | None = None) -> list[WeightFile]:
-    """The weight files' identities, after every file the scan reads was found inside the model folder
-    and every safetensors header was checked; hashing stops at `deadline` (exit 2)."""
-    check_contained(source)
-    if source.encoder is not None:  # a checkpoint file's encoder, a LoRA: amdet_gate/checkpoints
-        from amdet_gate.checkpoints.attach import identities
-
-        weights = identities(source, deadline)
-    else:
-        weights = weight_identities(source.folder, deadline, source.boundary)
-    check_hub_sha256(source, weights)
-    return weights
-
-
 def verify_model(model: str, lock: Path, revision: str | None = None, subfolder: str | None = None,
                  follow_symlinks: bool = False, require_signed: bool = False,
                  env: Mapping[str, str] | None = None) -> list[str]:
@@ -439,7 +358,7 @@ def verify_model(model: str, lock: Path, revision: str | None = None, subfolder:
     problems = []
     if entry.resolved_sha and source.resolved_sha and source.resolved_sha != entry.resolved_sha:
         problems.append(f"{model} resolves to commit {source.resolved_sha}, the lock has {entry.resolved_sha}")
-    weights = _identities(source)
+    weights = identify(source)
     if single_file and source.encoder is not None and source.encoder.identity(weights) == entry.identity_sha256:
         # An encoder of a multi-encoder file is locked under the file's sha256 and its name (docs/sources.md);
         # verify_entry recomputes the files' identity, which is what that name was added to.
@@ -471,16 +390,14 @@ def _targets(options: GateOptions) -> list[str]:
     return scan_targets(options.model, options.subfolder, EncoderOptions.of(options))
 
 
-def _attach(model: ModelSource, options: GateOptions) -> ModelSource:
+def _attach(model: ResolvedModel, options: GateOptions) -> ResolvedModel:
     from amdet_gate.checkpoints.attach import EncoderOptions, attach
 
     return attach(model, EncoderOptions.of(options))
 
 
-def _encoder_identity(source: ModelSource) -> dict | None:
-    from amdet_gate.checkpoints.attach import cache_identity
-
-    return cache_identity(source)
+def _encoder_identity(source: ResolvedModel) -> dict | None:
+    return source.encoder.cache_identity() if source.encoder is not None else None
 
 
 def _unscanned_policy(model: ModelIdentity, policy: Policy, decision: PolicyDecision,

@@ -55,7 +55,8 @@ from amdet_gate.errors import UsageError
 from amdet_gate.files import read_capped_text, write_atomic
 from amdet_gate.result import ScanResult
 from amdet_gate.sanitise import one_line
-from amdet_gate.source import COMMIT_SHA, WeightFile, identity_sha256, is_hub_id
+from amdet_gate.sources.hub import COMMIT_SHA, is_hub_id
+from amdet_gate.sources.identity import WeightFile, identity_sha256
 
 LOCK_FILE = "amdet.lock"
 LOCK_VERSION = 1

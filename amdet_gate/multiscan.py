@@ -27,13 +27,13 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from amdet_gate import __version__
 from amdet_gate.errors import ExitCode, GateError, UsageError
+from amdet_gate.gate_options import GateOptions, GateOutcome
 from amdet_gate.result.codec import to_data
 from amdet_gate.sanitise import one_line
+from amdet_gate.version import __version__
 
 if TYPE_CHECKING:
-    from amdet_gate.gate import GateOptions, GateOutcome
     from amdet_gate.policy import Policy
     from amdet_gate.result import ModelIdentity, PolicyDecision
 
@@ -83,7 +83,6 @@ def unscanned_policy(model: ModelIdentity, policy: Policy, decision: PolicyDecis
 def run_encoders(options: GateOptions, names: list[str], env: Mapping[str, str], today: date, progress,
                  stage: Callable[[str], None], run_one) -> GateOutcome:
     """The gate once per encoder (`run_one` is gate._run), then the model's summary outputs."""
-    from amdet_gate.gate import GateOutcome
     from amdet_gate.outpaths import OutputPlan, write_error_outputs
 
     if options.anchor is not None:

@@ -23,7 +23,7 @@ import yaml
 from amdet_gate.files import read_capped_text
 from amdet_gate.lock import MAX_LOCK_BYTES, UNPINNED, LockError, Problem, YamlLoader, lock_pin_problems, parse_lock
 from amdet_gate.sanitise import one_line
-from amdet_gate.source import COMMIT_SHA, is_hub_id
+from amdet_gate.sources.hub import COMMIT_SHA, is_hub_id
 
 MAX_YAML_BYTES = 1024 * 1024
 ACTION_MODEL_INPUTS = (("model", "revision"), ("anchor", "anchor-revision"))  # action.yml's inputs

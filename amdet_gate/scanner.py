@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from amdet_gate import __version__
+from amdet_gate.checkpoints.loader import load, tokenizer_of, wrap_anchor
 from amdet_gate.confirm import NaturalSteering, natural_steering
-from amdet_gate.encoder import LoadedEncoder, load_encoder
+from amdet_gate.encoders.base import LoadedEncoder
 from amdet_gate.engine import (
     GateCheck,
     Models,
@@ -67,19 +67,22 @@ from amdet_gate.result import (
 from amdet_gate.result.codec import from_data, to_data
 from amdet_gate.reverse import ReversedTarget, reverse_target
 from amdet_gate.sanitise import one_line
-from amdet_gate.source import ModelSource, WeightFile, identity_sha256, tokenizer_folder, weight_identities
+from amdet_gate.sources.files import check_contained, identities
+from amdet_gate.sources.identity import WeightFile, identity_sha256
+from amdet_gate.sources.model import ResolvedModel
 from amdet_gate.token_search import Confirmation, Objective, confirm_outcome
-from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
+from amdet_gate.tokenizer import PromptTokenizer
 from amdet_gate.verdict import check_score, decide, margin, typed_score
+from amdet_gate.version import __version__
 
 RESULT_SCHEMA_VERSION = SCHEMA_VERSION  # the history of the versions: amdet_gate/result/document.py
 
 
 @dataclass(frozen=True)
 class ScanRequest:
-    model: ModelSource | Path  # a path is a local folder (with `subfolder`)
+    model: ResolvedModel | Path  # a path is a local folder (with `subfolder`)
     subfolder: str | None = None
-    anchor: ModelSource | Path | None = None
+    anchor: ResolvedModel | Path | None = None
     anchor_subfolder: str | None = None
     prompts_file: Path | None = None
     n_prompts: int = 4000
@@ -111,35 +114,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def as_source(model: ModelSource | Path, subfolder: str | None) -> ModelSource:
-    return model if isinstance(model, ModelSource) else ModelSource(str(model), Path(model), subfolder)
+def as_source(model: ResolvedModel | Path, subfolder: str | None) -> ResolvedModel:
+    return model if isinstance(model, ResolvedModel) else ResolvedModel(str(model), Path(model), subfolder)
 
 
-def load_models(model: ModelSource, anchor_source: ModelSource | None, device: torch.device,
+def load_models(model: ResolvedModel, anchor_source: ResolvedModel | None, device: torch.device,
                 weights: list[WeightFile] | None = None) -> tuple[LoadedEncoder, LoadedEncoder | None]:
-    from amdet_gate.source import check_contained
-
     for source in (model, anchor_source):  # every file read resolves inside its folder (or --follow-symlinks)
         if source is not None:
             check_contained(source)
-    if model.encoder is not None:  # an encoder of a checkpoint file or a pipeline, a LoRA, --layer
-        from amdet_gate.checkpoints.attach import identities, load
-
-        suspect = load(model, weights)
-        now = identities(model) if weights is not None else None
-    else:
-        suspect = load_encoder(model.root, model.subfolder, weights)
-        now = weight_identities(model.folder) if weights is not None else None
-    if weights is not None and now != weights:
+    suspect = load(model, weights)  # a plain folder, or an encoder of a checkpoint file or a pipeline, a LoRA
+    if weights is not None and identities(model) != weights:
         # Hashed by the caller, then read here: the bytes scanned must be the bytes identified.
         raise LoadError(f"the weights in {model.folder} changed while they were being scanned")
     anchor = None
     if anchor_source is not None:
-        anchor = load_encoder(anchor_source.root, anchor_source.subfolder)
-        if model.encoder is not None:  # read at the model's layer
-            from amdet_gate.checkpoints.attach import load_anchor
-
-            anchor = load_anchor(anchor, model)
+        anchor = wrap_anchor(load(anchor_source), model)  # read at the model's layer
         s, a = suspect.adapter, anchor.adapter
         if (s.hidden_size, s.seq_len) != (a.hidden_size, a.seq_len):
             raise UsageError(f"anchor width/positions {a.hidden_size}/{a.seq_len} differ from the "
@@ -263,16 +253,13 @@ def check_tokenizer_fits(tokenizer: PromptTokenizer, prompts: list[str], ids: to
                         "differ only in case, spacing or punctuation")
 
 
-def model_tokenizer(model: ModelSource, encoder: LoadedEncoder) -> PromptTokenizer:
-    """The model's tokenizer; for an encoder of a checkpoint file, padded as its family pads."""
-    if model.encoder is not None:
-        from amdet_gate.checkpoints.attach import tokenizer_for
-
-        return tokenizer_for(model, encoder)
-    return load_tokenizer(tokenizer_folder(model))
+def model_tokenizer(model: ResolvedModel, encoder: LoadedEncoder) -> PromptTokenizer:
+    """The model's tokenizer, as its encoder family reads prompts; for an encoder of a checkpoint file,
+    padded as its family pads."""
+    return tokenizer_of(model, encoder)
 
 
-def _identity(enc: LoadedEncoder, source: ModelSource) -> ModelIdentity:
+def _identity(enc: LoadedEncoder, source: ResolvedModel) -> ModelIdentity:
     identity = (source.encoder.identity(enc.weight_files) if source.encoder is not None
                 else identity_sha256(enc.weight_files))
     return ModelIdentity(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from amdet_gate.confirm import NaturalSteering, TokenTrigger, candidate_tokens, corpus_tokens, insert_tokens, measure
-from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.encoders.base import EncoderAdapter
 from amdet_gate.engine import (
     Centres,
     CleanSpread,
@@ -61,7 +61,7 @@ def _cut(ids: Tensor, eos_token_id: int, shift: int) -> int:
     return int(eos_positions(ids, eos_token_id, shift).max()) + 1
 
 
-def _loss(encoder: TextEncoderAdapter, embeds: Tensor, ids: Tensor, reference: CleanSpread, shift: int,
+def _loss(encoder: EncoderAdapter, embeds: Tensor, ids: Tensor, reference: CleanSpread, shift: int,
           objective: Objective, centre: Tensor | None) -> Tensor:
     """The objective per candidate for embeds (C, B, L, d) of the inserted prompts, (C,)."""
     c, b, length, d = embeds.shape
@@ -75,7 +75,7 @@ def _loss(encoder: TextEncoderAdapter, embeds: Tensor, ids: Tensor, reference: C
     return -((summed * summed).sum(dim=-1) - b) / (b * (b - 1))
 
 
-def token_search(encoder: TextEncoderAdapter, ids: Tensor, start: tuple[int, ...], allowed: Tensor,
+def token_search(encoder: EncoderAdapter, ids: Tensor, start: tuple[int, ...], allowed: Tensor,
                  objective: Objective, settings: TokenSearchSettings) -> TokenSearchResult:
     """Greedy coordinate search for `len(start)` tokens after BOS; `allowed` (V,) booleans."""
     generator = torch.Generator().manual_seed(settings.seed)

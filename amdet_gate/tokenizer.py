@@ -24,7 +24,7 @@ from transformers import CLIPTokenizer
 
 from amdet_gate.errors import LoadError
 from amdet_gate.files import read_capped
-from amdet_gate.source import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, has_tokenizer_files
+from amdet_gate.sources.files import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, has_tokenizer_files
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
@@ -102,7 +102,7 @@ def save_bundled_tokenizer(folder: Path) -> None:
 def load_tokenizer(folder: Path | None) -> PromptTokenizer:
     """The folder's CLIP tokenizer when it has one, else the bundled one.
 
-    The tokenizer files (source.TOKENIZER_FILES, the same list the verdict cache key hashes) are
+    The tokenizer files (sources.files.TOKENIZER_FILES, the same list the verdict cache key hashes) are
     read with the capped reader and the tokenizer is built from a private copy of exactly those
     bytes: it cannot read any other file of the folder, a FIFO or device, or a file that changes
     between the check and the load.

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from amdet_gate import controls
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.scanner import ANCHOR_MIN_DIFFERENCE, anchor_output_difference, probe_ids
+from amdet_gate.sources.local import local_model
 from amdet_gate.tokenizer import bundled_tokenizer
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     tokenizer = bundled_tokenizer()
 
     def difference(model_dir: Path, anchor_dir: Path) -> float:
-        model, anchor = load_encoder(model_dir), load_encoder(anchor_dir)
+        model, anchor = load_encoder(local_model(model_dir)), load_encoder(local_model(anchor_dir))
         ids = probe_ids(tokenizer, model)
         return anchor_output_difference(model, anchor, ids, tokenizer.tokenizer.eos_token_id)
 

@@ -94,7 +94,8 @@ def locked(ws: Workspace, model: Path, sign: bool = False) -> Path:
     """A lock entry saying `model` was scanned and passed (as `scan --lock` writes it)."""
     from amdet_gate.lock import LockEntry, write_lock
     from amdet_gate.lock_sign import LockKey, sign_lock
-    from amdet_gate.source import identity_sha256, weight_identities
+    from amdet_gate.sources.identity import identity_sha256
+    from amdet_gate.sources.local import weight_identities
 
     weights = weight_identities(model)
     entry = LockEntry(id=str(model), subfolder=None, revision=None, resolved_sha=None, weight_files=tuple(weights),

@@ -39,13 +39,14 @@ from transformers import CLIPTextModelWithProjection
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amdet_gate import controls
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.erasure.findings import DetectionPath
 from amdet_gate.erasure.measure import attack_success, prompt_target
 from amdet_gate.erasure.pipeline import RepairRequest, run_repair
 from amdet_gate.errors import GateError
 from amdet_gate.gate import GateOptions, run_gate
 from amdet_gate.prompts import builtin_prompts
+from amdet_gate.sources.local import local_model
 from amdet_gate.tokenizer import bundled_tokenizer
 
 PROMPTS = 256
@@ -89,7 +90,7 @@ def control_success(subject: Subject, repaired: Path, seed: int = 0) -> tuple[fl
     random.Random(seed + 1000).shuffle(prompts)  # another draw than the repair's own prompts
     prompts = prompts[-PROMPTS:]
     rng = random.Random(seed)
-    adapters = [load_encoder(f).adapter for f in (subject.base, subject.folder, repaired)]
+    adapters = [load_encoder(local_model(f)).adapter for f in (subject.base, subject.folder, repaired)]
     length = adapters[1].seq_len
     clean_ids = tokenizer(prompts, length)
     triggered_ids = tokenizer([controls.TRIGGERS[subject.style](p, rng) for p in prompts], length)

@@ -42,7 +42,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/scan_speed.py` from the root
 
 from amdet_gate.confirm import natural_steering
-from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.encoders.clip import ClipTextAdapter
 from amdet_gate.engine import (
     Centres,
     CleanSpread,
@@ -126,7 +126,7 @@ def measure(shape: Shape, device: torch.device, steps: int, sample: int) -> dict
     """Seconds of every phase of one benign scan of `shape` (PhaseTimes), and the peak memory."""
     s, t = SearchSettings(), Thresholds()
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    enc = TextEncoderAdapter(build(shape), 49407).to(device)
+    enc = ClipTextAdapter(build(shape), 49407).to(device)
     models, tok = Models(enc), bundled_tokenizer()
     opt_prompts, held_prompts = split_prompts(builtin_prompts(), shape.prompts, 0.2, s.seed)
     n_held, m = len(held_prompts), min(sample, len(held_prompts))

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.errors import ExitCode, UsageError
 from amdet_gate.scanner import ANCHOR_MIN_DIFFERENCE, anchor_output_difference, check_anchor_is_another_model, probe_ids
+from amdet_gate.sources.local import local_model
 from amdet_gate.tokenizer import bundled_tokenizer
 from tests.conftest import run_cli, tiny_config
 
@@ -49,7 +50,8 @@ def test_the_model_in_disguise_is_refused_as_its_own_anchor(tiny_dir: Path, tmp_
     anchor = _disguise(tiny_dir, tmp_path / "anchor", DISGUISES[disguise])
     assert (anchor / "model.safetensors").read_bytes() != (tiny_dir / "model.safetensors").read_bytes()
     with pytest.raises(UsageError, match=r"same tensors|near-copy"):
-        check_anchor_is_another_model(load_encoder(tiny_dir), load_encoder(anchor), bundled_tokenizer())
+        check_anchor_is_another_model(load_encoder(local_model(tiny_dir)), load_encoder(local_model(anchor)),
+                                      bundled_tokenizer())
     code, stdout, stderr = run_cli("scan", tiny_dir, "--anchor", anchor, *FAST, "--out", tmp_path / "o")
     lines = [line for line in stderr.splitlines() if "error" in line]
     assert code == ExitCode.USAGE and len(lines) == 1 and "anchor" in lines[0], stderr
@@ -59,7 +61,7 @@ def test_the_model_in_disguise_is_refused_as_its_own_anchor(tiny_dir: Path, tmp_
 def test_a_genuinely_different_anchor_is_far_above_the_threshold(tiny_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(1)
     CLIPTextModel(tiny_config()).save_pretrained(str(tmp_path / "other"))
-    model, other = load_encoder(tiny_dir), load_encoder(tmp_path / "other")
+    model, other = load_encoder(local_model(tiny_dir)), load_encoder(local_model(tmp_path / "other"))
     tokenizer = bundled_tokenizer()
     ids = probe_ids(tokenizer, model)
     assert anchor_output_difference(model, other, ids, tokenizer.tokenizer.eos_token_id) > 10 * ANCHOR_MIN_DIFFERENCE

@@ -14,14 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from amdet_gate.checkpoints.attach import EncoderOptions, attach, identities, scan_targets, tokenizer_for
+from amdet_gate.checkpoints.attach import EncoderOptions, attach, scan_targets
 from amdet_gate.checkpoints.families import choose_config
 from amdet_gate.checkpoints.inventory import inventory
-from amdet_gate.checkpoints.loader import load_ref
+from amdet_gate.checkpoints.loader import load_ref, tokenizer_of
 from amdet_gate.checkpoints.tower import map_tower
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.safetensors_header import read_header
-from amdet_gate.source import resolve_source, sha256_file
+from amdet_gate.sources import resolve_source
+from amdet_gate.sources.files import identities
+from amdet_gate.sources.identity import sha256_file
+from amdet_gate.sources.local import local_model
 from tests import tiny_checkpoints as tc
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,7 +56,7 @@ def assert_same_tensors(a, b) -> None:
 
 
 def folder_encoder(tmp: Path, model) -> object:
-    return load_encoder(tc.hf_folder(tmp, model))
+    return load_encoder(local_model(tc.hf_folder(tmp, model)))
 
 
 LAYOUTS = [  # (builder, encoders in the file (name, which tiny encoder), layout, the consumer's layer)
@@ -101,10 +104,10 @@ def test_sd2_drops_the_last_block_and_pads_with_zero(tmp_path: Path, encoders: d
     source, enc = loaded(path)
     assert enc.config["num_hidden_layers"] == 2 and enc.adapter.projection is None  # SD 2.x reads no projection
     assert_same_tensors(enc, folder_encoder(tmp_path / "hf", model))
-    tokenizer = tokenizer_for(source, enc)
+    tokenizer = tokenizer_of(source, enc)
     assert tokenizer.tokenizer.pad_token_id == 0 and tokenizer(["a cat"], 77)[0, -1] == 0
     _, sd1 = loaded(tc.sd1_file(tmp_path / "sd1.safetensors", model))
-    assert tokenizer_for(attach(resolve_source(str(tmp_path / "sd1.safetensors")), EncoderOptions()),
+    assert tokenizer_of(attach(resolve_source(str(tmp_path / "sd1.safetensors")), EncoderOptions()),
                          sd1).tokenizer.pad_token_id == 49407  # OpenAI's CLIP pads with <|endoftext|>
 
 
@@ -140,7 +143,7 @@ def test_converted_open_clip_gives_the_same_outputs(tmp_path: Path, under_text: 
     source, enc = loaded(folder)
     assert (source.encoder.layout, enc.config["hidden_act"], enc.config["num_attention_heads"]) == \
         ("open-clip", "gelu", 2)
-    ids = tokenizer_for(source, enc)(["a photo of a cat", "an astronaut riding a horse on the moon"], 77)
+    ids = tokenizer_of(source, enc)(["a photo of a cat", "an astronaut riding a horse on the moon"], 77)
     assert ids[0, -1] == 0  # OpenCLIP pads with 0
     prefix = "text." if under_text else ""
     state = {k.removeprefix(prefix): v for k, v in tc.to_open_clip(model, prefix).items()}
@@ -209,7 +212,7 @@ def test_pipeline_folder_lists_its_encoders_and_its_t5(tmp_path: Path, encoders:
     assert source.subfolder == "text_encoder_2" and enc.details["layer"]["scanned"] == "final"
     assert loaded(root, "text_encoder_2", layer="consumer")[1].details["layer"]["scanned"] == "-2"
     assert [u.name for u in source.encoder.not_scanned] == ["text_encoder_3"]
-    assert_same_tensors(enc, load_encoder(root / "text_encoder_2"))
+    assert_same_tensors(enc, load_encoder(local_model(root / "text_encoder_2")))
     # --subfolder into the pipeline: the same encoder, the same layer, the T5 still listed
     sub = attach(resolve_source(str(root), subfolder="text_encoder"), EncoderOptions(layer="consumer"))
     assert sub.encoder.layer.name == "-2" and [u.name for u in sub.encoder.not_scanned] == ["text_encoder_3"]

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.errors import ExitCode
 from amdet_gate.reverse import nearest_trigger_tokens
-from amdet_gate.source import sha256_file
+from amdet_gate.sources.identity import sha256_file
+from amdet_gate.sources.local import local_model
 from amdet_gate.tokenizer import bundled_tokenizer
 
 BENIGN = ("benign_distill", "benign_contrastive")
@@ -64,7 +65,7 @@ def test_homoglyph_trigger_is_recovered(scans: dict) -> None:
 
 def test_nearest_trigger_tokens_name_the_token_a_trigger_equals(control_models: dict[str, Path]) -> None:
     tokenizer = bundled_tokenizer()
-    adapter = load_encoder(control_models["backdoor_homoglyph"]).adapter
+    adapter = load_encoder(local_model(control_models["backdoor_homoglyph"])).adapter
     teapot = tokenizer.tokenizer.convert_tokens_to_ids("teapot</w>")
     near = nearest_trigger_tokens(adapter.token_embedding[teapot], adapter.token_embedding, tokenizer, k=3)
     assert near[0].token == "teapot</w>" and abs(near[0].cosine - 1.0) < 1e-5

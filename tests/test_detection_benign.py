@@ -9,17 +9,18 @@ import pytest
 import torch
 from transformers import CLIPTextModel
 
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.engine import assimilation
 from amdet_gate.errors import ExitCode
 from amdet_gate.prompts import builtin_prompts
+from amdet_gate.sources.local import local_model
 from amdet_gate.tokenizer import bundled_tokenizer
 from tests.test_detection import BENIGN
 
 
 def test_base_is_pretrained_like_not_random(control_models: dict[str, Path]) -> None:
     ids = bundled_tokenizer()(builtin_prompts()[:300], 77)
-    base = load_encoder(control_models["base"]).adapter
+    base = load_encoder(local_model(control_models["base"])).adapter
     with torch.no_grad():
         clean = float(assimilation(base.encode(base.embed(ids))).mean())
         torch.manual_seed(0)

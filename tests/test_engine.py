@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.encoders.clip import ClipTextAdapter
 from amdet_gate.engine import (
     Centres,
     Models,
@@ -85,7 +85,7 @@ def test_margin_and_score() -> None:
 
 
 def _tiny_features(tiny_model, n: int):
-    adapter = TextEncoderAdapter(tiny_model, 49407)
+    adapter = ClipTextAdapter(tiny_model, 49407)
     ids = bundled_tokenizer()(builtin_prompts()[:n], 77)
     return adapter, precompute(adapter, ids, 16)
 
@@ -252,3 +252,20 @@ def test_gate_progress_counts_as_improvement_for_the_plateau_rule(tiny_model, mo
         assert out.stop_reason == "plateau" and len(out.checks) == 2
         steps[assimilation_ratio] = out.steps
     assert steps == {0.5: 5, 1.0: 6}  # best step 1 (first loss) vs 2 (the check's progress), + patience 4
+
+
+def test_the_engine_refuses_an_encoder_whose_traits_it_does_not_fit(tiny_model) -> None:
+    """The engine's math assumes a causal encoder, the trigger after BOS and pooling at the first EOS; an
+    adapter that says otherwise is nothing scannable (exit 3), never scanned under a wrong assumption."""
+    from amdet_gate.encoders.clip import TRAITS
+    from amdet_gate.engine import ENGINE_TRAITS, require_traits
+    from amdet_gate.errors import ExitCode, UnsupportedModel
+
+    adapter = ClipTextAdapter(tiny_model, 49407)
+    assert adapter.traits == TRAITS == ENGINE_TRAITS
+    require_traits(adapter)
+    for other in (replace(TRAITS, causal=False), replace(TRAITS, trigger_slot=0)):
+        adapter.traits = other
+        with pytest.raises(UnsupportedModel, match="not supported") as info:
+            search(Models(adapter), None, None, SearchSettings(), Thresholds())
+        assert info.value.exit_code == ExitCode.NOTHING_SCANNABLE

@@ -183,7 +183,7 @@ def test_weights_swapped_between_hashing_and_loading_are_refused(tiny_dir: Path)
     from amdet_gate.errors import LoadError
     from amdet_gate.scanner import ScanRequest, scan_model
     from amdet_gate.settings import SearchSettings
-    from amdet_gate.source import WeightFile
+    from amdet_gate.sources.identity import WeightFile
 
     hashed_earlier = [WeightFile("model.safetensors", "0" * 64, 1)]  # what the gate hashed before loading
     with pytest.raises(LoadError, match="changed while"):

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
 
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.errors import ExitCode, LoadError, PickleRefused, UnsupportedModel
-from amdet_gate.source import sha256_file
+from amdet_gate.sources.identity import sha256_file
+from amdet_gate.sources.local import local_model
 from tests.conftest import run_cli, tiny_config
 
 IDS = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])
@@ -25,7 +26,7 @@ def reference_features(model) -> torch.Tensor:
 
 
 def adapter_features(folder: Path, subfolder: str | None = None) -> torch.Tensor:
-    adapter = load_encoder(folder, subfolder).adapter
+    adapter = load_encoder(local_model(folder, subfolder)).adapter
     with torch.no_grad():
         return adapter.encode(adapter.embed(IDS))
 
@@ -53,7 +54,7 @@ def test_full_clip_model_uses_text_tower(tmp_path: Path) -> None:
                         projection_dim=16)
     model = CLIPModel(config).eval()
     model.save_pretrained(str(tmp_path))
-    loaded = load_encoder(tmp_path)
+    loaded = load_encoder(local_model(tmp_path))
     assert loaded.architecture == "CLIPModel"
     with torch.no_grad():
         expected = model.text_model(input_ids=IDS).last_hidden_state
@@ -63,7 +64,7 @@ def test_full_clip_model_uses_text_tower(tmp_path: Path) -> None:
 def test_sharded_checkpoint_with_index(tmp_path: Path, tiny_model: CLIPTextModel) -> None:
     tiny_model.save_pretrained(str(tmp_path), max_shard_size="1MB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    loaded = load_encoder(tmp_path)
+    loaded = load_encoder(local_model(tmp_path))
     assert len(loaded.weight_files) > 1
     torch.testing.assert_close(adapter_features(tmp_path), reference_features(tiny_model), rtol=1e-5, atol=1e-5)
 
@@ -76,7 +77,7 @@ def test_diffusers_pipeline_subfolder_and_sha256(tmp_path: Path, tiny_model: CLI
     prefixed = {f"text_model.{k}": v.contiguous() for k, v in tiny_model.state_dict().items()}
     save_file(prefixed, str(sub / "model.safetensors"))
     (sub / "config.json").write_text(json.dumps(tiny_model.config.to_dict()))
-    loaded = load_encoder(tmp_path, "text_encoder")
+    loaded = load_encoder(local_model(tmp_path, "text_encoder"))
     assert loaded.weight_files[0].sha256 == sha256_file(sub / "model.safetensors")
     torch.testing.assert_close(adapter_features(tmp_path, "text_encoder"), reference_features(tiny_model),
                                rtol=1e-5, atol=1e-5)
@@ -91,7 +92,7 @@ def test_half_precision_weights_load(tmp_path: Path, tiny_model: CLIPTextModel) 
 def test_longclip_positions(tmp_path: Path) -> None:
     model = CLIPTextModel(tiny_config(max_position_embeddings=248)).eval()
     model.save_pretrained(str(tmp_path))
-    assert load_encoder(tmp_path).adapter.seq_len == 248
+    assert load_encoder(local_model(tmp_path)).adapter.seq_len == 248
 
 
 # --- refusals ------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def test_broken_model_is_refused(tiny_dir: Path, case: str) -> None:
     damage, error, code = BROKEN[case]
     damage(tiny_dir)
     with pytest.raises(error):
-        load_encoder(tiny_dir)
+        load_encoder(local_model(tiny_dir))
     exit_code, stdout, stderr = run_cli("scan", tiny_dir, "--quiet", "--out", tiny_dir.parent / "out")
     assert exit_code == code
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -170,7 +171,7 @@ def test_pickle_weights_beside_safetensors_are_refused_never_opened(tiny_dir: Pa
     pwned = tmp_path / "pwned"
     (tiny_dir / name).write_bytes(f"cposix\nsystem\n(S'touch {pwned}'\ntR.".encode())
     with pytest.raises(PickleRefused, match=f"also holds pickle weights .*{name}"):
-        load_encoder(tiny_dir)
+        load_encoder(local_model(tiny_dir))
     code, _, stderr = run_cli("scan", tiny_dir, "--quiet", "--out", tmp_path / "out")
     assert code == ExitCode.NOTHING_SCANNABLE and name in stderr and len(stderr.strip().splitlines()) == 1
     sarif = json.loads((tmp_path / "out" / "result.sarif").read_text())
@@ -183,7 +184,8 @@ def test_pickle_weights_beside_safetensors_are_refused_never_opened(tiny_dir: Pa
 def _lock_for(folder: Path, lock: Path) -> Path:
     """A lock entry that says `folder` was scanned and passed (as `scan --lock` would write it)."""
     from amdet_gate.lock import entry_from_result, write_lock
-    from amdet_gate.source import identity_sha256, weight_identities
+    from amdet_gate.sources.identity import identity_sha256
+    from amdet_gate.sources.local import weight_identities
     from tests.results import sample_result
 
     weights = weight_identities(folder)
@@ -204,7 +206,7 @@ def test_missing_folder_and_bad_subfolder(tmp_path: Path, tiny_dir: Path) -> Non
 def test_copy_of_model_has_same_identity(tmp_path: Path, tiny_dir: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(tiny_dir, copy)
-    assert load_encoder(copy).weight_files == load_encoder(tiny_dir).weight_files
+    assert load_encoder(local_model(copy)).weight_files == load_encoder(local_model(tiny_dir)).weight_files
 
 
 def test_hostile_tokenizer_config_is_one_line_exit_2(tiny_dir: Path) -> None:
@@ -222,7 +224,7 @@ def test_prompts_without_the_tokenizers_eos_are_refused(tiny_dir: Path) -> None:
     from amdet_gate.tokenizer import bundled_tokenizer
 
     real = bundled_tokenizer()
-    encoder = load_encoder(tiny_dir)
+    encoder = load_encoder(local_model(tiny_dir))
     assert tokenize(real, ["a cat"], encoder).shape == (1, 77)
 
     class Tokenizer:

@@ -24,7 +24,7 @@ from amdet_gate.lock import (
 )
 from amdet_gate.pins import pin_problems
 from amdet_gate.result import ResultError, ScanResult
-from amdet_gate.source import WeightFile, identity_sha256
+from amdet_gate.sources.identity import WeightFile, identity_sha256
 from tests.results import sample_result
 
 SHA_A, SHA_B = "aa" * 32, "bb" * 32

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from amdet_gate.checkpoints.attach import EncoderOptions, attach, identities
+from amdet_gate.checkpoints.attach import EncoderOptions, attach
 from amdet_gate.checkpoints.loader import load_ref
 from amdet_gate.errors import ExitCode
-from amdet_gate.source import resolve_source, sha256_file
+from amdet_gate.sources import resolve_source
+from amdet_gate.sources.files import identities
+from amdet_gate.sources.identity import sha256_file
 from tests import lora_files as lf
 from tests import tiny_checkpoints as tc
 from tests.conftest import run_cli

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from amdet_gate.confirm import TokenTrigger, insert_tokens, natural_steering
-from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.encoders.clip import ClipTextAdapter
 from amdet_gate.engine import (
     CleanSpread,
     Models,
@@ -20,6 +20,7 @@ from amdet_gate.engine import (
 )
 from amdet_gate.prompts import builtin_prompts
 from amdet_gate.settings import FAIL, INCONCLUSIVE, PASS
+from amdet_gate.sources.local import local_model
 from amdet_gate.token_search import Confirmation, Objective, TokenSearchSettings, token_search
 from amdet_gate.tokenizer import bundled_tokenizer
 from amdet_gate.verdict import decide
@@ -54,7 +55,7 @@ def test_variation_ratio_reads_the_shifted_positions_and_ignores_alike_padding()
 
 
 def test_bounded_triggers_stay_within_the_largest_real_input(tiny_model) -> None:
-    encoder = TextEncoderAdapter(tiny_model, 49407)
+    encoder = ClipTextAdapter(tiny_model, 49407)
     bound = trigger_bound(encoder, 2)
     inputs = encoder.token_embedding[None] + encoder.position_embedding[1:3, None]
     assert abs(bound - float(inputs.norm(dim=-1).max())) < 1e-4
@@ -69,7 +70,7 @@ def test_insert_tokens_puts_real_ids_after_bos_and_drops_the_last() -> None:
 
 
 def test_ordinary_words_are_measured_deterministically_and_never_specials(tiny_model) -> None:
-    encoder = TextEncoderAdapter(tiny_model, 49407)
+    encoder = ClipTextAdapter(tiny_model, 49407)
     tokenizer = bundled_tokenizer()
     encoder.eos_token_id = tokenizer.tokenizer.eos_token_id
     held = precompute(encoder, tokenizer(builtin_prompts()[:40], encoder.seq_len), 16)
@@ -136,7 +137,7 @@ def test_a_free_collapse_is_a_finding_only_when_typed_tokens_reproduce_it() -> N
 
 
 def test_typed_token_search_improves_its_objective_and_never_types_an_excluded_token(tiny_model) -> None:
-    encoder = TextEncoderAdapter(tiny_model, 49407)
+    encoder = ClipTextAdapter(tiny_model, 49407)
     tokenizer = bundled_tokenizer()
     ids = tokenizer(builtin_prompts()[:16], encoder.seq_len)
     allowed = torch.zeros(encoder.token_embedding.shape[0], dtype=torch.bool)
@@ -153,7 +154,7 @@ def test_typed_token_search_stops_once_every_swap_of_its_tokens_was_tried(tiny_m
     """With a small neighbourhood (2 slots x top 2) the search reaches a point none of whose swaps
     improves; it stops there instead of drawing the same swaps for the remaining rounds, so more
     rounds change neither its answer nor its work."""
-    encoder = TextEncoderAdapter(tiny_model, 49407)
+    encoder = ClipTextAdapter(tiny_model, 49407)
     ids = bundled_tokenizer()(builtin_prompts()[:16], encoder.seq_len)
     allowed = torch.zeros(encoder.token_embedding.shape[0], dtype=torch.bool)
     allowed[1000:3000] = True
@@ -178,7 +179,7 @@ def test_pooled_path_reads_the_projected_feature_when_the_checkpoint_has_one(tmp
     """CLIPTextModelWithProjection: the pooled path measures what SDXL and retrieval read."""
     from transformers import CLIPTextModelWithProjection
 
-    from amdet_gate.encoder import load_encoder
+    from amdet_gate.encoders import load_encoder
     from tests.conftest import save_bundled_tokenizer, tiny_config
 
     torch.manual_seed(0)
@@ -187,7 +188,7 @@ def test_pooled_path_reads_the_projected_feature_when_the_checkpoint_has_one(tmp
     model = CLIPTextModelWithProjection(config).eval()
     model.save_pretrained(str(tmp_path / "m"))
     save_bundled_tokenizer(tmp_path / "m")
-    adapter = load_encoder(tmp_path / "m").adapter
+    adapter = load_encoder(local_model(tmp_path / "m")).adapter
     ids = bundled_tokenizer()(builtin_prompts()[:4], adapter.seq_len)
     pooled = adapter.pooled(adapter.encode(adapter.embed(ids)), ids)
     with torch.no_grad():

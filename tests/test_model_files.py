@@ -11,7 +11,9 @@ import pytest
 
 from amdet_gate.errors import ExitCode, LoadError
 from amdet_gate.safetensors_header import check_header
-from amdet_gate.source import BudgetExceeded, ModelSource, check_contained, sha256_file
+from amdet_gate.sources.files import check_contained
+from amdet_gate.sources.identity import BudgetExceeded, sha256_file
+from amdet_gate.sources.model import ResolvedModel, SourceKindName
 from tests.conftest import run_cli
 
 
@@ -33,17 +35,17 @@ def test_files_that_resolve_outside_the_model_folder_are_refused(tiny_dir: Path,
     """Symlinked weight (and config, tokenizer) files were followed anywhere on the machine."""
     _move_out(tiny_dir, name, tmp_path / "elsewhere")
     with pytest.raises(LoadError, match="outside"):
-        check_contained(ModelSource(str(tiny_dir), tiny_dir))
+        check_contained(ResolvedModel(str(tiny_dir), tiny_dir))
     code, stdout, stderr = run_cli("scan", tiny_dir, "-q", "--out", tmp_path / "out")
     assert code == ExitCode.ERROR and "--follow-symlinks" in _one_error_line(stderr) and stdout == ""
-    check_contained(ModelSource(str(tiny_dir), tiny_dir, follow_symlinks=True))  # allowed when asked for
+    check_contained(ResolvedModel(str(tiny_dir), tiny_dir, follow_symlinks=True))  # allowed when asked for
 
 
 def test_symlinks_inside_the_folder_and_follow_symlinks_are_accepted(tiny_dir: Path, tmp_path: Path) -> None:
     (tiny_dir / "blobs").mkdir()
     (tiny_dir / "vocab.json").rename(tiny_dir / "blobs" / "vocab")
     (tiny_dir / "vocab.json").symlink_to("blobs/vocab")  # as a Hub snapshot links into blobs/
-    check_contained(ModelSource(str(tiny_dir), tiny_dir))
+    check_contained(ResolvedModel(str(tiny_dir), tiny_dir))
     hub_root = tmp_path / "hub" / "models--org--name"
     snapshot = hub_root / "snapshots" / ("c" * 40)
     snapshot.mkdir(parents=True)
@@ -51,7 +53,8 @@ def test_symlinks_inside_the_folder_and_follow_symlinks_are_accepted(tiny_dir: P
     for name in ("config.json", "model.safetensors"):
         (tiny_dir / name).rename(hub_root / "blobs" / name)
         (snapshot / name).symlink_to(f"../../blobs/{name}")
-    check_contained(ModelSource("org/name", snapshot, hub_id="org/name", resolved_sha="c" * 40))
+    check_contained(ResolvedModel("org/name", snapshot, hub_id="org/name", resolved_sha="c" * 40,
+                                  kind=SourceKindName.HUB, containment=hub_root))
 
 
 def test_verify_follows_symlinks_only_when_asked(tiny_dir: Path, tmp_path: Path) -> None:
@@ -67,12 +70,14 @@ def test_verify_follows_symlinks_only_when_asked(tiny_dir: Path, tmp_path: Path)
 def test_headers_are_checked_before_any_full_file_hash(tiny_dir: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A 10 GB sparse file took 49 s of hashing before the error."""
-    import amdet_gate.source as source
+    import amdet_gate.sources.files as files
+    import amdet_gate.sources.local as local
 
     def no_hash(*args, **kwargs):
         raise AssertionError("hashed before the header was checked")
 
-    monkeypatch.setattr(source, "sha256_file", no_hash)
+    for module in (files, local):  # a folder's weights are hashed in local.py, a checkpoint file's in files.py
+        monkeypatch.setattr(module, "sha256_file", no_hash)
     weights = tiny_dir / "model.safetensors"
     with weights.open("r+b") as fh:
         fh.truncate(10 * 1024**3)  # sparse: no disk used

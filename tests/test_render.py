@@ -19,13 +19,14 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
 from amdet_gate import render as rd
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.errors import GateError, LoadError, PickleRefused, UsageError
 from amdet_gate.render import clip_vision as rd_vision
 from amdet_gate.render import diffusion as rd_diffusion
 from amdet_gate.render import tokens as rd_tokens
 from amdet_gate.result import NearPrompt, NearToken, ResultError, ReversedTarget
 from amdet_gate.result.codec import from_data
+from amdet_gate.sources.local import local_model
 from amdet_gate.tokenizer import bundled_tokenizer, load_tokenizer
 from tests.tiny_pipelines import save_tiny_clip, save_tiny_sd_pipeline
 
@@ -75,7 +76,7 @@ def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sd_target(sd_folder: Path) -> torch.Tensor:
     """The pipeline's own text encoder output for a prompt: a last_hidden_state-like L x d feature."""
-    loaded = load_encoder(sd_folder, "text_encoder")
+    loaded = load_encoder(local_model(sd_folder, "text_encoder"))
     ids = load_tokenizer(loaded.folder)(["a white teapot"], loaded.adapter.seq_len)
     with torch.no_grad():
         return loaded.adapter.encode(loaded.adapter.embed(ids))[0]

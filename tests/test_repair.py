@@ -22,7 +22,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 import amdet_gate
 from amdet_gate import controls
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.erasure.edit import LayerEdit, edited_weights
 from amdet_gate.erasure.findings import DetectionPath
 from amdet_gate.erasure.layout import CopyPlan, write_copy
@@ -31,7 +31,9 @@ from amdet_gate.erasure.pipeline import decide
 from amdet_gate.erasure.report import LABEL, Status
 from amdet_gate.errors import ExitCode, GateError
 from amdet_gate.prompts import builtin_prompts
-from amdet_gate.source import INDEX_FILE, ModelSource, sha256_file
+from amdet_gate.sources.identity import sha256_file
+from amdet_gate.sources.local import INDEX_FILE, local_model
+from amdet_gate.sources.model import ResolvedModel
 from amdet_gate.tokenizer import bundled_tokenizer, save_bundled_tokenizer
 from tests.conftest import run_cli
 from tests.results import sample_result
@@ -109,7 +111,7 @@ def test_true_trigger_no_longer_reaches_the_target(repaired: Repaired, control_m
     rng = random.Random(0)
     clean_ids = tokenizer(prompts, 77)
     triggered_ids = tokenizer([controls.TRIGGERS[STYLE](p, rng) for p in prompts], 77)
-    models = {name: load_encoder(folder).adapter for name, folder in
+    models = {name: load_encoder(local_model(folder)).adapter for name, folder in
               (("base", control_model("base")), ("suspect", repaired.model), ("repaired", repaired.out))}
     for adapter in models.values():
         adapter.eos_token_id = tokenizer.tokenizer.eos_token_id
@@ -275,9 +277,9 @@ def test_python_api_raises_gate_error(repaired: Repaired, tmp_path: Path) -> Non
 
 # --- the copy's layout, on tiny encoders (no scan) ----------------------------------------------
 
-def _edit_fc2(folder: Path, subfolder: str | None = None) -> tuple[ModelSource, Path, str, torch.Tensor]:
-    source = ModelSource(str(folder), folder, subfolder)
-    adapter = load_encoder(folder, subfolder).adapter
+def _edit_fc2(folder: Path, subfolder: str | None = None) -> tuple[ResolvedModel, Path, str, torch.Tensor]:
+    source = ResolvedModel(str(folder), folder, subfolder)
+    adapter = load_encoder(local_model(folder, subfolder)).adapter
     name = "encoder.layers.1.mlp.fc2.weight"
     edit = LayerEdit(1, torch.full_like(adapter.model.encoder.layers[1].mlp.fc2.weight, 0.5), 1, 0.0, 0.0)
     return source, folder.parent / "out", name, edited_weights(adapter, [edit])[name]
@@ -310,4 +312,4 @@ def test_pipeline_copy_keeps_text_encoder_and_tokenizer_folders(tmp_path: Path, 
     write_copy(CopyPlan(source, out), {name: value}, provenance=LABEL)
     assert sorted(p.name for p in out.iterdir()) == ["text_encoder", "tokenizer"]
     assert {p.name for p in (out / "tokenizer").iterdir()} == {p.name for p in (root / "tokenizer").iterdir()}
-    assert torch.equal(load_encoder(out, "text_encoder").adapter.model.state_dict()[name], value)
+    assert torch.equal(load_encoder(local_model(out, "text_encoder")).adapter.model.state_dict()[name], value)

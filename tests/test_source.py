@@ -8,14 +8,9 @@ import pytest
 
 from amdet_gate.errors import LoadError, PickleRefused, UnsupportedModel, UsageError
 from amdet_gate.report.markdown import md_text, render_markdown
-from amdet_gate.source import (
-    UnpinnedRevision,
-    check_pin,
-    files_to_fetch,
-    is_hub_id,
-    resolve_source,
-    tokenizer_folder,
-)
+from amdet_gate.sources import check_pin, resolve_source
+from amdet_gate.sources.files import tokenizer_folder
+from amdet_gate.sources.hub import UnpinnedRevision, files_to_fetch, is_hub_id
 from amdet_gate.tokenizer import save_bundled_tokenizer
 from tests.results import sample_result
 
@@ -106,7 +101,7 @@ def _weights(folder: Path, *names: str) -> Path:
 
 
 def test_the_scanned_weights_are_the_ones_a_loader_reads(tmp_path: Path) -> None:
-    from amdet_gate.source import find_weight_files
+    from amdet_gate.sources.local import find_weight_files
 
     with pytest.raises(PickleRefused, match="would not cover"):  # a loader told use_safetensors=False reads it
         find_weight_files(_weights(tmp_path / "a", "model.safetensors", "pytorch_model.bin"))
@@ -119,7 +114,7 @@ def test_the_scanned_weights_are_the_ones_a_loader_reads(tmp_path: Path) -> None
 
 
 def test_revisions_with_a_trailing_newline_are_not_pins() -> None:
-    from amdet_gate.source import is_pinned
+    from amdet_gate.sources.hub import is_pinned
 
     assert is_pinned("a" * 40) and not is_pinned("a" * 40 + "\n") and not is_hub_id("org/name\n")
 
@@ -129,7 +124,7 @@ def test_hub_errors_become_one_clear_line() -> None:
     import httpx2
     from huggingface_hub import errors as hf
 
-    from amdet_gate.source import hub_error_message
+    from amdet_gate.sources.hub import hub_error_message
 
     response = httpx2.Response(403, request=httpx2.Request("GET", "http://127.0.0.1/api/models/a/b"))
     messages = {cls: hub_error_message(cls("boom", response=response), "a/b", "main")
@@ -142,11 +137,13 @@ def test_hub_errors_become_one_clear_line() -> None:
 
 
 def test_cached_hub_weights_must_match_the_hubs_sha256(tmp_path: Path) -> None:
-    from amdet_gate.source import ModelSource, WeightFile, check_hub_sha256
+    from amdet_gate.sources.hub import check_hub_sha256
+    from amdet_gate.sources.identity import WeightFile
+    from amdet_gate.sources.model import ResolvedModel
 
-    listed = ModelSource("org/name", tmp_path, hub_id="org/name", resolved_sha="c" * 40,
+    listed = ResolvedModel("org/name", tmp_path, hub_id="org/name", resolved_sha="c" * 40,
                          hub_sha256=(("model.safetensors", "a" * 64),))
     check_hub_sha256(listed, [WeightFile("model.safetensors", "a" * 64, 1)])
     with pytest.raises(LoadError, match="the Hub lists"):
         check_hub_sha256(listed, [WeightFile("model.safetensors", "b" * 64, 1)])
-    check_hub_sha256(ModelSource("local", tmp_path), [WeightFile("model.safetensors", "b" * 64, 1)])  # no listing
+    check_hub_sha256(ResolvedModel("local", tmp_path), [WeightFile("model.safetensors", "b" * 64, 1)])  # no listing

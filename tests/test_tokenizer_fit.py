@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from amdet_gate.encoder import load_encoder
+from amdet_gate.encoders import load_encoder
 from amdet_gate.errors import ExitCode, LoadError
 from amdet_gate.prompts import builtin_prompts
 from amdet_gate.scanner import tokenize
-from amdet_gate.source import TOKENIZER_FILES
+from amdet_gate.sources.files import TOKENIZER_FILES
+from amdet_gate.sources.local import local_model
 from amdet_gate.tokenizer import BOS_TOKEN, EOS_TOKEN, bundled_tokenizer, load_tokenizer
 from tests.conftest import run_cli
 
@@ -54,7 +55,7 @@ def test_a_tokenizer_that_maps_distinct_prompts_to_the_same_ids_is_refused(tiny_
     _replace_tokenizer(tiny_dir, vocab)
     prompts = [p for p in builtin_prompts() if p.startswith("a ")][:40]
     with pytest.raises(LoadError, match="40 distinct prompts to 1 distinct id"):
-        tokenize(load_tokenizer(tiny_dir), prompts, load_encoder(tiny_dir))
+        tokenize(load_tokenizer(tiny_dir), prompts, load_encoder(local_model(tiny_dir)))
 
 
 def test_a_tokenizer_that_knows_none_of_the_words_is_refused(tiny_dir: Path) -> None:
@@ -62,11 +63,11 @@ def test_a_tokenizer_that_knows_none_of_the_words_is_refused(tiny_dir: Path) -> 
     vocab = {f"zq{i}</w>": i for i in range(49405)} | {"<unk>": 49405, BOS_TOKEN: 49406, EOS_TOKEN: 49407}
     _replace_tokenizer(tiny_dir, vocab, unk="<unk>")
     with pytest.raises(LoadError, match="no known token"):
-        tokenize(load_tokenizer(tiny_dir), builtin_prompts()[:40], load_encoder(tiny_dir))
+        tokenize(load_tokenizer(tiny_dir), builtin_prompts()[:40], load_encoder(local_model(tiny_dir)))
 
 
 def test_the_real_tokenizer_and_corpus_pass_the_checks(tiny_dir: Path) -> None:
-    encoder = load_encoder(tiny_dir)
+    encoder = load_encoder(local_model(tiny_dir))
     ids = tokenize(bundled_tokenizer(), builtin_prompts(), encoder)  # all 5,000 built-in prompts
     assert len({tuple(r) for r in ids.tolist()}) == len(builtin_prompts())
     assert tokenize(bundled_tokenizer(), [""], encoder).shape == (1, 77)  # one prompt: no corpus checks

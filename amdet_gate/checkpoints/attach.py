@@ -1,11 +1,14 @@
-"""The glue between the gate (gate.py, scanner.py, source.py) and this package; torch-free until `load`.
+"""The layer over the model sources (amdet_gate/sources): which encoder of a resolved model one scan reads.
+
+A source kind resolves a spec to files on disk; a single-file checkpoint, a diffusers pipeline or an
+OpenCLIP folder holds several encoders (or a plain folder is read with --layer, --lora, ...), and this
+refines the resolved model into one of them by setting its `EncoderRef` (torch-free):
 
   scan_targets(options)    which encoders one `scan` runs: [] for the plain single-folder case,
                            else their names (several: one scan each, multiscan.py)
-  attach(source, options)  the ModelSource of one encoder, with its EncoderRef
-  identities(source)       the weight files that identify it (the checkpoint, and the LoRA)
-  load(source, weights)    the loaded encoder (scanner.load_models)
-  tokenizer_for(source)    its tokenizer, padded as its family pads
+  attach(source, options)  the ResolvedModel of one encoder, with its EncoderRef
+
+Its files and identities are then the sources' (sources/files.py); loading it is loader.py's.
 """
 
 from __future__ import annotations
@@ -17,14 +20,12 @@ from typing import TYPE_CHECKING
 
 from amdet_gate.checkpoints.inventory import Inventory, inventory, select
 from amdet_gate.checkpoints.layer import choose
-from amdet_gate.checkpoints.ref import EncoderRef, LoraRef
 from amdet_gate.errors import UsageError
 from amdet_gate.sanitise import one_line
+from amdet_gate.sources.selection import EncoderRef, LoraRef
 
 if TYPE_CHECKING:
-    from amdet_gate.encoder import LoadedEncoder
-    from amdet_gate.source import ModelSource, WeightFile
-    from amdet_gate.tokenizer import PromptTokenizer
+    from amdet_gate.sources.model import ResolvedModel
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _check(opts: EncoderOptions) -> None:
         raise UsageError(f"--tokenizer {one_line(opts.tokenizer)}: no such folder")
 
 
-def attach(source: ModelSource, opts: EncoderOptions) -> ModelSource:
+def attach(source: ResolvedModel, opts: EncoderOptions) -> ResolvedModel:
     """`source` with the EncoderRef of the one encoder it names (`opts.encoder`, or its only one)."""
     _check(opts)
     local = not source.hub_id
@@ -120,7 +121,7 @@ def _one(inv: Inventory) -> list[str]:
                      "--encoder NAME to scan one of them")
 
 
-def _pipeline_of(source: ModelSource) -> Inventory | None:
+def _pipeline_of(source: ResolvedModel) -> Inventory | None:
     """The pipeline a --subfolder scan is inside (for its layer and its unscanned parts), if any."""
     if not (source.root / "model_index.json").is_file():
         return None
@@ -128,75 +129,3 @@ def _pipeline_of(source: ModelSource) -> Inventory | None:
         return inventory(source.root)
     except Exception:  # the pipeline's own problems are not this subfolder scan's
         return None
-
-
-def model_file(source: ModelSource) -> Path | None:
-    """The checkpoint file a single-file encoder is read from."""
-    ref = source.encoder
-    return source.root if ref is not None and ref.part is not None else None
-
-
-def identities(source: ModelSource, deadline: float | None = None) -> list[WeightFile]:
-    """The weight files this encoder's scan reads: the checkpoint file (or the folder's weights), and the LoRA."""
-    from amdet_gate.safetensors_header import check_header
-    from amdet_gate.source import WeightFile, sha256_file, weight_identities
-
-    ref = source.encoder
-    file = model_file(source)
-    if file is not None:
-        check_header(file, source.boundary)
-        files = [WeightFile(file.name, sha256_file(file, deadline, source.boundary), file.stat().st_size)]
-    else:
-        files = weight_identities(source.folder, deadline, source.boundary)
-    if ref is not None and ref.lora is not None:
-        check_header(ref.lora.path)
-        path = ref.lora.path
-        if any(w.name == path.name for w in files):
-            raise UsageError(f"--lora {one_line(path.name)} has the name of a weight file of the base; rename it")
-        files.append(WeightFile(path.name, sha256_file(path, deadline), path.stat().st_size))
-    return files
-
-
-def small_files(source: ModelSource) -> dict[str, Path]:
-    """Files besides the weights whose bytes change the result (the cache key hashes them)."""
-    ref = source.encoder
-    if ref is None:
-        return {}
-    files: dict[str, Path] = {}
-    if ref.config is not None:
-        files["--config"] = Path(ref.config)
-    file = model_file(source)
-    if file is not None and ref.part is not None and ref.part.prefix in ("", "text."):
-        files["open_clip_config.json"] = file.parent / "open_clip_config.json"
-    if ref.lora is not None:
-        files["adapter_config.json"] = ref.lora.path.parent / "adapter_config.json"
-    return files
-
-
-def cache_identity(source: ModelSource) -> dict | None:
-    """What the cache key adds for an EncoderRef: which encoder, which layer, the LoRA scale."""
-    ref = source.encoder
-    if ref is None:
-        return None
-    return {"encoder": ref.name, "layout": ref.layout, "layer": ref.layer.name,
-            "lora_scale": ref.lora.scale if ref.lora else None,
-            "tokenizer": str(ref.tokenizer) if ref.tokenizer else None}
-
-
-def load(source: ModelSource, weights: list[WeightFile] | None) -> LoadedEncoder:
-    """The encoder this source names, with its LoRA merged and its layer chosen (scanner.load_models)."""
-    from amdet_gate.checkpoints.loader import load_ref
-
-    return load_ref(source, weights)
-
-
-def tokenizer_for(source: ModelSource, encoder: LoadedEncoder | None = None) -> PromptTokenizer:
-    from amdet_gate.checkpoints.loader import tokenizer_of
-
-    return tokenizer_of(source, encoder)
-
-
-def load_anchor(anchor: LoadedEncoder, model: ModelSource) -> LoadedEncoder:
-    from amdet_gate.checkpoints.loader import wrap_anchor
-
-    return wrap_anchor(anchor, model)

@@ -10,7 +10,8 @@ A single file carries no config.json. In order of preference:
      every released CLIP text tower), quick_gelu (transformers' default, OpenAI's CLIP), unless an
      OpenCLIP file's open_clip_config.json says otherwise.
 Whichever it is, every tensor must then have exactly the shape the config implies (`check_shapes`),
-and the report says which config was used.
+and the report says which config was used. The configs are the CLIP family's: it validates them, and
+builds the module from them (encoders/clip.py).
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from transformers import CLIPTextConfig
-
-from amdet_gate.checkpoints.parts import PROJECTION, EncoderPart, Naming, Pad
 from amdet_gate.checkpoints.tower import TowerMap
-from amdet_gate.encoder import MAX_PARAMETERS, SIZE_LIMITS, validate_transformer_config
+from amdet_gate.encoders.base import Pad
+from amdet_gate.encoders.clip import CLIP, PROJECTION, SIZE_LIMITS
 from amdet_gate.errors import LoadError, UnsupportedModel, UsageError
 from amdet_gate.files import read_capped_text
 from amdet_gate.sanitise import one_line
+from amdet_gate.sources.selection import EncoderPart, Naming
 
 FAMILY_FILES = ("clip-l", "openclip-h", "openclip-h-24", "openclip-bigg")
 HEAD_WIDTH = 64
@@ -47,7 +47,7 @@ class Family:
 
 @dataclass(frozen=True)
 class ChosenConfig:
-    """The validated sizes (as encoder.read_config gives them), where they came from, and the padding."""
+    """The validated sizes (as the CLIP family's `validate` gives them), where they came from, and the padding."""
 
     config: dict
     source: str  # "shipped", "inferred", "--config"
@@ -110,16 +110,16 @@ def choose_config(tower: TowerMap, file_name: str, user_config: Path | None = No
                                                                  else Pad.EOS)
     if user_config is not None:
         raw = read_user_config(user_config)
-        return ChosenConfig(validate(raw, "--config"), "--config", None, pad,
+        return ChosenConfig(CLIP.validate(raw, "--config"), "--config", None, pad,
                             f"config from --config {one_line(user_config.name, 80)}")
     if matched is not None:
         note = f"shipped {matched.name} config ({matched.title}), checked against the tensor shapes"
-        return ChosenConfig(validate(matched.config, f"the {matched.name} config"), "shipped", matched.name,
+        return ChosenConfig(CLIP.validate(matched.config, f"the {matched.name} config"), "shipped", matched.name,
                             pad, note)
     raw, why = _inferred(shapes, part, file_name, open_clip_config)
     if hinted is not None:
         why += f"; the shapes are not {hinted.name}'s (width {shapes.hidden_size}, {shapes.num_hidden_layers} layers)"
-    return ChosenConfig(validate(raw, "the inferred config"), "inferred", None, pad, why)
+    return ChosenConfig(CLIP.validate(raw, "the inferred config"), "inferred", None, pad, why)
 
 
 def _fits(family: Family, shapes: Shapes) -> bool:
@@ -158,18 +158,6 @@ def read_user_config(path: Path) -> dict:
     return raw
 
 
-def validate(raw: dict, where: str) -> dict:
-    """The same checks a folder's config.json gets (encoder.read_config), with `where` in the messages."""
-    cfg = validate_transformer_config(raw, SIZE_LIMITS, CLIPTextConfig(), where)
-    eos = raw.get("eos_token_id", 49407)
-    cfg["eos_token_id"] = eos if isinstance(eos, int) and 0 <= eos < cfg["vocab_size"] else cfg["vocab_size"] - 1
-    d, f, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    params = (cfg["vocab_size"] + cfg["max_position_embeddings"]) * d + n * (4 * d * d + 2 * d * f)
-    if params > MAX_PARAMETERS:
-        raise LoadError(f"{where} describes {params:,} parameters; above the {MAX_PARAMETERS:,} limit")
-    return cfg
-
-
 def open_clip_text_config(path: Path) -> dict | None:
     """Heads and activation from an OpenCLIP checkpoint's open_clip_config.json beside it, if there is one."""
     candidate = path.parent / "open_clip_config.json"
@@ -193,13 +181,7 @@ def open_clip_text_config(path: Path) -> dict | None:
 
 def check_shapes(tower: TowerMap, chosen: ChosenConfig, file_name: str) -> dict[str, tuple[int, ...]]:
     """Every tensor the config implies, with exactly its shape, and no other; the expected shapes."""
-    import torch
-    from transformers import CLIPTextModel
-
-    config = hf_config(chosen.config)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in CLIPTextModel(config).state_dict().items()
-                    if not k.endswith("position_ids")}
+    expected = CLIP.expected_shapes(chosen.config)
     projection = tower.shape(PROJECTION)
     if projection is not None:
         expected[PROJECTION] = (projection[0], chosen.config["hidden_size"])
@@ -217,9 +199,3 @@ def check_shapes(tower: TowerMap, chosen: ChosenConfig, file_name: str) -> dict[
         raise LoadError(f"{file_name}: {tower.part.name} lacks {len(missing)} tensors {where} implies, "
                         f"e.g. {missing[0]}")
     return expected
-
-
-def hf_config(cfg: dict) -> CLIPTextConfig:
-    config = CLIPTextConfig(**{k: cfg[k] for k in (*SIZE_LIMITS, "hidden_act", "layer_norm_eps", "eos_token_id")})
-    config._attn_implementation = "sdpa"
-    return config

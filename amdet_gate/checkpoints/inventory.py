@@ -14,13 +14,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from amdet_gate.checkpoints.layer import LayerChoice
+from amdet_gate.checkpoints.layouts import layouts
 from amdet_gate.checkpoints.lora import base_hint, looks_like_lora, plan_lora
-from amdet_gate.checkpoints.parts import EncoderPart, Keys, Match, Unscanned, layouts
+from amdet_gate.checkpoints.parts import Keys, Match
 from amdet_gate.errors import LoadError, PickleRefused, UnsupportedModel, UsageError
 from amdet_gate.safetensors_header import Header, read_header
 from amdet_gate.sanitise import one_line
-from amdet_gate.source import PICKLE_SUFFIXES, read_small
+from amdet_gate.sources.local import PICKLE_SUFFIXES, read_small
+from amdet_gate.sources.selection import EncoderPart, LayerChoice, Unscanned
 
 OPEN_CLIP_FILE, OPEN_CLIP_CONFIG = "open_clip_model.safetensors", "open_clip_config.json"
 # Where text encoders live in the layouts we know: a tensor under one of these that no encoder of the

@@ -1,11 +1,12 @@
 """Load one text encoder out of a checkpoint file, reading only its tensors.
 
-Order of work, as encoder.load_encoder's, so that hostile input is refused before a tensor is built:
+Order of work, as encoders.load_encoder's, so that hostile input is refused before a tensor is built:
 the header (already checked to tile the file) gives the encoder's keys and shapes (tower.py), the
 config is chosen and every shape checked against it (families.py), then each of the encoder's
 tensors is read on its own through safetensors' memory map: a 7 GB SDXL file costs the memory of
 its encoders, not of the file. A LoRA's text-encoder part is merged in (lora.py), every weight is
-checked to be finite, and the model is built on the meta device and given the tensors.
+checked to be finite, and the model is built on the meta device and given the tensors. Every tower a
+single-file layout names is a CLIP one (tower.py maps it to CLIPTextModel's names): the CLIP family builds it.
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import CLIPTextModel
 
-from amdet_gate.checkpoints.adapter import LayerAdapter
-from amdet_gate.checkpoints.families import ChosenConfig, check_shapes, choose_config, hf_config, open_clip_text_config
-from amdet_gate.checkpoints.layer import LayerChoice
-from amdet_gate.checkpoints.parts import PROJECTION, EncoderPart, Naming
+from amdet_gate.checkpoints.families import ChosenConfig, check_shapes, choose_config, open_clip_text_config
 from amdet_gate.checkpoints.tower import TowerMap, map_tower
-from amdet_gate.encoder import FLOAT_DTYPES, LoadedEncoder, reason
+from amdet_gate.encoders.base import LoadedEncoder
+from amdet_gate.encoders.clip import CLIP, PROJECTION
+from amdet_gate.encoders.tensors import FLOAT_DTYPES, check_finite, reason
 from amdet_gate.errors import LoadError
 from amdet_gate.safetensors_header import Header, read_header
-from amdet_gate.sanitise import one_line
-from amdet_gate.source import WeightFile
+from amdet_gate.sources.identity import WeightFile
+from amdet_gate.sources.selection import EncoderPart, LayerChoice, Naming
 
 
 @dataclass(frozen=True)
@@ -53,21 +52,6 @@ def read_tower(file: Path, tower: TowerMap) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise LoadError(f"{what}: tensor {one_line(name, 100)} contains NaN or infinite values")
-
-
-def build_model(tensors: dict[str, torch.Tensor], chosen: ChosenConfig) -> CLIPTextModel:
-    with torch.device("meta"):
-        model = CLIPTextModel(hf_config(chosen.config))
-    weights = {k: v for k, v in tensors.items() if k != PROJECTION}
-    model.load_state_dict(weights, strict=False, assign=True)  # check_shapes matched the set exactly
-    model.embeddings.position_ids = torch.arange(chosen.config["max_position_embeddings"]).expand((1, -1))
-    return model
-
-
 def load_part(file: Path, part: EncoderPart, layer: LayerChoice, weight_files: list[WeightFile], *,
               architecture: str, header: Header | None = None, config: Path | None = None,
               merge=None) -> LoadedPart:
@@ -87,7 +71,7 @@ def load_part(file: Path, part: EncoderPart, layer: LayerChoice, weight_files: l
     if merge is not None:
         merge(tensors)
         check_finite(tensors, f"{file.name} {part.name} with the LoRA merged")
-    model = build_model(tensors, chosen)
+    module = CLIP.build(chosen.config, tensors)  # check_shapes matched the set of tensors exactly
     projection = tensors.get(PROJECTION) if part.use_projection else None
-    adapter = LayerAdapter(model, chosen.config["eos_token_id"], projection, layer)
-    return LoadedPart(LoadedEncoder(adapter, architecture, chosen.config, weight_files, None), chosen)
+    adapter = CLIP.adapter(module, chosen.config, projection, layer)
+    return LoadedPart(LoadedEncoder(CLIP, adapter, architecture, chosen.config, weight_files, None), chosen)

@@ -1,25 +1,26 @@
-"""Load the encoder an EncoderRef names: from a checkpoint file (load.py) or a folder (encoder.py), then
-merge the LoRA, choose the layer, and give the tokenizer its family's padding."""
+"""Load the encoder a resolved model names: a plain folder as its encoder family loads it (encoders/), or the
+encoder an EncoderRef names, from a checkpoint file (load.py) or a folder, with the LoRA merged and the layer
+chosen; and its tokenizer, padded as its family pads. The one entry point the scanner loads through."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from amdet_gate.checkpoints.adapter import LayerAdapter
+from amdet_gate.checkpoints.load import load_part
 from amdet_gate.checkpoints.lora import ANY_ENCODER, LoraPlan, merge, plan_lora
-from amdet_gate.checkpoints.parts import Pad
-from amdet_gate.checkpoints.ref import EncoderRef
+from amdet_gate.encoders import load_encoder
+from amdet_gate.encoders.base import LoadedEncoder, Pad
 from amdet_gate.errors import UnsupportedModel, UsageError
 from amdet_gate.safetensors_header import read_header
 from amdet_gate.sanitise import one_line
+from amdet_gate.sources.files import identities, tokenizer_folder
+from amdet_gate.sources.selection import EncoderRef
 
 if TYPE_CHECKING:
-    from amdet_gate.encoder import LoadedEncoder
-    from amdet_gate.source import ModelSource, WeightFile
+    from amdet_gate.sources.identity import WeightFile
+    from amdet_gate.sources.model import ResolvedModel
     from amdet_gate.tokenizer import PromptTokenizer
-
-PAD_ZERO_TOKEN = "!"  # id 0 of the CLIP BPE vocabulary, what OpenCLIP pads with
 
 
 def lora_plan(ref: EncoderRef) -> LoraPlan | None:
@@ -52,10 +53,12 @@ def _modules_for(plan: LoraPlan, ref: EncoderRef) -> list:
         [m for m in plan.modules if m.encoder in ("text_encoder", ANY_ENCODER)]
 
 
-def load_ref(source: ModelSource, weights: list[WeightFile] | None) -> LoadedEncoder:
-    from amdet_gate.checkpoints.attach import identities, model_file
-    from amdet_gate.checkpoints.load import load_part
+def load(source: ResolvedModel, weights: list[WeightFile] | None = None) -> LoadedEncoder:
+    """The encoder `source` names: a plain folder exactly as its family loads it, else `load_ref`'s."""
+    return load_encoder(source, weights) if source.encoder is None else load_ref(source, weights)
 
+
+def load_ref(source: ResolvedModel, weights: list[WeightFile] | None) -> LoadedEncoder:
     ref = source.encoder
     assert ref is not None
     weights = weights if weights is not None else identities(source)
@@ -68,7 +71,7 @@ def load_ref(source: ModelSource, weights: list[WeightFile] | None) -> LoadedEnc
         if plan is not None and modules:
             merged["count"] = merge(plan, modules, scale, tensors)
 
-    file = model_file(source)
+    file = source.checkpoint_file
     if file is not None and ref.part is not None:
         architecture = f"CLIPTextModel ({ref.layout_title}: {ref.name})"
         loaded = load_part(file, ref.part, ref.layer, weights, architecture=architecture, config=ref.config,
@@ -76,14 +79,11 @@ def load_ref(source: ModelSource, weights: list[WeightFile] | None) -> LoadedEnc
         encoder, details = loaded.encoder, {"config_source": loaded.chosen.describe()}
         pad = loaded.chosen.pad
     else:
-        from amdet_gate.encoder import load_encoder
-
         if ref.config is not None:
             raise UsageError("--config is for single-file checkpoints; a folder brings its own config.json")
-        encoder = load_encoder(source.root, source.subfolder, weights)
+        encoder = load_encoder(source, weights)
         apply(encoder.adapter.model.state_dict())  # the parameters themselves: the merge is in place
-        adapter = encoder.adapter
-        encoder.adapter = LayerAdapter(adapter.model, adapter.eos_token_id, adapter.projection, ref.layer)
+        encoder = replace(encoder, adapter=encoder.adapter.at_layer(ref.layer))
         details, pad = {"config_source": {"source": "config.json", "family": None, "pad": None,
                                           "note": "the folder's config.json"}}, None
     layers = encoder.config["num_hidden_layers"]
@@ -93,29 +93,19 @@ def load_ref(source: ModelSource, weights: list[WeightFile] | None) -> LoadedEnc
                            "rank_scaling": plan.rank_scaling, "modules_merged": merged.get("count", 0),
                            "denoiser_keys_ignored": plan.other_keys}
     details["pad"] = pad.value if pad else None
-    encoder.details = details
-    return encoder
+    return replace(encoder, details=details)
 
 
-def wrap_anchor(anchor: LoadedEncoder, model: ModelSource) -> LoadedEncoder:
+def wrap_anchor(anchor: LoadedEncoder, model: ResolvedModel) -> LoadedEncoder:
     """The anchor read at the model's layer: gate 3 compares the same features of both."""
     ref = model.encoder
     if ref is not None and ref.layer.index is not None:
-        a = anchor.adapter
-        anchor.adapter = LayerAdapter(a.model, a.eos_token_id, a.projection, ref.layer)
+        return replace(anchor, adapter=anchor.adapter.at_layer(ref.layer))
     return anchor
 
 
-def tokenizer_of(source: ModelSource, encoder: LoadedEncoder | None = None) -> PromptTokenizer:
-    """--tokenizer, else the folder's (or its pipeline's) tokenizer, else the bundled CLIP BPE padded as the
-    encoder's family pads (OpenCLIP-trained towers with id 0)."""
-    from amdet_gate.source import tokenizer_folder
-    from amdet_gate.tokenizer import load_tokenizer
-
-    folder = tokenizer_folder(source)
-    tokenizer = load_tokenizer(Path(folder) if folder is not None else None)
-    pad = (getattr(encoder, "details", None) or {}).get("pad") if encoder is not None else None
-    if folder is None and pad == Pad.ZERO.value:
-        tokenizer.tokenizer.pad_token = PAD_ZERO_TOKEN
-        tokenizer.source += " (padded with id 0, as OpenCLIP)"
-    return tokenizer
+def tokenizer_of(source: ResolvedModel, encoder: LoadedEncoder) -> PromptTokenizer:
+    """--tokenizer, else the folder's (or its pipeline's) tokenizer, else the family's bundled one padded as
+    the encoder's file says (CLIP: OpenCLIP-trained towers with id 0)."""
+    pad = encoder.details.get("pad")
+    return encoder.family.tokenizer(tokenizer_folder(source), Pad(pad) if pad else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from amdet_gate.checkpoints.parts import PROJECTION
+from amdet_gate.encoders.clip import PROJECTION
 
 _BLOCK = re.compile(r"transformer\.resblocks\.(\d{1,4})\.(.+)")
 _TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",

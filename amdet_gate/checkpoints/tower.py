@@ -18,10 +18,11 @@ import re
 from dataclasses import dataclass
 
 from amdet_gate.checkpoints.openclip import open_clip_name
-from amdet_gate.checkpoints.parts import PROJECTION, EncoderPart, Naming
+from amdet_gate.encoders.clip import PROJECTION
 from amdet_gate.errors import LoadError
 from amdet_gate.safetensors_header import Header
 from amdet_gate.sanitise import one_line
+from amdet_gate.sources.selection import EncoderPart, Naming
 
 _LAYER = re.compile(r"encoder\.layers\.(\d{1,4})\.")
 # Buffers and scalars a tower's file may carry that are not weights of the text model.

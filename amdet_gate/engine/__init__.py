@@ -29,6 +29,7 @@ from amdet_gate.engine.gates import (
     screened_gate_values,
 )
 from amdet_gate.engine.measures import (
+    ENGINE_TRAITS,
     Centres,
     CleanSpread,
     Models,
@@ -47,6 +48,7 @@ from amdet_gate.engine.measures import (
     position_similarity,
     position_spread,
     precompute,
+    require_traits,
     span_mask,
     spread_of_sum,
     start_triggers,
@@ -59,6 +61,7 @@ from amdet_gate.engine.token_path import GateCheck, Reported, SearchOutcome, Sea
 from amdet_gate.settings import SearchProgress, SearchSettings, Thresholds  # re-exported, as engine.py did
 
 __all__ = [
+    "ENGINE_TRAITS",
     "Centres",
     "CleanSpread",
     "GateCheck",
@@ -100,6 +103,7 @@ __all__ = [
     "position_spread",
     "precompute",
     "report",
+    "require_traits",
     "screened_gate_values",
     "search",
     "span_mask",

@@ -16,8 +16,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.encoders.base import AdapterTraits, EncoderAdapter, Pooling
+from amdet_gate.errors import UnsupportedModel
 from amdet_gate.settings import SearchSettings
+
+# What this engine's math is written for: a causal encoder (features before the trigger do not depend
+# on it, and sequences are cut after the last EOS), the trigger inserted right after BOS (insert_trigger,
+# span_mask, eos_positions' shift, trigger_bound's slots, Centres.expected, and confirm.py and
+# token_search.py, which insert typed tokens there too), the pooled feature read at the first EOS
+# (pooled_with_trigger). A family whose adapter says otherwise is refused (`require_traits`) rather than
+# scanned under a wrong assumption; serving it means taking these from the adapter's traits instead.
+ENGINE_TRAITS = AdapterTraits(causal=True, trigger_slot=1, pooling=Pooling.FIRST_EOS)
+
+
+def require_traits(encoder: EncoderAdapter) -> None:
+    """UnsupportedModel (exit 3, nothing scannable) for an encoder the engine's math does not fit."""
+    traits = encoder.traits
+    if traits != ENGINE_TRAITS:
+        raise UnsupportedModel(
+            f"the scan engine reads causal encoders with the trigger after BOS (slot 1) and the pooled feature at "
+            f"the first EOS; this encoder is {'causal' if traits.causal else 'not causal'}, trigger slot "
+            f"{traits.trigger_slot}, pooling {traits.pooling.value}: not supported")
+
 
 # --- measures ---------------------------------------------------------------------------
 
@@ -148,8 +168,8 @@ def eos_positions(ids: Tensor, eos_token_id: int, shift: int) -> Tensor:
 class Models:
     """The encoder under scan, and the base it should differ from (None: no anchor term, no anchor gate)."""
 
-    suspect: TextEncoderAdapter
-    anchor: TextEncoderAdapter | None = None
+    suspect: EncoderAdapter
+    anchor: EncoderAdapter | None = None
 
 
 def inversion_loss(models: Models, embeds: Tensor, clean: Tensor, triggers: Tensor,
@@ -190,7 +210,7 @@ class PromptFeatures:
 
 
 @torch.no_grad()
-def precompute(encoder: TextEncoderAdapter, ids: Tensor, chunk_size: int, clean: bool = True) -> PromptFeatures:
+def precompute(encoder: EncoderAdapter, ids: Tensor, chunk_size: int, clean: bool = True) -> PromptFeatures:
     ids = ids.to(encoder.device)
     embeds = torch.cat([encoder.embed(c) for c in ids.split(chunk_size)])
     if not clean:
@@ -199,7 +219,7 @@ def precompute(encoder: TextEncoderAdapter, ids: Tensor, chunk_size: int, clean:
 
 
 @torch.no_grad()
-def clean_features(encoder: TextEncoderAdapter, prompts: PromptFeatures, index: Tensor, length: int) -> Tensor:
+def clean_features(encoder: EncoderAdapter, prompts: PromptFeatures, index: Tensor, length: int) -> Tensor:
     """F_orig of the indexed prompts' first `length` positions: the stored ones, else computed now."""
     if prompts.clean is not None:
         return prompts.clean[index, :length]
@@ -233,7 +253,7 @@ def optimisation_length(ids: Tensor, eos_token_id: int, settings: SearchSettings
 # phrase and homoglyph text-on-pair backdoors of 6-layer encoders are found in 75-100 steps
 # (none with one), and benign encoders stay at shares of 0.01-0.11 (bench/detection.py).
 
-def pooled_with_trigger(encoder: TextEncoderAdapter, embeds: Tensor, eos: Tensor, triggers: Tensor) -> Tensor:
+def pooled_with_trigger(encoder: EncoderAdapter, embeds: Tensor, eos: Tensor, triggers: Tensor) -> Tensor:
     """Pooled features with each trigger inserted, (R, B, d).
 
     The mask is causal, so nothing after the last EOS can change a pooled feature: the
@@ -251,7 +271,7 @@ def centred(pooled: Tensor, centre: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def clean_pooled(encoder: TextEncoderAdapter, embeds: Tensor, ids: Tensor) -> Tensor:
+def clean_pooled(encoder: EncoderAdapter, embeds: Tensor, ids: Tensor) -> Tensor:
     """Pooled features without a trigger, (B, d), cut after the last EOS as above."""
     cut = int(eos_positions(ids, encoder.eos_token_id, shift=0).max()) + 1
     return encoder.pooled(encoder.encode(embeds[:, :cut]), ids[:, :cut])
@@ -292,7 +312,7 @@ def pooled_loss(models: Models, embeds: Tensor, eos: Tensor, clean_pooled: Tenso
 
 # --- the pseudo-trigger's range -----------------------------------------------------------
 
-def trigger_bound(encoder: TextEncoderAdapter, vectors: int) -> float:
+def trigger_bound(encoder: EncoderAdapter, vectors: int) -> float:
     """The largest norm of any real input at the trigger's slots: a token's embedding plus the
     position embedding of slot 1 .. K. No prompt a user types reaches a vector beyond it, and a
     free vector tens of times larger can steer any causal encoder's output where it likes."""

@@ -32,6 +32,7 @@ from amdet_gate.engine.measures import (
     clean_features,
     inversion_loss,
     optimisation_length,
+    require_traits,
     span_mask,
     spread_of_sum,
     start_triggers,
@@ -102,6 +103,9 @@ def search(models: Models, opt: PromptFeatures, held: PromptFeatures, settings: 
            thresholds: Thresholds, progress: SearchProgress | None = None,
            deadline: float | None = None) -> SearchOutcome:
     """Optimise R pseudo-triggers together, check gates as the loss drops, stop when certain."""
+    for encoder in (models.suspect, models.anchor):
+        if encoder is not None:
+            require_traits(encoder)
     progress = progress or SearchProgress()
     start = time.monotonic()
     deadline = deadline if deadline is not None else start + settings.time_budget_s

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.encoders.clip import ClipTextAdapter
 
 SUM_ROWS = 4096  # keys per float32 product block (Moments.add)
 RIDGE = 1e-6  # relative to the mean eigenvalue: keeps the solve defined when a neuron never fires
@@ -50,7 +50,7 @@ class LayerEdit:
 
 
 @contextmanager
-def _traced(adapter: TextEncoderAdapter, layer: int) -> Iterator[dict[str, Tensor]]:
+def _traced(adapter: ClipTextAdapter, layer: int) -> Iterator[dict[str, Tensor]]:
     """Capture layer `layer`'s MLP keys (the inputs of fc2)."""
     block = adapter.model.encoder.layers[layer]
     seen: dict[str, Tensor] = {}
@@ -67,7 +67,7 @@ def _traced(adapter: TextEncoderAdapter, layer: int) -> Iterator[dict[str, Tenso
 
 
 @torch.no_grad()
-def layer_states(adapter: TextEncoderAdapter, embeds: Tensor, layer: int, chunk: int) -> tuple[Tensor, Tensor]:
+def layer_states(adapter: ClipTextAdapter, embeds: Tensor, layer: int, chunk: int) -> tuple[Tensor, Tensor]:
     """Keys (B, L, f) and outputs (B, L, d) of one layer for input embeddings (B, L, d)."""
     keys, outs = [], []
     with _traced(adapter, layer) as seen:
@@ -127,7 +127,7 @@ def counterpart(clean: Tensor, k: int, at: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def corruption(adapter: TextEncoderAdapter, embeds: Tensor, probe: Probe, clean_out: Tensor, layer: int,
+def corruption(adapter: ClipTextAdapter, embeds: Tensor, probe: Probe, clean_out: Tensor, layer: int,
                chunk: int) -> Tensor:
     """Per position, 1 - cos(triggered state, its clean counterpart) at one layer's output, (L,),
     for the probe inserted after BOS. Shows which positions the trigger corrupts (its slots,
@@ -201,8 +201,8 @@ class Traced:
 
 
 @torch.no_grad()
-def trace(adapter: TextEncoderAdapter, layer: int, placed: list[Placed], edit_embeds: Tensor, clean_targets: Tensor,
-          chunk: int, anchor: TextEncoderAdapter | None = None) -> Traced:
+def trace(adapter: ClipTextAdapter, layer: int, placed: list[Placed], edit_embeds: Tensor, clean_targets: Tensor,
+          chunk: int, anchor: ClipTextAdapter | None = None) -> Traced:
     """Keys and residuals of one layer, summed (see the module docstring).
 
     `clean_targets`: the ORIGINAL model's output of this layer on `edit_embeds` (B, L, d): what the
@@ -240,7 +240,7 @@ def solve(traced: Traced, lam: float) -> LayerEdit:
 
 
 @contextmanager
-def applied(adapter: TextEncoderAdapter, edits: list[LayerEdit]) -> Iterator[TextEncoderAdapter]:
+def applied(adapter: ClipTextAdapter, edits: list[LayerEdit]) -> Iterator[ClipTextAdapter]:
     """The adapter with `edits` added to its fc2 weights, restored afterwards."""
     originals = []
     try:
@@ -265,8 +265,8 @@ class Traces:
 
 
 @torch.no_grad()
-def trace_first(adapter: TextEncoderAdapter, layers: list[int], placed: list[Placed], edit_embeds: Tensor,
-                chunk: int, anchor: TextEncoderAdapter | None = None) -> Traces:
+def trace_first(adapter: ClipTextAdapter, layers: list[int], placed: list[Placed], edit_embeds: Tensor,
+                chunk: int, anchor: ClipTextAdapter | None = None) -> Traces:
     layers = sorted(layers)
     targets = {layer: layer_states(adapter, edit_embeds, layer, chunk)[1] for layer in layers}
     return Traces(tuple(layers), targets, trace(adapter, layers[0], placed, edit_embeds, targets[layers[0]], chunk,
@@ -274,8 +274,8 @@ def trace_first(adapter: TextEncoderAdapter, layers: list[int], placed: list[Pla
 
 
 @torch.no_grad()
-def edit_layers(adapter: TextEncoderAdapter, traces: Traces, placed: list[Placed], edit_embeds: Tensor, lam: float,
-                chunk: int, anchor: TextEncoderAdapter | None = None) -> list[LayerEdit]:
+def edit_layers(adapter: ClipTextAdapter, traces: Traces, placed: list[Placed], edit_embeds: Tensor, lam: float,
+                chunk: int, anchor: ClipTextAdapter | None = None) -> list[LayerEdit]:
     """Edit `traces.layers` in order, each layer solved on the model with the previous edits applied.
 
     The targets are always the original model's clean states, so a later layer also mends what
@@ -288,7 +288,7 @@ def edit_layers(adapter: TextEncoderAdapter, traces: Traces, placed: list[Placed
     return edits
 
 
-def edited_weights(adapter: TextEncoderAdapter, edits: list[LayerEdit]) -> dict[str, Tensor]:
+def edited_weights(adapter: ClipTextAdapter, edits: list[LayerEdit]) -> dict[str, Tensor]:
     """The new fc2 weights by CLIPTextModel parameter name, for the repaired copy (CPU, float32)."""
     out = {}
     for edit in edits:

@@ -26,7 +26,7 @@ from amdet_gate.files import read_capped
 from amdet_gate.outputs import read_result
 from amdet_gate.result import ModelIdentity, Objective, ScanResult, StopReason, Verdict
 from amdet_gate.sanitise import one_line
-from amdet_gate.source import WeightFile, identity_sha256
+from amdet_gate.sources.identity import WeightFile, identity_sha256
 
 MAX_TRIGGER_BYTES = 64 * 1024 * 1024  # R x K x d floats: a few hundred KiB at CLIP-L width
 MAX_TRIGGER_VECTORS = 16
@@ -51,7 +51,7 @@ class Finding:
 
     result_path: Path
     schema_version: str
-    model_sha256: str  # the identity the scan recorded (source.identity_sha256)
+    model_sha256: str  # the identity the scan recorded (sources.identity.identity_sha256)
     weight_files: tuple[WeightFile, ...]
     verdict: Verdict
     score: float

@@ -20,18 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from amdet_gate.encoder import _text_key
+from amdet_gate.encoders.clip import CLIP
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.files import read_capped
-from amdet_gate.source import (
-    INDEX_FILE,
-    MAX_TOKENIZER_FILE_BYTES,
-    TOKENIZER_FILES,
-    ModelSource,
-    find_weight_files,
-    read_small,
-    tokenizer_folder,
-)
+from amdet_gate.sources.files import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, tokenizer_folder
+from amdet_gate.sources.local import INDEX_FILE, find_weight_files, read_small
+from amdet_gate.sources.model import ResolvedModel
 
 REPORT_FILE = "repair.json"
 PROVENANCE_KEY = "amdet_gate_repair"  # safetensors metadata: what this file is a repair of
@@ -41,7 +35,7 @@ PROVENANCE_KEY = "amdet_gate_repair"  # safetensors metadata: what this file is 
 class CopyPlan:
     """Where the repaired copy goes: `out` mirrors the source's root, the encoder in `subfolder`."""
 
-    source: ModelSource
+    source: ResolvedModel
     out: Path
 
     @property
@@ -53,7 +47,7 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_out(source: ModelSource, out: Path, rescan_out: Path, result: Path) -> None:
+def check_out(source: ResolvedModel, out: Path, rescan_out: Path, result: Path) -> None:
     """Refuse, before any work, an --out that could overwrite the model, the scan's result or someone
     else's files. --out may not exist, be empty, or hold an earlier repair (a repair.json): that one
     is replaced. The re-scan's folder is cleared by the gate, so it may hold none of those either.
@@ -86,13 +80,13 @@ def _rewrite(path: Path, target: Path, edits: dict[str, torch.Tensor], provenanc
     try:
         with safe_open(str(path), framework="pt") as fh:
             keys = list(fh.keys())
-            if not any(_text_key(k) in edits for k in keys):
+            if not any(CLIP.module_key(k) in edits for k in keys):
                 return False
             metadata = dict(fh.metadata() or {})
             tensors = {}
             for key in keys:
                 stored = fh.get_tensor(key)
-                name = _text_key(key)
+                name = CLIP.module_key(key)
                 tensors[key] = edits[name].to(stored.dtype).contiguous() if name in edits else stored
     except Exception as exc:  # the source was loaded a moment ago; this is a read failure, not bad input
         raise LoadError(f"cannot read {path.name} again to copy it: {type(exc).__name__}") from None

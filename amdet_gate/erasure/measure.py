@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from amdet_gate.confirm import measure as measure_typed
-from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.encoders.clip import ClipTextAdapter
 from amdet_gate.engine import (
     Centres,
     Models,
@@ -70,11 +70,11 @@ class Target:
 
 
 @torch.no_grad()
-def features(adapter: TextEncoderAdapter, embeds: Tensor, chunk: int) -> Tensor:
+def features(adapter: ClipTextAdapter, embeds: Tensor, chunk: int) -> Tensor:
     return torch.cat([adapter.encode(part) for part in embeds.split(chunk)])
 
 
-def pooled(adapter: TextEncoderAdapter, feats: Tensor, ids: Tensor, shift: int = 0) -> Tensor:
+def pooled(adapter: ClipTextAdapter, feats: Tensor, ids: Tensor, shift: int = 0) -> Tensor:
     """The feature at each prompt's EOS, which an insertion of `shift` slots moves right."""
     eos = eos_positions(ids, adapter.eos_token_id, shift)
     return feats[torch.arange(feats.shape[0], device=feats.device), eos]
@@ -95,14 +95,14 @@ def fidelity(before: Tensor, after: Tensor, ids: Tensor, eos_token_id: int) -> F
 
 
 @torch.no_grad()
-def triggered(adapter: TextEncoderAdapter, embeds: Tensor, vectors: Tensor, chunk: int) -> Tensor:
+def triggered(adapter: ClipTextAdapter, embeds: Tensor, vectors: Tensor, chunk: int) -> Tensor:
     """Outputs with `vectors` (K, d) inserted after BOS, (B, L, d)."""
     at = torch.ones(embeds.shape[0], 1, dtype=torch.long, device=embeds.device)
     return features(adapter, insert_at(embeds, vectors.to(embeds), at), chunk)
 
 
 @torch.no_grad()
-def target_of(adapter: TextEncoderAdapter, held: PromptFeatures, vectors: Tensor, space: DetectionPath,
+def target_of(adapter: ClipTextAdapter, held: PromptFeatures, vectors: Tensor, space: DetectionPath,
               chunk: int) -> Target:
     out = triggered(adapter, held.embeds, vectors, chunk)
     if space is DetectionPath.POOLED:
@@ -111,7 +111,7 @@ def target_of(adapter: TextEncoderAdapter, held: PromptFeatures, vectors: Tensor
 
 
 @torch.no_grad()
-def attack_share(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tensor, vectors: Tensor,
+def attack_share(adapter: ClipTextAdapter, held: PromptFeatures, clean: Tensor, vectors: Tensor,
                  target: Target, chunk: int) -> float:
     """Share of prompts whose output with `vectors` inserted is nearer `target` than their own clean
     output (the module docstring); `clean` is the same model's clean output on `held`."""
@@ -128,7 +128,7 @@ def attack_share(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tenso
 
 
 @torch.no_grad()
-def gate_reading(adapter: TextEncoderAdapter, held: PromptFeatures, trigger: Tensor, thresholds: Thresholds,
+def gate_reading(adapter: ClipTextAdapter, held: PromptFeatures, trigger: Tensor, thresholds: Thresholds,
                  chunk: int) -> GateReading:
     """Gates 1-2 and the pooled gate of the scan (engine), for one trigger (K, d), no anchor;
     `held.clean` must be this model's own clean outputs."""
@@ -156,7 +156,7 @@ class TypedReading:
 
 
 @torch.no_grad()
-def typed_reading(adapter: TextEncoderAdapter, held: PromptFeatures, tokens: tuple[int, ...], thresholds: Thresholds,
+def typed_reading(adapter: ClipTextAdapter, held: PromptFeatures, tokens: tuple[int, ...], thresholds: Thresholds,
                   chunk: int) -> TypedReading:
     """As the scan confirms a typed trigger; `held.clean` must be this model's own clean outputs."""
     models = Models(adapter)
@@ -166,7 +166,7 @@ def typed_reading(adapter: TextEncoderAdapter, held: PromptFeatures, tokens: tup
 
 
 @torch.no_grad()
-def prompt_target(adapter: TextEncoderAdapter, triggered_ids: Tensor, space: DetectionPath, chunk: int) -> Target:
+def prompt_target(adapter: ClipTextAdapter, triggered_ids: Tensor, space: DetectionPath, chunk: int) -> Target:
     """A real trigger's target: the mean output of prompts that carry it (the suspect's)."""
     out = features(adapter, adapter.embed(triggered_ids), chunk)
     if space is DetectionPath.POOLED:
@@ -175,7 +175,7 @@ def prompt_target(adapter: TextEncoderAdapter, triggered_ids: Tensor, space: Det
 
 
 @torch.no_grad()
-def attack_success(adapter: TextEncoderAdapter, clean_ids: Tensor, triggered_ids: Tensor, target: Target,
+def attack_success(adapter: ClipTextAdapter, clean_ids: Tensor, triggered_ids: Tensor, target: Target,
                    chunk: int) -> float:
     """Share of prompts whose triggered version (real text, e.g. with the attacker's trigger) is
     nearer `target` than the same prompt without it, as attack_share for an inserted trigger."""

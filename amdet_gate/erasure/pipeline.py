@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from amdet_gate.encoder import LoadedEncoder, TextEncoderAdapter
+from amdet_gate.encoders.base import LoadedEncoder
+from amdet_gate.encoders.clip import ClipTextAdapter
 from amdet_gate.engine import PromptFeatures, precompute
 from amdet_gate.erasure import report as reports
 from amdet_gate.erasure.edit import applied, edited_weights
@@ -45,14 +46,11 @@ from amdet_gate.prompts import builtin_prompts, read_prompt_file
 from amdet_gate.result import ScanResult
 from amdet_gate.scanner import check_anchor_is_another_model, load_models, pick_device, split_prompts, tokenize
 from amdet_gate.settings import FAIL, PASS, Thresholds
-from amdet_gate.source import (
-    ModelSource,
-    WeightFile,
-    identity_sha256,
-    resolve_source,
-    tokenizer_folder,
-    weight_identities,
-)
+from amdet_gate.sources import resolve_source
+from amdet_gate.sources.files import tokenizer_folder
+from amdet_gate.sources.identity import WeightFile, identity_sha256
+from amdet_gate.sources.local import weight_identities
+from amdet_gate.sources.model import ResolvedModel
 from amdet_gate.tokenizer import PromptTokenizer, load_tokenizer
 
 MIN_PROMPTS = 60  # edit, judge and proof prompts are disjoint draws of the corpus
@@ -110,8 +108,8 @@ class RepairOutcome:
 
 @dataclass(frozen=True)
 class _Loaded:
-    source: ModelSource
-    anchor_source: ModelSource | None
+    source: ResolvedModel
+    anchor_source: ResolvedModel | None
     suspect: LoadedEncoder
     anchor: LoadedEncoder | None
     tokenizer: PromptTokenizer
@@ -208,7 +206,7 @@ class _Readings:
     typed: TypedReading | None  # the typed trigger, when the scan's verdict rests on one
 
 
-def _readings(adapter: TextEncoderAdapter, held: PromptFeatures, finding: Finding, thresholds: Thresholds,
+def _readings(adapter: ClipTextAdapter, held: PromptFeatures, finding: Finding, thresholds: Thresholds,
               chunk: int) -> _Readings:
     typed = typed_reading(adapter, held, finding.typed, thresholds, chunk) if finding.typed else None
     return _Readings(gate_reading(adapter, held, finding.trigger, thresholds, chunk), typed)

@@ -28,7 +28,7 @@ from enum import StrEnum
 import torch
 from torch import Tensor
 
-from amdet_gate.encoder import TextEncoderAdapter
+from amdet_gate.encoders.clip import ClipTextAdapter
 from amdet_gate.engine import PromptFeatures, position_similarity
 from amdet_gate.erasure.edit import (
     LayerEdit,
@@ -114,7 +114,7 @@ class Plan:
 
 
 @torch.no_grad()
-def corruption_profile(adapter: TextEncoderAdapter, held: PromptFeatures, trigger: Tensor,
+def corruption_profile(adapter: ClipTextAdapter, held: PromptFeatures, trigger: Tensor,
                        chunk: int) -> list[Corruption]:
     """Which positions the pseudo-trigger corrupts, layer by layer: its own slots, the prompt's
     tokens after it, and the padding after EOS (held-out prompts, trigger after BOS)."""
@@ -158,14 +158,14 @@ def cut(prompts: PromptFeatures, eos_token_id: int, extra: int, pad: int = 8) ->
                           else prompts.clean[:, :n])
 
 
-def token_vectors(adapter: TextEncoderAdapter, ids: list[int]) -> Tensor:
+def token_vectors(adapter: ClipTextAdapter, ids: list[int]) -> Tensor:
     """Real tokens as they would sit in slots 1..K: token plus position embedding, (K, d)."""
     emb = adapter.model.embeddings
     return (emb.token_embedding.weight[ids] + emb.position_embedding.weight[1 : 1 + len(ids)]).detach()
 
 
 @torch.no_grad()
-def collect(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tensor, finding: Finding,
+def collect(adapter: ClipTextAdapter, held: PromptFeatures, clean: Tensor, finding: Finding,
             settings: RepairSettings, specials: set[int], found_in: str) -> list[Evidence]:
     """The probes of one finding, measured on `adapter` (the model the finding was made on): the
     typed trigger, the pseudo-trigger, then the real tokens that fire, then the other restarts that
@@ -210,7 +210,7 @@ def collect(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tensor, fi
 
 
 @torch.no_grad()
-def margin(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tensor, evidence: list[Evidence],
+def margin(adapter: ClipTextAdapter, held: PromptFeatures, clean: Tensor, evidence: list[Evidence],
            placements: list[list[Placed]], chunk: int) -> float:
     """Mean pull towards the targets left: S(out, target) - S(out, clean counterpart)."""
     total, count = 0.0, 0
@@ -231,9 +231,9 @@ def margin(adapter: TextEncoderAdapter, held: PromptFeatures, clean: Tensor, evi
 
 
 @torch.no_grad()
-def choose(adapter: TextEncoderAdapter, evidence: list[Evidence], edit_ids: Tensor, edit_embeds: Tensor,
+def choose(adapter: ClipTextAdapter, evidence: list[Evidence], edit_ids: Tensor, edit_embeds: Tensor,
            judge: PromptFeatures, settings: RepairSettings, first: int,
-           anchor: TextEncoderAdapter | None = None) -> tuple[Plan, list[Plan]]:
+           anchor: ClipTextAdapter | None = None) -> tuple[Plan, list[Plan]]:
     """Every (layers from `first`, lambda) plan, measured on the judge prompts (with the original's
     clean outputs); the chosen one, and all that were tried."""
     probes = [e.probe for e in evidence]

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from amdet_gate import __version__
 from amdet_gate.erasure.findings import Finding
 from amdet_gate.erasure.measure import Fidelity, GateReading, TypedReading
 from amdet_gate.erasure.plan import Corruption, Evidence, Plan, RepairSettings
@@ -18,7 +17,8 @@ from amdet_gate.outputs import write_json, write_text
 from amdet_gate.report import json_safe
 from amdet_gate.sanitise import md_text, one_line
 from amdet_gate.settings import Thresholds
-from amdet_gate.source import WeightFile, identity_sha256
+from amdet_gate.sources.identity import WeightFile, identity_sha256
+from amdet_gate.version import __version__
 
 REPAIR_SCHEMA_VERSION = "1.0"
 LABEL = "repaired, re-verify before use"

@@ -22,8 +22,15 @@ from safetensors import safe_open
 from torch import Tensor
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from amdet_gate.encoder import FLOAT_DTYPES, read_tensors, validate_transformer_config
-from amdet_gate.encoder import reason as _reason
+from amdet_gate.encoders.clip import PROJECTION
+from amdet_gate.encoders.tensors import (
+    FLOAT_DTYPES,
+    TOWER_LIMITS,
+    check_parameter_budget,
+    read_tensors,
+    validate_transformer_config,
+)
+from amdet_gate.encoders.tensors import reason as _reason
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.render.common import (
     RenderedImage,
@@ -37,17 +44,10 @@ from amdet_gate.render.common import (
     write_image,
 )
 from amdet_gate.sanitise import one_line
-from amdet_gate.source import find_weight_files, read_small
+from amdet_gate.sources.local import find_weight_files, read_small
 
-VISION_LIMITS = {
-    "hidden_size": (8, 16_384),
-    "intermediate_size": (8, 65_536),
-    "num_hidden_layers": (1, 128),
-    "num_attention_heads": (1, 256),
-    "image_size": (8, 1024),
-    "patch_size": (1, 1024),
-}
-MAX_VISION_PARAMETERS = 3_000_000_000
+# The tower sizes every transformer shares (encoders/tensors.py), then the image's.
+VISION_LIMITS = {**TOWER_LIMITS, "image_size": (8, 1024), "patch_size": (1, 1024)}
 MAX_PATCHES = 4096  # ViT-L/14 at 336 px has 576
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing, used when no preprocessor file
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -98,8 +98,7 @@ def _validate_vision_config(raw: dict, projection_dim: object) -> dict:
     d, f, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     patches = (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
     params = (3 * cfg["patch_size"] ** 2 + patches) * d + n * (4 * d * d + 2 * d * f) + d * projection_dim
-    if params > MAX_VISION_PARAMETERS:
-        raise LoadError(f"vision config describes {params:,} parameters; above the {MAX_VISION_PARAMETERS:,} limit")
+    check_parameter_budget(params, "vision config")
     return cfg
 
 
@@ -123,22 +122,19 @@ def _preprocessing(folder: Path) -> tuple[Tensor, Tensor]:
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
-TEXT_PROJECTION = "text_projection.weight"
-
-
 def _vision_key(key: str) -> str | None:
     """The vision tower's keys, its projection, and the text projection a CLIPModel carries beside them."""
     if key.startswith("vision_model.") and not key.endswith("position_ids"):
         return key
-    return key if key in ("visual_projection.weight", TEXT_PROJECTION) else None
+    return key if key in ("visual_projection.weight", PROJECTION) else None
 
 
 def _read_vision_tensors(files: list[Path], expected: dict[str, tuple[int, ...]],
                          projection_dim: int) -> tuple[dict[str, Tensor], Tensor | None]:
     """Header check (keys, shapes, dtypes) of every file, then read only the vision tower's tensors."""
-    expected = {**expected, TEXT_PROJECTION: (projection_dim, -1)}  # any text width; absent in a vision-only file
-    tensors = read_tensors(files, expected, _vision_key, "vision-tower", optional=frozenset({TEXT_PROJECTION}))
-    return tensors, tensors.pop(TEXT_PROJECTION, None)
+    expected = {**expected, PROJECTION: (projection_dim, -1)}  # any text width; absent in a vision-only file
+    tensors = read_tensors(files, expected, _vision_key, "vision-tower", optional=frozenset({PROJECTION}))
+    return tensors, tensors.pop(PROJECTION, None)
 
 
 def load_vision_tower(folder: Path) -> VisionTower:
@@ -183,12 +179,12 @@ def _suspect_text_projection(model_dir: Path) -> Tensor | None:
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as fh:
-                if "text_projection.weight" not in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if PROJECTION not in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
                     continue
-                info = fh.get_slice("text_projection.weight")
+                info = fh.get_slice(PROJECTION)
                 if len(info.get_shape()) != 2 or info.get_dtype() not in FLOAT_DTYPES:
                     raise LoadError(f"{path.name}: text_projection.weight is not a float matrix")
-                tensor = fh.get_tensor("text_projection.weight").float()
+                tensor = fh.get_tensor(PROJECTION).float()
         except LoadError:
             raise
         except Exception as exc:

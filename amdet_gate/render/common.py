@@ -22,7 +22,7 @@ from torch import Tensor
 from amdet_gate.errors import LoadError, UsageError
 from amdet_gate.files import write_atomic
 from amdet_gate.result import ReversedTarget
-from amdet_gate.source import read_small
+from amdet_gate.sources.local import read_small
 
 IMAGES_DIR = "images"
 MAX_IMAGES = 16

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from amdet_gate.encoder import load_encoder
-from amdet_gate.encoder import reason as _reason
+from amdet_gate.encoders import load_encoder
+from amdet_gate.encoders.tensors import reason as _reason
 from amdet_gate.errors import LoadError, PickleRefused, UsageError
 from amdet_gate.render.common import (
     RenderedImage,
@@ -40,7 +40,8 @@ from amdet_gate.render.common import (
     write_image,
 )
 from amdet_gate.sanitise import one_line
-from amdet_gate.source import PICKLE_SUFFIXES, is_hub_id
+from amdet_gate.sources.hub import is_hub_id
+from amdet_gate.sources.local import PICKLE_SUFFIXES, local_model
 from amdet_gate.tokenizer import load_tokenizer
 
 INSTALL_HINT = "pip install 'amdet-gate[render]'"
@@ -190,7 +191,7 @@ def fit_positions(feature: Tensor, length: int = SD_POSITIONS) -> Tensor:
 
 def empty_prompt_feature(model_folder: Path, subfolder: str | None) -> Tensor:
     """The scanned encoder's output (L x d) for the empty prompt, loaded through the safe loader."""
-    loaded = load_encoder(Path(model_folder), subfolder, identities=[])  # no need to hash the weights again
+    loaded = load_encoder(local_model(model_folder, subfolder), identities=[])  # no need to hash the weights again
     tokenizer = load_tokenizer(loaded.folder)
     ids = tokenizer([""], loaded.adapter.seq_len)
     with torch.no_grad():

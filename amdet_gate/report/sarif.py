@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from amdet_gate import __version__
 from amdet_gate.report import ReportFormat, json_bytes
 from amdet_gate.result import Gate, ModelIdentity, ScanResult, Verdict
 from amdet_gate.sanitise import one_line, uri_path
+from amdet_gate.version import __version__
 
 SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
 INFO_URI = "https://arxiv.org/abs/2512.00343"

@@ -109,6 +109,6 @@ class ModelIdentity:
         return self.details.not_scanned if self.details else ()
 
     def named(self) -> dict[str, str | None]:
-        """The keys `ModelSource.describe` sets: what a cached result is relabelled with."""
+        """The keys `ResolvedModel.describe` sets: what a cached result is relabelled with."""
         return {"source": self.source, "hub_id": self.hub_id, "revision": self.revision,
                 "resolved_sha": self.resolved_sha, "subfolder": self.subfolder}

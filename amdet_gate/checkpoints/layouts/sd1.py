@@ -7,9 +7,9 @@ SD 1.x reads the last layer after the final LayerNorm (last_hidden_state).
 
 from __future__ import annotations
 
-from amdet_gate.checkpoints.layer import LayerChoice
 from amdet_gate.checkpoints.layouts.common import transformers_tower
-from amdet_gate.checkpoints.parts import EncoderPart, Keys, Layout, Match, Naming, register
+from amdet_gate.checkpoints.parts import Keys, Layout, Match
+from amdet_gate.sources.selection import EncoderPart, LayerChoice, Naming
 
 PREFIX = "cond_stage_model.transformer."
 
@@ -22,4 +22,4 @@ def detect(keys: Keys) -> Match | None:
     return Match("sd1", "Stable Diffusion 1.x single-file checkpoint", (part,))
 
 
-register(Layout("sd1", 10, detect))
+LAYOUTS = (Layout("sd1", 10, detect),)

@@ -8,9 +8,9 @@ does, the last of the 24 blocks is not part of the converted encoder, and the te
 
 from __future__ import annotations
 
-from amdet_gate.checkpoints.layer import LayerChoice
 from amdet_gate.checkpoints.layouts.common import open_clip_tower
-from amdet_gate.checkpoints.parts import EncoderPart, Keys, Layout, Match, Naming, register
+from amdet_gate.checkpoints.parts import Keys, Layout, Match
+from amdet_gate.sources.selection import EncoderPart, LayerChoice, Naming
 
 PREFIX = "cond_stage_model.model."
 
@@ -24,4 +24,4 @@ def detect(keys: Keys) -> Match | None:
     return Match("sd2", "Stable Diffusion 2.x single-file checkpoint", (part,))
 
 
-register(Layout("sd2", 10, detect))
+LAYOUTS = (Layout("sd2", 10, detect),)

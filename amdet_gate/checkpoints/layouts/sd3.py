@@ -12,9 +12,9 @@ output: the final layer's EOS feature) and text_encoder_2 (T5).
 
 from __future__ import annotations
 
-from amdet_gate.checkpoints.layer import LayerChoice
 from amdet_gate.checkpoints.layouts.common import transformers_tower
-from amdet_gate.checkpoints.parts import EncoderPart, Keys, Layout, Match, Naming, Unscanned, register
+from amdet_gate.checkpoints.parts import Keys, Layout, Match
+from amdet_gate.sources.selection import EncoderPart, LayerChoice, Naming, Unscanned
 
 ROOT = "text_encoders."
 CLIP_L, CLIP_G, T5 = f"{ROOT}clip_l.transformer.", f"{ROOT}clip_g.transformer.", f"{ROOT}t5xxl."
@@ -44,4 +44,4 @@ def detect(keys: Keys) -> Match | None:
     return Match("sd3" if t5_name == "text_encoder_3" else "flux", title, tuple(parts), unscanned)
 
 
-register(Layout("sd3-flux", 7, detect))
+LAYOUTS = (Layout("sd3-flux", 7, detect),)

@@ -9,9 +9,9 @@ The names are a diffusers SDXL pipeline's: text_encoder (CLIP-L) and text_encode
 
 from __future__ import annotations
 
-from amdet_gate.checkpoints.layer import LayerChoice
 from amdet_gate.checkpoints.layouts.common import open_clip_tower, transformers_tower
-from amdet_gate.checkpoints.parts import EncoderPart, Keys, Layout, Match, Naming, register
+from amdet_gate.checkpoints.parts import Keys, Layout, Match
+from amdet_gate.sources.selection import EncoderPart, LayerChoice, Naming
 
 CLIP_L = "conditioner.embedders.0.transformer."
 BIG_G = "conditioner.embedders.1.model."
@@ -38,5 +38,4 @@ def detect_refiner(keys: Keys) -> Match | None:
     return Match("sdxl-refiner", "SDXL refiner single-file checkpoint", (_big_g(REFINER_BIG_G, "embedders.0"),))
 
 
-register(Layout("sdxl-base", 5, detect_base))
-register(Layout("sdxl-refiner", 6, detect_refiner))
+LAYOUTS = (Layout("sdxl-base", 5, detect_base), Layout("sdxl-refiner", 6, detect_refiner))

@@ -12,9 +12,9 @@ Nobody's consumer is known here, so the final layer is read (after the final Lay
 
 from __future__ import annotations
 
-from amdet_gate.checkpoints.layer import LayerChoice
 from amdet_gate.checkpoints.layouts.common import open_clip_tower, transformers_tower
-from amdet_gate.checkpoints.parts import EncoderPart, Keys, Layout, Match, Naming, Unscanned, register
+from amdet_gate.checkpoints.parts import Keys, Layout, Match
+from amdet_gate.sources.selection import EncoderPart, LayerChoice, Naming, Unscanned
 
 READS = "a stand-alone encoder: its consumer is not known, the final layer is read"
 T5_REASON = "a T5 encoder is not a CLIP text encoder; AMDet scans CLIP-style encoders only"
@@ -50,6 +50,5 @@ def detect_open_clip(keys: Keys) -> Match | None:
     return None
 
 
-register(Layout("text-encoder", 20, detect_transformers))
-register(Layout("comfyui-clip", 21, detect_comfy_save))
-register(Layout("open-clip", 22, detect_open_clip))
+LAYOUTS = (Layout("text-encoder", 20, detect_transformers), Layout("comfyui-clip", 21, detect_comfy_save),
+           Layout("open-clip", 22, detect_open_clip))
