@@ -70,9 +70,9 @@ from amdet_gate.sanitise import one_line
 from amdet_gate.sources.files import check_contained, identities
 from amdet_gate.sources.identity import WeightFile, identity_sha256
 from amdet_gate.sources.model import ResolvedModel
-from amdet_gate.token_search import Confirmation, Objective, confirm_outcome
+from amdet_gate.token_search import Confirmation, confirm_outcome
 from amdet_gate.tokenizer import PromptTokenizer
-from amdet_gate.verdict import check_score, decide, margin, typed_score
+from amdet_gate.verdict import check_score, decide, is_typed_finding, margin, typed_score
 from amdet_gate.version import __version__
 
 RESULT_SCHEMA_VERSION = SCHEMA_VERSION  # the history of the versions: amdet_gate/result/document.py
@@ -134,7 +134,7 @@ def load_models(model: ResolvedModel, anchor_source: ResolvedModel | None, devic
         if (s.hidden_size, s.seq_len) != (a.hidden_size, a.seq_len):
             raise UsageError(f"anchor width/positions {a.hidden_size}/{a.seq_len} differ from the "
                              f"model's {s.hidden_size}/{s.seq_len}; the anchor must share the architecture")
-        check_anchor_is_another_model(suspect, anchor, model_tokenizer(model, suspect))
+        check_anchor_is_another_model(suspect, anchor, tokenizer_of(model, suspect))
         anchor.adapter.to(device)
     suspect.adapter.to(device)
     return suspect, anchor
@@ -253,12 +253,6 @@ def check_tokenizer_fits(tokenizer: PromptTokenizer, prompts: list[str], ids: to
                         "differ only in case, spacing or punctuation")
 
 
-def model_tokenizer(model: ResolvedModel, encoder: LoadedEncoder) -> PromptTokenizer:
-    """The model's tokenizer, as its encoder family reads prompts; for an encoder of a checkpoint file,
-    padded as its family pads."""
-    return tokenizer_of(model, encoder)
-
-
 def _identity(enc: LoadedEncoder, source: ResolvedModel) -> ModelIdentity:
     identity = (source.encoder.identity(enc.weight_files) if source.encoder is not None
                 else identity_sha256(enc.weight_files))
@@ -291,7 +285,7 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
     model = as_source(request.model, request.subfolder)
     anchor_source = None if request.anchor is None else as_source(request.anchor, request.anchor_subfolder)
     suspect, anchor = load_models(model, anchor_source, device, weights)
-    tokenizer = model_tokenizer(model, suspect)
+    tokenizer = tokenizer_of(model, suspect)
     # Where EOS sits in the ids is the tokenizer's business: Stable Diffusion 1.x configs still
     # carry the legacy eos_token_id 2, which is not their vocabulary's end-of-text token.
     for enc in (suspect, anchor):
@@ -319,8 +313,7 @@ def scan_model(request: ScanRequest, progress: SearchProgress | None = None,
                                span=request.settings.span_measures)
     stage("confirming with typed tokens")
     typed = confirm_outcome(models, opt, held, outcome, natural, specials, request.settings, request.thresholds,
-                            decisive=lambda c: c.objective is Objective.TOKENS
-                            and typed_score(c, request.thresholds) > 0.5)
+                            decisive=lambda c: is_typed_finding(c, request.thresholds))
     decision = decide(outcome, request.thresholds, request.inconclusive_band, natural,
                       decisive_steps(request.settings, len(opt)), typed, lambda ids: tok.decode(list(ids)))
     t_search = time.monotonic()
